@@ -1,0 +1,90 @@
+//! Build script.
+//!
+//! 1. Assembles the swap trampoline (asm/) into a static archive linked into
+//!    every crate type.
+//! 2. Builds `libtiexec.so` once more, in release mode, into `OUT_DIR`, so that
+//!    the `tiexec` binary can carry the preload library inside itself
+//!    (`include_bytes!`). `cargo install --path .` installs only binaries; with
+//!    the library embedded, an installed `tiexec` needs no other file.
+//!    The inner build sets `TIEXEC_INNER_BUILD`, which skips this step there.
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=asm");
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=TIEXEC_INNER_BUILD");
+
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if arch == "x86_64" && os == "linux" {
+        cc::Build::new()
+            .file("asm/trampoline_x86_64.S")
+            .compile("tiexec_trampoline");
+        println!("cargo:rustc-cfg=tiexec_trampoline");
+    }
+    println!("cargo::rustc-check-cfg=cfg(tiexec_trampoline)");
+
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let embedded = out_dir.join("libtiexec-embedded.so");
+    if env::var_os("TIEXEC_INNER_BUILD").is_some() {
+        // The inner build itself: nothing to embed.
+        std::fs::write(&embedded, b"").expect("write placeholder");
+    } else {
+        println!("cargo:rerun-if-changed=src");
+        println!("cargo:rerun-if-changed=Cargo.toml");
+        build_preload_library(&out_dir, &embedded);
+    }
+    println!("cargo:rustc-env=TIEXEC_EMBEDDED_LIB={}", embedded.display());
+}
+
+/// Runs `cargo build --release --lib` of this same package into a private
+/// target directory, and copies the resulting `libtiexec.so` to `embedded`.
+fn build_preload_library(out_dir: &std::path::Path, embedded: &std::path::Path) {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("manifest dir"));
+    let target_dir = out_dir.join("preload-target");
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--release")
+        .arg("--lib")
+        .arg("--manifest-path")
+        .arg(manifest_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("TIEXEC_INNER_BUILD", "1")
+        // Symbols stay (backtraces name functions); debug info does not.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
+    if let Ok(target) = env::var("TARGET") {
+        cmd.arg("--target").arg(target);
+    }
+    // The outer cargo may run under clippy or another wrapper; the embedded
+    // library is an ordinary build.
+    for var in [
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET_DIR",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd
+        .status()
+        .expect("run cargo for the embedded preload library");
+    assert!(
+        status.success(),
+        "building the embedded libtiexec.so failed"
+    );
+    let target = env::var("TARGET").unwrap_or_default();
+    let built = target_dir
+        .join(&target)
+        .join("release")
+        .join("libtiexec.so");
+    std::fs::copy(&built, embedded)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), embedded.display()));
+}

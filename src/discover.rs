@@ -1,0 +1,265 @@
+//! What is loaded, and what the machine offers. Reads only: the loader's list
+//! of objects (`dl_iterate_phdr`), /proc and /sys.
+
+use crate::plan::{segment_pages, Machine, Range};
+use crate::sys;
+
+/// One loaded ELF object and its executable segments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedObject {
+    /// Its path (for the main program, `/proc/self/exe` resolved).
+    pub path: String,
+    /// Load bias (`dlpi_addr`): 0 for non-PIE executables.
+    pub bias: u64,
+    /// True for the main program (the loader lists it first).
+    pub is_main: bool,
+    /// Executable `PT_LOAD` segments as mapped (page-rounded), ascending.
+    pub text_segments: Vec<Range>,
+    /// All `PT_LOAD` segments as mapped, for telling whose pages are whose.
+    pub load_segments: Vec<Range>,
+}
+
+impl LoadedObject {
+    /// Bytes of executable segments.
+    pub fn text_bytes(&self) -> u64 {
+        self.text_segments.iter().map(Range::len).sum()
+    }
+
+    /// True when `addr` lies in one of this object's segments.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.load_segments
+            .iter()
+            .any(|r| r.start <= addr && addr < r.end)
+    }
+}
+
+struct Collector {
+    objects: Vec<LoadedObject>,
+    first: bool,
+}
+
+unsafe extern "C" fn collect_object(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: `data` is the &mut Collector passed to dl_iterate_phdr below,
+    // alive and exclusively ours for the whole iteration.
+    let collector = unsafe { &mut *data.cast::<Collector>() };
+    // SAFETY: the loader passes a valid dl_phdr_info for this callback.
+    let info = unsafe { &*info };
+    let is_main = collector.first;
+    collector.first = false;
+    let bias = info.dlpi_addr;
+    let mut text_segments = Vec::new();
+    let mut load_segments = Vec::new();
+    if !info.dlpi_phdr.is_null() {
+        // SAFETY: dlpi_phdr points at dlpi_phnum program headers of a loaded
+        // object, which stay mapped while the object is loaded.
+        let phdrs =
+            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        for ph in phdrs.iter().filter(|ph| ph.p_type == libc::PT_LOAD) {
+            let range = segment_pages(bias.wrapping_add(ph.p_vaddr), ph.p_memsz);
+            load_segments.push(range);
+            if ph.p_flags & libc::PF_X != 0 {
+                text_segments.push(range);
+            }
+        }
+    }
+    let name = if info.dlpi_name.is_null() {
+        &[][..]
+    } else {
+        // SAFETY: dlpi_name is a NUL-terminated string owned by the loader.
+        unsafe { core::ffi::CStr::from_ptr(info.dlpi_name) }.to_bytes()
+    };
+    let path = if is_main || name.is_empty() {
+        if is_main {
+            std::fs::read_link("/proc/self/exe")
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        }
+    } else {
+        String::from_utf8_lossy(name).into_owned()
+    };
+    text_segments.sort();
+    load_segments.sort();
+    collector.objects.push(LoadedObject {
+        path,
+        bias,
+        is_main,
+        text_segments,
+        load_segments,
+    });
+    0
+}
+
+/// Every object the loader knows about, the main program first.
+pub fn loaded_objects() -> Vec<LoadedObject> {
+    let mut collector = Collector {
+        objects: Vec::new(),
+        first: true,
+    };
+    // SAFETY: the callback only touches `collector` through `data`, and
+    // `collector` outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(collect_object),
+            (&mut collector as *mut Collector).cast(),
+        )
+    };
+    collector.objects
+}
+
+/// The number of threads in this process (`Threads:` in /proc/self/status).
+pub fn thread_count() -> Option<u64> {
+    let mut buf = [0u8; 4096];
+    let n = sys::read_small_file(c"/proc/self/status", &mut buf).ok()?;
+    let text = buf.get(..n)?;
+    field_value(text, b"Threads:")
+}
+
+/// Parses `Name:\t<number>` out of a /proc status-like text.
+pub fn field_value(text: &[u8], name: &[u8]) -> Option<u64> {
+    text.split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(parse_leading_u64)
+}
+
+fn parse_leading_u64(bytes: &[u8]) -> Option<u64> {
+    let digits: &[u8] = {
+        let start = bytes.iter().position(|b| !b.is_ascii_whitespace())?;
+        let rest = bytes.get(start..)?;
+        let len = rest
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(rest.len());
+        rest.get(..len)?
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for d in digits {
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some(v)
+}
+
+fn read_sys_u64(path: &core::ffi::CStr) -> Option<u64> {
+    let mut buf = [0u8; 64];
+    let n = sys::read_small_file(path, &mut buf).ok()?;
+    parse_leading_u64(buf.get(..n)?)
+}
+
+/// The 2 MiB hugetlb pool, system-wide.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pool {
+    /// `nr_hugepages`.
+    pub total: u64,
+    /// `free_hugepages` (includes reserved ones).
+    pub free: u64,
+    /// `resv_hugepages`: promised to mappings, not yet faulted.
+    pub reserved: u64,
+}
+
+impl Pool {
+    /// Pages a new mapping can still reserve.
+    pub fn available(&self) -> u64 {
+        self.free.saturating_sub(self.reserved)
+    }
+}
+
+/// Reads the 2 MiB pool from /sys (zeros when absent).
+pub fn hugetlb_pool() -> Pool {
+    Pool {
+        total: read_sys_u64(c"/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages").unwrap_or(0),
+        free: read_sys_u64(c"/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .unwrap_or(0),
+        reserved: read_sys_u64(c"/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages")
+            .unwrap_or(0),
+    }
+}
+
+/// The system-wide THP mode (`always`, `madvise` or `never`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThpMode {
+    /// `[always]`.
+    Always,
+    /// `[madvise]`.
+    Madvise,
+    /// `[never]`, or THP not built into the kernel.
+    Never,
+}
+
+/// Parses the text of `/sys/kernel/mm/transparent_hugepage/enabled`.
+pub fn parse_thp_mode(text: &[u8]) -> ThpMode {
+    let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    if has(b"[always]") {
+        ThpMode::Always
+    } else if has(b"[madvise]") {
+        ThpMode::Madvise
+    } else {
+        ThpMode::Never
+    }
+}
+
+/// Reads the THP mode.
+pub fn thp_mode() -> ThpMode {
+    let mut buf = [0u8; 128];
+    match sys::read_small_file(c"/sys/kernel/mm/transparent_hugepage/enabled", &mut buf) {
+        Ok(n) => parse_thp_mode(buf.get(..n).unwrap_or(&[])),
+        Err(_) => ThpMode::Never,
+    }
+}
+
+/// What the machine offers this process now.
+pub fn machine() -> Machine {
+    Machine {
+        hugetlb_available: hugetlb_pool().available(),
+        thp_usable: thp_mode() != ThpMode::Never && !sys::thp_disabled_for_process(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields() {
+        let text = b"Name:\tcat\nThreads:\t12\nSigQ:\t0/1\n";
+        assert_eq!(field_value(text, b"Threads:"), Some(12));
+        assert_eq!(field_value(text, b"Missing:"), None);
+        assert_eq!(field_value(b"Threads:\t\n", b"Threads:"), None);
+        assert_eq!(
+            field_value(b"Threads:\t99999999999999999999999\n", b"Threads:"),
+            None
+        );
+    }
+
+    #[test]
+    fn thp_modes() {
+        assert_eq!(
+            parse_thp_mode(b"always [madvise] never\n"),
+            ThpMode::Madvise
+        );
+        assert_eq!(parse_thp_mode(b"[always] madvise never\n"), ThpMode::Always);
+        assert_eq!(parse_thp_mode(b"always madvise [never]\n"), ThpMode::Never);
+        assert_eq!(parse_thp_mode(b""), ThpMode::Never);
+    }
+
+    #[test]
+    fn this_test_binary_is_found_first_with_text() {
+        let objects = loaded_objects();
+        let main = objects.first().expect("main program");
+        assert!(main.is_main);
+        assert!(main.text_bytes() > 0);
+        let here = this_test_binary_is_found_first_with_text as *const () as usize as u64;
+        assert!(main
+            .text_segments
+            .iter()
+            .any(|r| r.start <= here && here < r.end));
+        assert!(thread_count().unwrap_or(0) >= 1);
+    }
+}

@@ -1,0 +1,108 @@
+//! tiexec puts a running program's machine code (its executable segments) on
+//! 2 MiB huge pages, before `main`, with no rebuild of the program.
+//!
+//! Three ways in:
+//! - `tiexec PROGRAM ARGS...`: the CLI preloads `libtiexec.so` and execs the
+//!   program (same PID, exit status and signals);
+//! - `LD_PRELOAD=libtiexec.so PROGRAM`: the same, by hand;
+//! - [`remap_text`]: a program that links tiexec swaps its own text.
+//!
+//! The pipeline, one module per step (data flows one way):
+//!
+//! ```text
+//!   discover  ->  plan  ->  swap  ->  verify  ->  report
+//!   (loaded     (2 MiB     (asm        (smaps      (one line per
+//!    objects)    ranges)    trampoline) read back)  object)
+//! ```
+//!
+//! Unsafe code lives in [`sys`] (syscall wrappers), [`trampoline`] (the asm
+//! routine and its mapping), [`swap`] (the only module that replaces
+//! mappings), [`discover`] (the loader's callback) and the constructor.
+//! Planning ([`plan`]), parsing ([`config`], [`smaps`]) and reporting are
+//! pure.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod discover;
+pub mod log;
+pub mod plan;
+mod preload;
+pub mod remap;
+pub mod report;
+pub mod smaps;
+pub mod swap;
+pub mod sys;
+pub mod trampoline;
+
+pub use config::Backend;
+pub use report::ObjectReport;
+
+/// Options for [`remap_text`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Where the huge pages come from.
+    pub backend: Backend,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            backend: Backend::Auto,
+        }
+    }
+}
+
+/// Why [`remap_text`] did nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// More than one thread runs; swapping text under another thread is not
+    /// done.
+    ThreadsRunning(u64),
+    /// The thread count could not be read from /proc.
+    ThreadCountUnknown,
+    /// The process runs in secure-execution mode (setuid and the like).
+    SecureExecution,
+    /// The backend is `off`.
+    Off,
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Error::ThreadsRunning(n) => write!(f, "{n} threads running"),
+            Error::ThreadCountUnknown => write!(f, "cannot count threads"),
+            Error::SecureExecution => write!(f, "secure-execution process"),
+            Error::Off => write!(f, "backend off"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Moves the main program's text to huge pages, in this process, now.
+///
+/// Safe to call at any time: it refuses (with an error) unless the calling
+/// thread is the only one, and every failure leaves the text as it was. The
+/// reports say, per object, what was moved and what the kernel now maps huge
+/// (read back from smaps).
+pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
+    if options.backend == Backend::Off {
+        return Err(Error::Off);
+    }
+    if sys::secure_execution() {
+        return Err(Error::SecureExecution);
+    }
+    match discover::thread_count() {
+        Some(1) => {}
+        Some(n) => return Err(Error::ThreadsRunning(n)),
+        None => return Err(Error::ThreadCountUnknown),
+    }
+    let objects = discover::loaded_objects();
+    let main = objects.get(..1).unwrap_or(&[]);
+    // SAFETY: one thread (checked above; only this thread could start
+    // another, and it is busy here); the main program stays loaded.
+    Ok(unsafe { remap::remap_objects(main, options.backend) })
+}

@@ -1,0 +1,216 @@
+//! The constructor of `libtiexec.so`: runs before `main` of any program it is
+//! preloaded into.
+//!
+//! What it may not do: panic or unwind into the loader (everything runs under
+//! `catch_unwind`), stop the program, write to stdout, or act when acting is
+//! unsafe. Whatever happens, the program runs on with its text byte for byte
+//! as it was, at the same addresses.
+//!
+//! Steps, each of which may end the run with one log line:
+//! 1. If tiexec is linked into the main program itself (the Rust API or
+//!    libtiexec.a), stop: that route calls the API explicitly.
+//! 2. Read the settings; report bad values, use the defaults.
+//! 3. With `TIEXEC_CHILDREN=0`, remove this library from `LD_PRELOAD`.
+//! 4. Stop if the backend is `off`, the process is in secure-execution mode,
+//!    or more than one thread runs.
+//! 5. Run the pipeline on the main program's text and log one line per object.
+
+use crate::config::{self, Backend};
+use crate::discover;
+use crate::log::{self, Level};
+use crate::remap;
+use crate::sys;
+
+#[ctor::ctor(unsafe)]
+fn tiexec_preload_constructor() {
+    // A panic must never cross into the loader; the program goes on either way.
+    if std::panic::catch_unwind(run).is_err() {
+        crate::tlog!(Level::Error, "internal error; program left as it was");
+    }
+}
+
+/// Where the constructor's own code lives (for telling cdylib from static use).
+fn own_address() -> u64 {
+    tiexec_preload_constructor as *const () as usize as u64
+}
+
+fn run() {
+    let objects = discover::loaded_objects();
+    let Some(main) = objects.first() else {
+        return;
+    };
+    // Step 1: linked into the program itself, not preloaded.
+    if main.contains(own_address()) {
+        return;
+    }
+
+    // Step 2: settings.
+    let parsed = config::from_process_env();
+    log::set_level(parsed.config.log);
+    for bad in parsed.bad.iter().flatten() {
+        crate::tlog!(
+            Level::Warn,
+            "{}={:?}: expected {}; using the default",
+            bad.var,
+            EscapedBytes(bad.value),
+            bad.expected
+        );
+    }
+    let config = parsed.config;
+
+    // Step 3: children.
+    if !config.children {
+        remove_self_from_ld_preload();
+    }
+
+    // Step 4: refusals.
+    if config.backend == Backend::Off {
+        crate::tlog!(Level::Debug, "backend off: nothing done");
+        return;
+    }
+    if sys::secure_execution() {
+        crate::tlog!(
+            Level::Info,
+            "secure-execution process (setuid, setgid or capabilities): left alone"
+        );
+        return;
+    }
+    match discover::thread_count() {
+        Some(1) => {}
+        Some(n) => {
+            crate::tlog!(Level::Info, "{n} threads already running: text left alone");
+            return;
+        }
+        None => {
+            crate::tlog!(Level::Info, "cannot count threads: text left alone");
+            return;
+        }
+    }
+
+    // Step 5: the main program's text.
+    let targets = &objects[..1];
+    if !remap::has_huge_page_of_text(main) {
+        crate::tlog!(
+            Level::Debug,
+            "{}: text {} holds no whole 2 MiB page: nothing to do",
+            main.path,
+            log::Bytes(main.text_bytes())
+        );
+        return;
+    }
+    // SAFETY: one thread (checked above, and nothing here starts one); the
+    // main program stays loaded for the life of the process.
+    let reports = unsafe { remap::remap_objects(targets, config.backend) };
+    for r in &reports {
+        r.log();
+    }
+}
+
+/// Shows bytes the way `{:?}` shows a string, for bytes that may not be UTF-8.
+struct EscapedBytes<'a>(&'a [u8]);
+
+impl core::fmt::Debug for EscapedBytes<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("\"")?;
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                write!(f, "{}", c.escape_debug())?;
+            }
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        f.write_str("\"")
+    }
+}
+
+/// The path the loader used for this library (as written in LD_PRELOAD).
+fn own_path() -> Option<Vec<u8>> {
+    let mut info = libc::Dl_info {
+        dli_fname: core::ptr::null(),
+        dli_fbase: core::ptr::null_mut(),
+        dli_sname: core::ptr::null(),
+        dli_saddr: core::ptr::null_mut(),
+    };
+    // SAFETY: dladdr only reads the loader's tables and writes `info`.
+    let found = unsafe { libc::dladdr(own_address() as *const libc::c_void, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a NUL-terminated string owned by the loader.
+    Some(
+        unsafe { core::ffi::CStr::from_ptr(info.dli_fname) }
+            .to_bytes()
+            .to_vec(),
+    )
+}
+
+/// Removes this library from `LD_PRELOAD`, so the program's children start
+/// without it. Other entries are kept, in order.
+fn remove_self_from_ld_preload() {
+    let Some(me) = own_path() else {
+        return;
+    };
+    let Some(current) = config::getenv_bytes(c"LD_PRELOAD") else {
+        return;
+    };
+    let kept = ld_preload_without(current, &me);
+    let result = if kept.is_empty() {
+        // SAFETY: single-threaded (constructor, before main); the name is
+        // NUL-terminated.
+        unsafe { libc::unsetenv(c"LD_PRELOAD".as_ptr()) }
+    } else {
+        match std::ffi::CString::new(kept) {
+            // SAFETY: as above; both strings are NUL-terminated.
+            Ok(value) => unsafe { libc::setenv(c"LD_PRELOAD".as_ptr(), value.as_ptr(), 1) },
+            Err(_) => -1,
+        }
+    };
+    if result != 0 {
+        crate::tlog!(Level::Warn, "could not remove itself from LD_PRELOAD");
+    }
+}
+
+/// `LD_PRELOAD` (entries separated by ':' or ' ') without the entries equal
+/// to `me`, joined by ':'.
+pub fn ld_preload_without(list: &[u8], me: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(list.len());
+    for entry in list.split(|&b| b == b':' || b == b' ') {
+        if entry.is_empty() || entry == me {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(b':');
+        }
+        out.extend_from_slice(entry);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ld_preload_editing_keeps_the_others_in_order() {
+        let me = b"/opt/t/libtiexec.so";
+        assert_eq!(ld_preload_without(b"/opt/t/libtiexec.so", me), b"");
+        assert_eq!(
+            ld_preload_without(b"/a.so:/opt/t/libtiexec.so /b.so", me),
+            b"/a.so:/b.so"
+        );
+        assert_eq!(ld_preload_without(b"::/a.so::", me), b"/a.so");
+    }
+
+    #[test]
+    fn in_a_test_binary_the_constructor_stays_out_of_the_way() {
+        // The library is linked into this test program: step 1 stops there.
+        let objects = discover::loaded_objects();
+        assert!(objects[0].contains(own_address()));
+    }
+
+    #[test]
+    fn escaped_bytes() {
+        assert_eq!(format!("{:?}", EscapedBytes(b"a\xffb\n")), "\"a\\xffb\\n\"");
+    }
+}

@@ -1,0 +1,140 @@
+//! What happened to each object, verified from smaps, and its one-line form.
+
+use crate::log::{Bytes, Level, Millis};
+use crate::plan::{Range, Skip, Source, HUGE_PAGE, PAGE};
+use crate::smaps::Coverage;
+use crate::swap::SwapError;
+
+/// Why nothing was attempted for an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotAttempted {
+    /// No executable segment holds a whole 2 MiB page.
+    NoWholeHugePage,
+    /// Every whole 2 MiB page is already mapped huge by the kernel.
+    AlreadyHuge,
+    /// No whole 2 MiB page is plain r-x private text.
+    NoPlainText,
+    /// No huge-page source is usable (the reason says which).
+    NoSource(&'static str),
+    /// /proc/self/smaps could not be read.
+    SmapsUnreadable,
+}
+
+impl NotAttempted {
+    /// The reason in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NotAttempted::NoWholeHugePage => "no whole 2 MiB page in its text",
+            NotAttempted::AlreadyHuge => "already on 2 MiB pages",
+            NotAttempted::NoPlainText => "no plain r-x text to move",
+            NotAttempted::NoSource(why) => why,
+            NotAttempted::SmapsUnreadable => "cannot read /proc/self/smaps",
+        }
+    }
+}
+
+/// The result for one loaded object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectReport {
+    /// The object's path.
+    pub path: String,
+    /// Bytes in its executable segments.
+    pub text_bytes: u64,
+    /// Bytes planned for swapping.
+    pub planned_bytes: u64,
+    /// Bytes the kernel already mapped huge before we started.
+    pub already_huge_bytes: u64,
+    /// Bytes left out because they were not plain r-x text.
+    pub not_plain_text_bytes: u64,
+    /// Ranges swapped, and from where their pages came.
+    pub swapped: Vec<(Range, Source)>,
+    /// Ranges planned but not swapped, and why.
+    pub failed: Vec<(Range, SwapError)>,
+    /// Why nothing was attempted, when that is the case.
+    pub not_attempted: Option<NotAttempted>,
+    /// The user named the backend (not `auto`): failing to use it is a
+    /// warning, not information.
+    pub explicit_backend: bool,
+    /// Coverage of the text segments, read back from smaps afterwards.
+    pub after: Coverage,
+    /// Wall time spent on this object, in nanoseconds.
+    pub elapsed_ns: u64,
+}
+
+impl ObjectReport {
+    /// Bytes swapped by us.
+    pub fn swapped_bytes(&self) -> u64 {
+        self.swapped.iter().map(|(r, _)| r.len()).sum()
+    }
+
+    /// The source(s) used, for the log line.
+    fn sources(&self) -> &'static str {
+        let h = self.swapped.iter().any(|(_, s)| *s == Source::Hugetlb);
+        let t = self.swapped.iter().any(|(_, s)| *s == Source::Thp);
+        match (h, t) {
+            (true, true) => "hugetlb+thp",
+            (true, false) => "hugetlb",
+            (false, true) => "thp",
+            (false, false) => "none",
+        }
+    }
+
+    /// Bytes skipped for `reason` (for tests and reports).
+    pub fn skipped(&self, reason: Skip) -> u64 {
+        match reason {
+            Skip::AlreadyHuge => self.already_huge_bytes,
+            Skip::NotPlainText => self.not_plain_text_bytes,
+            Skip::PartialHugePage => self.text_bytes.saturating_sub(
+                self.planned_bytes + self.already_huge_bytes + self.not_plain_text_bytes,
+            ),
+        }
+    }
+
+    /// Writes the per-object lines: one at info, plus one per failure (at
+    /// warn, or error for the harmful kinds).
+    pub fn log(&self) {
+        for (range, e) in &self.failed {
+            let level = if e.is_harmful() {
+                Level::Error
+            } else {
+                Level::Warn
+            };
+            crate::tlog!(
+                level,
+                "{}: {:#x}-{:#x} left on 4 KiB pages: {e}",
+                self.path,
+                range.start,
+                range.end
+            );
+        }
+        if let Some(why) = self.not_attempted {
+            let level = match why {
+                NotAttempted::NoSource(_) if self.explicit_backend => Level::Warn,
+                NotAttempted::SmapsUnreadable => Level::Warn,
+                _ => Level::Info,
+            };
+            crate::tlog!(
+                level,
+                "{}: text {}, nothing moved: {}; on 2 MiB pages {}",
+                self.path,
+                Bytes(self.text_bytes),
+                why.describe(),
+                Bytes(self.after.huge())
+            );
+            return;
+        }
+        crate::tlog!(
+            Level::Info,
+            "{}: text {}, on 2 MiB pages {} = {} x 2 MiB ({} new via {}, {} already), {} x 4 KiB left, {}",
+            self.path,
+            Bytes(self.text_bytes),
+            Bytes(self.after.huge()),
+            self.after.huge() / HUGE_PAGE,
+            self.swapped_bytes() / HUGE_PAGE,
+            self.sources(),
+            self.already_huge_bytes / HUGE_PAGE,
+            self.after.small() / PAGE,
+            Millis(self.elapsed_ns)
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! Replaces text ranges with huge pages holding the same bytes. The only
+//! module that changes mappings of the program.
+//!
+//! For each range, in order:
+//! 1. **stage**: map the replacement away from the text (hugetlb from the
+//!    pool, or 2 MiB-aligned anonymous memory advised `MADV_HUGEPAGE`) and
+//!    populate it with `MADV_POPULATE_WRITE`, so a shortage is an error now
+//!    and never a SIGBUS later; for THP, check the pages really are huge.
+//! 2. **copy** the live text bytes into it (one memcpy; the text is readable
+//!    and unchanged meanwhile: the process has one thread).
+//! 3. **swap** all ranges in one call of the trampoline: r-x, then one
+//!    `mremap(MREMAP_FIXED)` over the text. No moment without code, and no
+//!    second copy. Failure before the mremap leaves the text as it was.
+//! 4. **clean up**: unmap what was not used; the trampoline page goes too.
+//!
+//! Peak extra memory: the stagings, i.e. the bytes being swapped (the old
+//! text pages are page cache, shared, and are dropped from this process by the
+//! mremap).
+
+use crate::plan::{align_up, Range, Source, HUGE_PAGE};
+use crate::sys::{self, Errno};
+use crate::trampoline::{MappedTrampoline, Outcome, SwapOp, TrampolineError};
+
+/// Why a range was not swapped. One variant per failed step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapError {
+    /// No huge-page source was allowed for it.
+    NoSource,
+    /// Step 1: mmap of the staging area failed (for hugetlb: the pool had too
+    /// few free pages).
+    StagingMap(Errno),
+    /// Step 1: trimming the THP staging area to 2 MiB alignment failed.
+    StagingTrim(Errno),
+    /// Step 1: `MADV_HUGEPAGE` on the staging area failed.
+    StagingAdvise(Errno),
+    /// Step 1: populating the staging area failed (no memory).
+    StagingPopulate(Errno),
+    /// Step 1: the kernel gave THP staging only `huge` bytes of 2 MiB pages.
+    StagingNotHuge {
+        /// Bytes that were huge.
+        huge: u64,
+    },
+    /// Step 3: the trampoline could not be mapped.
+    Trampoline(TrampolineError),
+    /// Step 3: blocking signals failed; nothing was touched.
+    SignalMask(Errno),
+    /// Step 3: making the staging r-x failed; text untouched.
+    StagingProtect(Errno),
+    /// Step 3: mremap failed; text untouched.
+    Remap(Errno),
+    /// Step 3: mremap failed after unmapping the text; the same bytes were
+    /// put back on 4 KiB pages (r-x). The program is unharmed.
+    RemapRestoredByCopy(Errno),
+    /// Step 3: the text could not be put back. Never expected.
+    TextLost(Errno),
+    /// Step 3: the restored copy could not be made r-x; it is r-w.
+    RestoredCopyWritable(Errno),
+}
+
+impl SwapError {
+    /// True when the program's text at the range is not what it was and
+    /// should be (only the "never expected" cases).
+    pub fn is_harmful(&self) -> bool {
+        matches!(
+            self,
+            SwapError::TextLost(_) | SwapError::RestoredCopyWritable(_)
+        )
+    }
+}
+
+impl core::fmt::Display for SwapError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            SwapError::NoSource => write!(f, "no huge-page source allowed"),
+            SwapError::StagingMap(e) => write!(f, "mmap of huge pages failed: {e}"),
+            SwapError::StagingTrim(e) => write!(f, "trimming staging failed: {e}"),
+            SwapError::StagingAdvise(e) => write!(f, "madvise(MADV_HUGEPAGE) failed: {e}"),
+            SwapError::StagingPopulate(e) => write!(f, "populating huge pages failed: {e}"),
+            SwapError::StagingNotHuge { huge } => {
+                write!(
+                    f,
+                    "kernel gave only {} of 2 MiB pages",
+                    crate::log::Bytes(*huge)
+                )
+            }
+            SwapError::Trampoline(TrampolineError::Unsupported) => {
+                write!(f, "no swap routine for this architecture")
+            }
+            SwapError::Trampoline(TrampolineError::Map(e)) => {
+                write!(f, "mapping the trampoline failed: {e}")
+            }
+            SwapError::Trampoline(TrampolineError::Protect(e)) => {
+                write!(f, "protecting the trampoline failed: {e}")
+            }
+            SwapError::SignalMask(e) => write!(f, "blocking signals failed: {e}"),
+            SwapError::StagingProtect(e) => write!(f, "mprotect r-x of huge pages failed: {e}"),
+            SwapError::Remap(e) => write!(f, "mremap over the text failed: {e}"),
+            SwapError::RemapRestoredByCopy(e) => {
+                write!(f, "mremap failed ({e}); text restored on 4 KiB pages")
+            }
+            SwapError::TextLost(e) => write!(f, "TEXT LOST after mremap failure: {e}"),
+            SwapError::RestoredCopyWritable(e) => {
+                write!(f, "restored text left writable after mremap failure: {e}")
+            }
+        }
+    }
+}
+
+/// A replacement being built, unmapped on drop unless it became the text.
+struct Staging {
+    addr: *mut u8,
+    len: usize,
+}
+
+impl Staging {
+    /// The staging pages were moved over the text by mremap: nothing is left
+    /// at `addr` to unmap.
+    fn moved(self) {
+        core::mem::forget(self);
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by `stage` and is used by nobody else.
+        let _ = unsafe { sys::munmap(self.addr, self.len) };
+    }
+}
+
+fn stage_hugetlb(len: usize) -> Result<Staging, SwapError> {
+    // Private hugetlb reserves its pages at mmap time: ENOMEM here when the
+    // pool is short. No MAP_NORESERVE (that turns a shortage into SIGBUS).
+    let addr = sys::mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_HUGETLB)
+        .map_err(SwapError::StagingMap)?;
+    let staging = Staging { addr, len };
+    // Populate with an error return, not MAP_POPULATE (which ignores
+    // failures, e.g. a hugetlb cgroup limit, that would SIGBUS on first touch).
+    // SAFETY: our fresh mapping.
+    unsafe { sys::madvise(addr, len, sys::MADV_POPULATE_WRITE) }
+        .map_err(SwapError::StagingPopulate)?;
+    Ok(staging)
+}
+
+fn huge_bytes_in(start: u64, len: u64) -> u64 {
+    let end = start + len;
+    match sys::huge_mapped_ranges(start, end) {
+        Ok(ranges) => ranges
+            .iter()
+            .filter_map(|&(s, e)| Range::new(s, e).intersect(Range::new(start, end)))
+            .map(|r| r.len())
+            .sum(),
+        // Before Linux 6.7: ask smaps about this one mapping.
+        Err(_) => crate::smaps::read(None)
+            .map(|vmas| crate::smaps::coverage(&vmas, Range::new(start, end)).anon_thp)
+            .unwrap_or(0),
+    }
+}
+
+fn stage_thp(len: usize) -> Result<Staging, SwapError> {
+    // Over-allocate by 2 MiB, then trim head and tail so the rest is aligned.
+    let reserve = len + HUGE_PAGE as usize;
+    let base = sys::mmap_anonymous(reserve, libc::PROT_READ | libc::PROT_WRITE, 0)
+        .map_err(SwapError::StagingMap)?;
+    let aligned = align_up(base as u64, HUGE_PAGE);
+    let head = (aligned - base as u64) as usize;
+    let tail = reserve - head - len;
+    let whole = Staging {
+        addr: base,
+        len: reserve,
+    };
+    if head > 0 {
+        // SAFETY: the head of our own fresh mapping.
+        unsafe { sys::munmap(base, head) }.map_err(SwapError::StagingTrim)?;
+    }
+    whole.moved(); // from here on only the aligned part is ours
+    let staging = Staging {
+        addr: aligned as *mut u8,
+        len,
+    };
+    if tail > 0 {
+        // SAFETY: the tail of our own fresh mapping, past `staging`.
+        unsafe { sys::munmap((aligned as *mut u8).wrapping_add(len), tail) }
+            .map_err(SwapError::StagingTrim)?;
+    }
+    // SAFETY: our fresh mapping; advice only.
+    unsafe { sys::madvise(staging.addr, len, libc::MADV_HUGEPAGE) }
+        .map_err(SwapError::StagingAdvise)?;
+    // SAFETY: our fresh mapping; faults its pages in.
+    unsafe { sys::madvise(staging.addr, len, sys::MADV_POPULATE_WRITE) }
+        .map_err(SwapError::StagingPopulate)?;
+    let mut huge = huge_bytes_in(aligned, len as u64);
+    if huge < len as u64 {
+        // Fragmented memory gave some 4 KiB pages: ask for a synchronous
+        // collapse (Linux 6.1) before giving up. The pages hold no data yet.
+        // SAFETY: our mapping; collapse keeps contents.
+        let _ = unsafe { sys::madvise(staging.addr, len, sys::MADV_COLLAPSE) };
+        huge = huge_bytes_in(aligned, len as u64);
+    }
+    if huge < len as u64 {
+        return Err(SwapError::StagingNotHuge { huge });
+    }
+    Ok(staging)
+}
+
+fn stage(source: Source, len: usize) -> Result<Staging, SwapError> {
+    match source {
+        Source::Hugetlb => stage_hugetlb(len),
+        Source::Thp => stage_thp(len),
+    }
+}
+
+/// The result for one range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeResult {
+    /// The text range.
+    pub range: Range,
+    /// The source that was staged last (the one used, on success).
+    pub source: Option<Source>,
+    /// What happened.
+    pub result: Result<(), SwapError>,
+}
+
+/// Replaces each range with huge pages holding the same bytes, trying
+/// `sources` in order for each range.
+///
+/// # Safety
+/// Each range must be 2 MiB aligned, lie entirely in private, read-only,
+/// executable mappings (its bytes are not written while this runs), and no
+/// other thread may run in the process. Ranges must not overlap. Any pointer
+/// into the ranges stays valid (the bytes and addresses are the same), but
+/// the ranges become anonymous memory.
+pub unsafe fn swap_ranges(ranges: &[Range], sources: &[Source]) -> Vec<RangeResult> {
+    let mut results: Vec<RangeResult> = ranges
+        .iter()
+        .map(|&range| RangeResult {
+            range,
+            source: None,
+            result: Err(SwapError::NoSource),
+        })
+        .collect();
+    let mut staged: Vec<(usize, Staging)> = Vec::new();
+    let mut ops: Vec<SwapOp> = Vec::new();
+
+    // Steps 1 and 2: build every replacement first.
+    for (i, r) in results.iter_mut().enumerate() {
+        let len = r.range.len() as usize;
+        for &source in sources {
+            r.source = Some(source);
+            match stage(source, len) {
+                Ok(staging) => {
+                    // SAFETY: the text range is mapped readable (caller) and
+                    // `staging` is a distinct writable mapping of `len` bytes.
+                    unsafe {
+                        core::ptr::copy_nonoverlapping(
+                            r.range.start as *const u8,
+                            staging.addr,
+                            len,
+                        )
+                    };
+                    ops.push(SwapOp {
+                        staging: staging.addr as u64,
+                        text: r.range.start,
+                        len: len as u64,
+                        ..SwapOp::default()
+                    });
+                    staged.push((i, staging));
+                    r.result = Ok(());
+                    break;
+                }
+                Err(e) => {
+                    crate::tlog!(
+                        crate::log::Level::Debug,
+                        "staging {:#x}-{:#x} with {} failed: {e}",
+                        r.range.start,
+                        r.range.end,
+                        source.name()
+                    );
+                    r.result = Err(e);
+                }
+            }
+        }
+    }
+    if ops.is_empty() {
+        return results;
+    }
+
+    // Step 3: swap them all with signals blocked, from the trampoline page.
+    let trampoline = match MappedTrampoline::map() {
+        Ok(t) => t,
+        Err(e) => {
+            for (i, _) in &staged {
+                if let Some(r) = results.get_mut(*i) {
+                    r.result = Err(SwapError::Trampoline(e));
+                }
+            }
+            return results; // stagings unmapped on drop
+        }
+    };
+    // SAFETY: each op describes a staging built above (aligned, populated,
+    // r-w, same bytes as its text range) and a text range the caller vouches
+    // for; ranges do not overlap (caller).
+    if let Err(e) = unsafe { trampoline.run(&mut ops) } {
+        for (i, _) in &staged {
+            if let Some(r) = results.get_mut(*i) {
+                r.result = Err(SwapError::SignalMask(e));
+            }
+        }
+        return results;
+    }
+    drop(trampoline);
+
+    // Step 4: keep what became text, unmap the rest.
+    for ((i, staging), op) in staged.into_iter().zip(ops.iter()) {
+        let result = match op.outcome() {
+            Outcome::Swapped => {
+                staging.moved();
+                Ok(())
+            }
+            Outcome::ProtectFailed(e) => Err(SwapError::StagingProtect(e)),
+            Outcome::RemapFailed(e) => Err(SwapError::Remap(e)),
+            Outcome::RestoredByCopy(e) => Err(SwapError::RemapRestoredByCopy(e)),
+            Outcome::TextLost(e) => Err(SwapError::TextLost(e)),
+            Outcome::RestoreProtectFailed(e) => Err(SwapError::RestoredCopyWritable(e)),
+        };
+        if let Some(r) = results.get_mut(i) {
+            r.result = result;
+        }
+    }
+    results
+}

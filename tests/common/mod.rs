@@ -1,0 +1,395 @@
+//! Helpers for the integration tests: fixtures, child processes with
+//! timeouts, smaps coverage, and the hugetlb pool.
+
+#![allow(dead_code)]
+
+pub mod fixture;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use tiexec::plan::{self, Range};
+use tiexec::smaps;
+
+pub use fixture::Spec;
+
+/// The PIE fixture: 32 MiB of text at a random 4 KiB-aligned base.
+pub const PIE: Spec = Spec::new("fixture-pie-32m", 32, true);
+/// The non-PIE fixture: 32 MiB of text at 0x400000.
+pub const NON_PIE: Spec = Spec::new("fixture-nopie-32m", 32, false);
+/// Non-PIE with headers and rodata in its r-x segment.
+pub const MERGED_RX: Spec = Spec {
+    name: "fixture-nopie-merged-24m",
+    text_mib: 24,
+    pie: false,
+    merged_rx: true,
+    static_link: false,
+};
+/// A small static program.
+pub const STATIC_SMALL: Spec = Spec {
+    name: "fixture-static-1m",
+    text_mib: 1,
+    pie: false,
+    merged_rx: false,
+    static_link: true,
+};
+
+/// Where fixtures and scratch files go.
+pub fn scratch_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tiexec-tests")
+}
+
+/// Builds a fixture once per test process (and reuses it across processes).
+pub fn fixture(spec: Spec) -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    fixture::build(spec, &scratch_dir().join("fixtures"))
+}
+
+/// The `tiexec` binary under test.
+pub fn tiexec_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tiexec"))
+}
+
+/// The freshly built `libtiexec.so` next to the binary.
+pub fn preload_lib() -> PathBuf {
+    let lib = tiexec_bin().with_file_name("libtiexec.so");
+    assert!(lib.exists(), "{} not built", lib.display());
+    lib
+}
+
+/// A finished child: what it printed and how it ended.
+pub struct Outcome {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// Panics with the command, stdout and stderr unless `ok`.
+    pub fn check(&self, ok: bool, what: &str) {
+        assert!(ok, "{what}\n{self}");
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "command: {}\nstatus: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.command, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let envs: Vec<String> = cmd
+        .get_envs()
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                k.to_string_lossy(),
+                v.map(|v| v.to_string_lossy().into_owned()).unwrap_or_default()
+            )
+        })
+        .collect();
+    format!("{} {:?}", envs.join(" "), cmd)
+}
+
+fn wait_with_deadline(child: &mut Child, timeout: Duration, command: &str) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("timed out after {timeout:?}: {command}");
+            }
+        }
+    }
+}
+
+/// Runs `cmd` to completion (stdin closed), with a timeout.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Outcome {
+    let command = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command}: {e}"));
+    let mut out_pipe = child.stdout.take().expect("stdout");
+    let mut err_pipe = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out_pipe.read_to_end(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err_pipe.read_to_end(&mut s);
+        s
+    });
+    let status = wait_with_deadline(&mut child, timeout, &command);
+    Outcome {
+        command,
+        status,
+        stdout: String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned(),
+    }
+}
+
+/// A fixture started with `wait`: it has run its calls, printed its
+/// checksum, and now blocks until `finish` closes its stdin.
+pub struct Waiting {
+    pub command: String,
+    pub child: Child,
+    pub first_line: String,
+    stdout: BufReader<std::process::ChildStdout>,
+    stderr_thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Waiting {
+    /// Starts `cmd` (whose program is a fixture run with `CALLS wait`) and
+    /// waits for "ready".
+    pub fn start(cmd: &mut Command, timeout: Duration) -> Waiting {
+        let command = describe(cmd);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command}: {e}"));
+        let mut err_pipe = child.stderr.take().expect("stderr");
+        let stderr_thread = Some(std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = err_pipe.read_to_end(&mut s);
+            s
+        }));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut first = String::new();
+            let mut ready = String::new();
+            let _ = r.read_line(&mut first);
+            let _ = r.read_line(&mut ready);
+            let _ = tx.send((r, first, ready));
+        });
+        let (stdout, first_line, ready) = match rx.recv_timeout(timeout) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no 'ready' within {timeout:?}: {command}");
+            }
+        };
+        let mut w = Waiting {
+            command,
+            child,
+            first_line,
+            stdout,
+            stderr_thread,
+        };
+        if ready.trim() != "ready" {
+            let o = w.finish(Duration::from_secs(10));
+            panic!("fixture did not get ready (got {ready:?})\n{o}");
+        }
+        w
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Closes stdin, lets it finish, and collects everything.
+    pub fn finish(mut self, timeout: Duration) -> Outcome {
+        drop(self.child.stdin.take());
+        let status = wait_with_deadline(&mut self.child, timeout, &self.command);
+        let mut rest = String::new();
+        let _ = self.stdout.read_to_string(&mut rest);
+        let stderr = self
+            .stderr_thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        Outcome {
+            command: self.command.clone(),
+            status,
+            stdout: format!("{}ready\n{}", self.first_line, rest),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+}
+
+/// The executable segments of `exe` as mapped in process `pid` (page-rounded),
+/// computed from the ELF file and the process's load address.
+pub fn text_segments(pid: u32, exe: &Path) -> Vec<Range> {
+    let bytes = std::fs::read(exe).expect("read exe");
+    let elf = goblin::elf::Elf::parse(&bytes).expect("parse exe");
+    let loads: Vec<_> = elf
+        .program_headers
+        .iter()
+        .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
+        .collect();
+    let bias = if elf.header.e_type == goblin::elf::header::ET_DYN {
+        // The first mapping of the file at offset 0 is the first PT_LOAD.
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+        let canon = std::fs::canonicalize(exe).expect("canon");
+        let first = maps
+            .lines()
+            .find(|l| l.ends_with(canon.to_str().unwrap()) && l.split_whitespace().nth(2) == Some("00000000"))
+            .unwrap_or_else(|| panic!("{} not mapped in {pid}:\n{maps}", exe.display()));
+        let start = u64::from_str_radix(first.split('-').next().unwrap(), 16).unwrap();
+        start - plan::align_down(loads[0].p_vaddr, plan::PAGE)
+    } else {
+        0
+    };
+    loads
+        .iter()
+        .filter(|p| p.p_flags & goblin::elf::program_header::PF_X != 0)
+        .map(|p| plan::segment_pages(bias + p.p_vaddr, p.p_memsz))
+        .collect()
+}
+
+/// The 2 MiB-aligned interior of the segments: what must end up huge.
+pub fn planned_interior(segments: &[Range]) -> u64 {
+    segments.iter().map(|s| plan::split(*s).body.len()).sum()
+}
+
+/// Coverage of the segments in `pid`, read from its smaps.
+pub fn coverage(pid: u32, segments: &[Range]) -> smaps::Coverage {
+    let vmas = smaps::read(Some(pid)).expect("read smaps");
+    let mut c = smaps::Coverage::default();
+    for s in segments {
+        c.add(smaps::coverage(&vmas, *s));
+    }
+    c
+}
+
+/// True when the text bytes of `pid` equal those in the file `exe`.
+pub fn text_matches_file(pid: u32, exe: &Path, segments: &[Range]) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let bytes = std::fs::read(exe).map_err(|e| e.to_string())?;
+    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| e.to_string())?;
+    let mem = File::open(format!("/proc/{pid}/mem")).map_err(|e| e.to_string())?;
+    let text_loads: Vec<_> = elf
+        .program_headers
+        .iter()
+        .filter(|p| {
+            p.p_type == goblin::elf::program_header::PT_LOAD
+                && p.p_flags & goblin::elf::program_header::PF_X != 0
+        })
+        .collect();
+    for (ph, seg) in text_loads.iter().zip(segments) {
+        // The segment's file bytes start at p_offset, at address
+        // bias + p_vaddr = seg.start + (p_vaddr % PAGE).
+        let addr = seg.start + (ph.p_vaddr % plan::PAGE);
+        let len = ph.p_filesz as usize;
+        let mut live = vec![0u8; len];
+        mem.read_exact_at(&mut live, addr).map_err(|e| format!("read mem at {addr:#x}: {e}"))?;
+        let file = &bytes[ph.p_offset as usize..ph.p_offset as usize + len];
+        if live != file {
+            let first = live.iter().zip(file).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(format!("text differs at {:#x}", addr + first as u64));
+        }
+    }
+    Ok(())
+}
+
+/// Lines of /proc/<pid>/maps that are writable and executable at once.
+pub fn writable_executable_mappings(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let perms = l.split_whitespace().nth(1).unwrap_or("");
+            perms.contains('w') && perms.contains('x')
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Anonymous executable mappings outside `segments` (a leaked trampoline or
+/// staging area would show here).
+pub fn stray_executable_anon(pid: u32, segments: &[Range]) -> Vec<String> {
+    smaps::read(Some(pid))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v.exec && (v.inode == 0 || v.is_hugetlb()) && !v.path.starts_with('['))
+        .filter(|v| !segments.iter().any(|s| s.contains(v.range())))
+        .map(|v| format!("{:#x}-{:#x} {}", v.start, v.end, v.path))
+        .collect()
+}
+
+const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+/// Holds the hugetlb pool at a size for the life of the guard, exclusive
+/// across test threads and test processes; restores the old size on drop.
+pub struct PoolGuard {
+    old: u64,
+    _lock: File,
+    _thread: MutexGuard<'static, ()>,
+}
+
+fn read_pool() -> Option<u64> {
+    std::fs::read_to_string(POOL).ok()?.trim().parse().ok()
+}
+
+impl PoolGuard {
+    /// Sets the pool to `pages`. `None` (and a note on stderr) when this
+    /// process may not change it (not root): the caller skips its test.
+    pub fn set(pages: u64) -> Option<PoolGuard> {
+        static IN_PROCESS: OnceLock<Mutex<()>> = OnceLock::new();
+        let thread = IN_PROCESS
+            .get_or_init(|| Mutex::new(()))
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let lock = File::create(std::env::temp_dir().join("tiexec-tests-hugetlb-pool.lock")).ok()?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open fd; flock blocks until the other holder ends.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return None;
+        }
+        let old = read_pool()?;
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .open(POOL)
+            .and_then(|mut f| f.write_all(format!("{pages}\n").as_bytes()))
+            .is_err()
+        {
+            eprintln!("note: cannot set the hugetlb pool (not root?): test skipped");
+            return None;
+        }
+        let got = read_pool().unwrap_or(0);
+        if got < pages {
+            eprintln!("note: hugetlb pool reached {got} of {pages} pages: test skipped");
+            let _ = std::fs::write(POOL, format!("{old}\n"));
+            return None;
+        }
+        Some(PoolGuard {
+            old,
+            _lock: lock,
+            _thread: thread,
+        })
+    }
+}
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(POOL, format!("{}\n", self.old));
+    }
+}
+
+/// The stdout a fixture gives without tiexec.
+pub fn plain_run(exe: &Path, args: &[&str]) -> Outcome {
+    let o = run(Command::new(exe).args(args), Duration::from_secs(60));
+    o.check(o.status.success() || !args.is_empty(), "plain fixture run");
+    o
+}
