@@ -91,7 +91,7 @@ fn run() {
     let targets = &objects[..1];
     if !remap::has_huge_page_of_text(main) {
         crate::tlog!(
-            Level::Debug,
+            Level::Info,
             "{}: text {} holds no whole 2 MiB page: nothing to do",
             main.path,
             log::Bytes(main.text_bytes())

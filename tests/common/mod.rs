@@ -55,10 +55,17 @@ pub fn tiexec_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tiexec"))
 }
 
-/// The freshly built `libtiexec.so` next to the binary.
+/// The freshly built `libtiexec.so`: the release build that build.rs makes
+/// and the CLI embeds (`cargo test` does not emit the cdylib itself).
 pub fn preload_lib() -> PathBuf {
-    let lib = tiexec_bin().with_file_name("libtiexec.so");
-    assert!(lib.exists(), "{} not built", lib.display());
+    let lib = PathBuf::from(env!("TIEXEC_EMBEDDED_LIB"));
+    assert!(
+        std::fs::metadata(&lib)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false),
+        "{} not built",
+        lib.display()
+    );
     lib
 }
 
@@ -94,7 +101,8 @@ fn describe(cmd: &Command) -> String {
             format!(
                 "{}={}",
                 k.to_string_lossy(),
-                v.map(|v| v.to_string_lossy().into_owned()).unwrap_or_default()
+                v.map(|v| v.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             )
         })
         .collect();
@@ -190,7 +198,7 @@ impl Waiting {
                 panic!("no 'ready' within {timeout:?}: {command}");
             }
         };
-        let mut w = Waiting {
+        let w = Waiting {
             command,
             child,
             first_line,
@@ -244,7 +252,10 @@ pub fn text_segments(pid: u32, exe: &Path) -> Vec<Range> {
         let canon = std::fs::canonicalize(exe).expect("canon");
         let first = maps
             .lines()
-            .find(|l| l.ends_with(canon.to_str().unwrap()) && l.split_whitespace().nth(2) == Some("00000000"))
+            .find(|l| {
+                l.ends_with(canon.to_str().unwrap())
+                    && l.split_whitespace().nth(2) == Some("00000000")
+            })
             .unwrap_or_else(|| panic!("{} not mapped in {pid}:\n{maps}", exe.display()));
         let start = u64::from_str_radix(first.split('-').next().unwrap(), 16).unwrap();
         start - plan::align_down(loads[0].p_vaddr, plan::PAGE)
@@ -293,7 +304,8 @@ pub fn text_matches_file(pid: u32, exe: &Path, segments: &[Range]) -> Result<(),
         let addr = seg.start + (ph.p_vaddr % plan::PAGE);
         let len = ph.p_filesz as usize;
         let mut live = vec![0u8; len];
-        mem.read_exact_at(&mut live, addr).map_err(|e| format!("read mem at {addr:#x}: {e}"))?;
+        mem.read_exact_at(&mut live, addr)
+            .map_err(|e| format!("read mem at {addr:#x}: {e}"))?;
         let file = &bytes[ph.p_offset as usize..ph.p_offset as usize + len];
         if live != file {
             let first = live.iter().zip(file).position(|(a, b)| a != b).unwrap_or(0);
@@ -351,7 +363,8 @@ impl PoolGuard {
             .get_or_init(|| Mutex::new(()))
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let lock = File::create(std::env::temp_dir().join("tiexec-tests-hugetlb-pool.lock")).ok()?;
+        let lock =
+            File::create(std::env::temp_dir().join("tiexec-tests-hugetlb-pool.lock")).ok()?;
         use std::os::fd::AsRawFd;
         // SAFETY: a valid open fd; flock blocks until the other holder ends.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {

@@ -1,0 +1,218 @@
+//! The `tiexec` wrapper: same PID, exit status and signals as the program;
+//! shell-like lookup errors; children; static targets; a binary that finds
+//! its library with no other file beside it.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Waiting, PIE, STATIC_SMALL};
+
+const T: Duration = Duration::from_secs(120);
+
+fn tiexec() -> Command {
+    let mut c = Command::new(common::tiexec_bin());
+    // The user's environment must not steer these tests.
+    for v in [
+        "TIEXEC_BACKEND",
+        "TIEXEC_LOG",
+        "TIEXEC_CHILDREN",
+        "TIEXEC_LIBRARY",
+        "LD_PRELOAD",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+#[test]
+fn the_program_keeps_the_pid_and_gets_huge_text() {
+    let exe = common::fixture(PIE);
+    let w = Waiting::start(
+        tiexec()
+            .args(["-b", "thp"])
+            .arg(&exe)
+            .args(["100000", "wait"]),
+        T,
+    );
+    let pid = w.pid();
+    // The fixture is the process we started: no fork in between.
+    let segments = common::text_segments(pid, &exe);
+    let cov = common::coverage(pid, &segments);
+    let o = w.finish(T);
+    let reported = format!("pid {pid}");
+    o.check(
+        o.stderr.lines().any(|l| l == reported),
+        "fixture must report tiexec's pid",
+    );
+    o.check(
+        cov.anon_thp + cov.file_thp >= common::planned_interior(&segments),
+        &format!("coverage {cov:?}"),
+    );
+}
+
+#[test]
+fn exit_status_and_signals_pass_through() {
+    let o = common::run(tiexec().args(["sh", "-c", "exit 42"]), T);
+    o.check(o.status.code() == Some(42), "exit 42");
+    let o = common::run(tiexec().args(["sh", "-c", "kill -TERM $$"]), T);
+    o.check(o.status.signal() == Some(libc::SIGTERM), "SIGTERM");
+}
+
+#[test]
+fn lookup_errors_are_127_and_126() {
+    let o = common::run(tiexec().arg("no-such-program-for-tiexec"), T);
+    o.check(o.status.code() == Some(127), "127 for not found");
+    o.check(
+        o.stderr
+            .contains("no-such-program-for-tiexec: command not found"),
+        "message",
+    );
+
+    let dir = common::scratch_dir().join("cli-lookup");
+    std::fs::create_dir_all(&dir).unwrap();
+    let plain = dir.join("not-executable");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = common::run(tiexec().arg(&plain), T);
+    o.check(o.status.code() == Some(126), "126 for not executable");
+    o.check(o.stderr.contains("Permission denied"), "message");
+}
+
+#[test]
+fn help_version_and_usage_errors() {
+    let o = common::run(tiexec().arg("--help"), T);
+    o.check(
+        o.status.success() && o.stdout.contains("Usage: tiexec"),
+        "--help",
+    );
+    let o = common::run(tiexec().arg("--version"), T);
+    o.check(
+        o.status.success() && o.stdout.starts_with("tiexec "),
+        "--version",
+    );
+    let o = common::run(tiexec().args(["--backend", "fast", "true"]), T);
+    o.check(
+        o.status.code() == Some(2) && o.stderr.contains("expected auto"),
+        "bad option",
+    );
+    let o = common::run(&mut tiexec(), T);
+    o.check(o.status.code() == Some(2), "missing program");
+}
+
+#[test]
+fn children_inherit_the_preload_unless_told_not_to() {
+    let o = common::run(tiexec().args(["sh", "-c", "echo \"[$LD_PRELOAD]\""]), T);
+    o.check(
+        o.status.success() && o.stdout.contains("libtiexec"),
+        "inherited by default",
+    );
+
+    let o = common::run(
+        tiexec().args(["--no-children", "sh", "-c", "echo \"[$LD_PRELOAD]\""]),
+        T,
+    );
+    o.check(
+        o.status.success() && o.stdout.trim() == "[]",
+        "removed with --no-children",
+    );
+
+    // What the user preloads already stays, in both cases.
+    let o = common::run(
+        tiexec().env("LD_PRELOAD", "libm.so.6").args([
+            "--no-children",
+            "sh",
+            "-c",
+            "echo \"[$LD_PRELOAD]\"",
+        ]),
+        T,
+    );
+    o.check(o.stdout.trim() == "[libm.so.6]", "others kept");
+}
+
+#[test]
+fn static_programs_run_unchanged_with_a_clear_note() {
+    let exe = common::fixture(STATIC_SMALL);
+    let o = common::run(tiexec().arg(&exe).args(["1000", "run", "5"]), T);
+    o.check(o.status.code() == Some(5), "runs, status passes through");
+    o.check(
+        o.stderr.contains("is statically linked"),
+        "says why tiexec cannot act",
+    );
+    o.check(o.stdout.starts_with("functions "), "output");
+}
+
+#[test]
+fn an_installed_binary_alone_finds_its_library() {
+    // Like `cargo install`: only the binary, in a directory of its own, and a
+    // fresh HOME. The library comes out of the binary itself.
+    let root = common::scratch_dir().join(format!("installed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("home")).unwrap();
+    let bin = root.join("bin/tiexec");
+    std::fs::copy(common::tiexec_bin(), &bin).unwrap();
+    let exe = common::fixture(PIE);
+    let run_once = || {
+        let mut c = Command::new(&bin);
+        for v in [
+            "TIEXEC_BACKEND",
+            "TIEXEC_LOG",
+            "TIEXEC_LIBRARY",
+            "LD_PRELOAD",
+            "XDG_CACHE_HOME",
+        ] {
+            c.env_remove(v);
+        }
+        c.env("HOME", root.join("home"))
+            .args(["-v", "-b", "thp"])
+            .arg(&exe)
+            .args(["1000", "run"]);
+        common::run(&mut c, T)
+    };
+    for _ in 0..2 {
+        // The second run reuses the extracted library.
+        let o = run_once();
+        o.check(o.status.success(), "runs");
+        o.check(o.stderr.contains("new via thp"), "library loaded and acted");
+    }
+    let cached: Vec<_> = std::fs::read_dir(root.join("home/.cache/tiexec"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn an_explicit_library_is_used() {
+    let exe = common::fixture(PIE);
+    let lib = common::preload_lib();
+    let o = common::run(
+        tiexec()
+            .arg("--library")
+            .arg(&lib)
+            .args(["sh", "-c", "echo $LD_PRELOAD"]),
+        T,
+    );
+    let canon = std::fs::canonicalize(&lib).unwrap();
+    o.check(
+        o.stdout.trim() == canon.to_str().unwrap(),
+        "LD_PRELOAD names it",
+    );
+    let o = common::run(
+        tiexec()
+            .args(["--library", "/nonexistent/libtiexec.so"])
+            .arg(&exe)
+            .args(["1000", "run"]),
+        T,
+    );
+    o.check(o.status.success(), "program still runs without tiexec");
+    o.check(
+        o.stderr.contains("running") && o.stderr.contains("without tiexec"),
+        "says so",
+    );
+}

@@ -1,0 +1,265 @@
+//! libtiexec.so preloaded into generated fixtures with tens of MiB of text:
+//! output unchanged, coverage read from the running fixture's smaps, text
+//! bytes unchanged, nothing writable+executable or leaked.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{PoolGuard, Spec, Waiting, MERGED_RX, NON_PIE, PIE};
+
+const CALLS: &str = "200000";
+const T: Duration = Duration::from_secs(120);
+
+/// What the kernel must show for the text after the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// The interior on hugetlb pages (or already huge by the kernel).
+    Hugetlb,
+    /// The interior on THP (anonymous, or the kernel's file THP).
+    Thp,
+    /// Text as it was: nothing of ours (no hugetlb, no anonymous THP).
+    Untouched,
+}
+
+fn preloaded(exe: &std::path::Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env("LD_PRELOAD", common::preload_lib());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs `spec` under the preload with `env`, checks everything the kernel
+/// shows while it waits, and returns its stderr.
+fn run_and_check(spec: Spec, env: &[(&str, &str)], expect: Expect) -> String {
+    let exe = common::fixture(spec);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]);
+    let w = Waiting::start(preloaded(&exe, env).args([CALLS, "wait"]), T);
+    let pid = w.pid();
+    let segments = common::text_segments(pid, &exe);
+    let interior = common::planned_interior(&segments);
+    let cov = common::coverage(pid, &segments);
+    let text_check = common::text_matches_file(pid, &exe, &segments);
+    let wx = common::writable_executable_mappings(pid);
+    let stray = common::stray_executable_anon(pid, &segments);
+    let first_line = w.first_line.clone();
+    let o = w.finish(T);
+    let context = format!("{o}\nsegments {segments:x?}\ninterior {interior}\ncoverage {cov:?}");
+
+    o.check(o.status.success(), &format!("fixture failed\n{context}"));
+    o.check(
+        first_line == plain.stdout,
+        &format!(
+            "output differs from plain run:\nplain: {}\n{context}",
+            plain.stdout
+        ),
+    );
+    o.check(
+        text_check.is_ok(),
+        &format!("text bytes changed: {text_check:?}\n{context}"),
+    );
+    o.check(
+        wx.is_empty(),
+        &format!("writable+executable mappings: {wx:?}\n{context}"),
+    );
+    o.check(
+        stray.is_empty(),
+        &format!("leaked executable mappings: {stray:?}\n{context}"),
+    );
+    assert!(interior >= 20 << 20, "fixture too small: {context}");
+    match expect {
+        Expect::Hugetlb => o.check(
+            cov.hugetlb + cov.file_thp >= interior,
+            &format!("interior not on hugetlb pages\n{context}"),
+        ),
+        Expect::Thp => o.check(
+            cov.anon_thp + cov.file_thp >= interior,
+            &format!("interior not on THP\n{context}"),
+        ),
+        Expect::Untouched => o.check(
+            cov.hugetlb == 0 && cov.anon_thp == 0,
+            &format!("text was changed although it should not be\n{context}"),
+        ),
+    }
+    o.stderr
+}
+
+#[test]
+fn pie_on_thp() {
+    run_and_check(PIE, &[("TIEXEC_BACKEND", "thp")], Expect::Thp);
+}
+
+#[test]
+fn non_pie_on_thp() {
+    run_and_check(NON_PIE, &[("TIEXEC_BACKEND", "thp")], Expect::Thp);
+}
+
+#[test]
+fn rx_segment_with_headers_and_rodata_on_thp() {
+    // The output line prints rodata and a written global: both must work.
+    run_and_check(MERGED_RX, &[("TIEXEC_BACKEND", "thp")], Expect::Thp);
+}
+
+#[test]
+fn pie_on_hugetlb_with_a_filled_pool() {
+    let Some(_pool) = PoolGuard::set(64) else {
+        return;
+    };
+    let err = run_and_check(
+        PIE,
+        &[("TIEXEC_BACKEND", "hugetlb"), ("TIEXEC_LOG", "info")],
+        Expect::Hugetlb,
+    );
+    assert!(err.contains("via hugetlb"), "{err}");
+}
+
+#[test]
+fn non_pie_and_merged_rx_on_hugetlb_with_a_filled_pool() {
+    let Some(_pool) = PoolGuard::set(64) else {
+        return;
+    };
+    run_and_check(NON_PIE, &[("TIEXEC_BACKEND", "hugetlb")], Expect::Hugetlb);
+    run_and_check(MERGED_RX, &[("TIEXEC_BACKEND", "hugetlb")], Expect::Hugetlb);
+}
+
+#[test]
+fn auto_prefers_hugetlb_when_the_pool_has_room() {
+    let Some(_pool) = PoolGuard::set(64) else {
+        return;
+    };
+    let err = run_and_check(PIE, &[("TIEXEC_LOG", "info")], Expect::Hugetlb);
+    assert!(err.contains("via hugetlb"), "{err}");
+}
+
+#[test]
+fn auto_falls_back_to_thp_with_an_empty_pool() {
+    let Some(_pool) = PoolGuard::set(0) else {
+        return;
+    };
+    let err = run_and_check(PIE, &[("TIEXEC_LOG", "info")], Expect::Thp);
+    assert!(err.contains("via thp"), "{err}");
+}
+
+#[test]
+fn auto_with_a_pool_too_small_still_covers_everything() {
+    // 4 pages for 15 needed: auto goes to THP rather than half-covering.
+    let Some(_pool) = PoolGuard::set(4) else {
+        return;
+    };
+    run_and_check(PIE, &[], Expect::Thp);
+}
+
+#[test]
+fn hugetlb_alone_with_an_empty_pool_leaves_the_text_and_says_so() {
+    let Some(_pool) = PoolGuard::set(0) else {
+        return;
+    };
+    // Default log level: this one line is the only thing tiexec says.
+    let err = run_and_check(PIE, &[("TIEXEC_BACKEND", "hugetlb")], Expect::Untouched);
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("tiexec:")).collect();
+    assert_eq!(ours.len(), 1, "{err}");
+    assert!(
+        ours[0].contains("nothing moved: hugetlb pool has no free pages"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hugetlb_with_a_pool_smaller_than_the_text_covers_part_and_runs() {
+    let Some(_pool) = PoolGuard::set(4) else {
+        return;
+    };
+    let exe = common::fixture(PIE);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]);
+    let w = Waiting::start(
+        preloaded(
+            &exe,
+            &[("TIEXEC_BACKEND", "hugetlb"), ("TIEXEC_LOG", "info")],
+        )
+        .args([CALLS, "wait"]),
+        T,
+    );
+    let pid = w.pid();
+    let segments = common::text_segments(pid, &exe);
+    let cov = common::coverage(pid, &segments);
+    let text_check = common::text_matches_file(pid, &exe, &segments);
+    let first = w.first_line.clone();
+    let o = w.finish(T);
+    o.check(o.status.success() && first == plain.stdout, "output");
+    o.check(text_check.is_ok(), &format!("{text_check:?}"));
+    // The pool's 4 pages hold one range of the plan at most; nothing breaks.
+    o.check(cov.hugetlb <= 4 << 21, &format!("{cov:?}"));
+}
+
+#[test]
+fn off_does_nothing() {
+    let err = run_and_check(
+        PIE,
+        &[("TIEXEC_BACKEND", "off"), ("TIEXEC_LOG", "info")],
+        Expect::Untouched,
+    );
+    assert!(!err.contains("tiexec:"), "{err}");
+}
+
+#[test]
+fn silent_at_the_default_level_when_all_is_well() {
+    let exe = common::fixture(PIE);
+    let o = common::run(
+        preloaded(&exe, &[("TIEXEC_BACKEND", "thp")]).args([CALLS, "run"]),
+        T,
+    );
+    o.check(
+        o.status.success() && o.stderr.is_empty(),
+        "expected no stderr",
+    );
+}
+
+#[test]
+fn bad_settings_are_reported_once_and_the_program_runs() {
+    let exe = common::fixture(PIE);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]);
+    let o = common::run(
+        preloaded(
+            &exe,
+            &[("TIEXEC_BACKEND", "fastest"), ("TIEXEC_CHILDREN", "maybe")],
+        )
+        .args([CALLS, "run"]),
+        T,
+    );
+    o.check(
+        o.status.success() && o.stdout == plain.stdout,
+        "program must run unchanged",
+    );
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    o.check(lines.len() == 2, "one line per bad variable");
+    o.check(
+        lines[0].contains("TIEXEC_BACKEND=\"fastest\": expected auto|hugetlb|thp|off"),
+        "names the variable, the value and what is accepted",
+    );
+}
+
+#[test]
+fn exit_status_and_signals_are_the_programs() {
+    let exe = common::fixture(PIE);
+    let o = common::run(
+        preloaded(&exe, &[("TIEXEC_BACKEND", "thp")]).args(["1000", "run", "3"]),
+        T,
+    );
+    o.check(o.status.code() == Some(3), "exit status 3 expected");
+
+    let w = Waiting::start(
+        preloaded(&exe, &[("TIEXEC_BACKEND", "thp")]).args(["1000", "wait"]),
+        T,
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(w.pid() as i32, libc::SIGTERM) };
+    let o = w.finish(T);
+    o.check(
+        o.status.signal() == Some(libc::SIGTERM),
+        "killed by SIGTERM expected",
+    );
+}
