@@ -29,7 +29,8 @@
  *        there is no moment without code at `text`.
  *     3. only if 2 failed: msync(text, len, MS_ASYNC) tells whether the old
  *        range is still fully mapped (ENOMEM if the kernel unmapped it before
- *        failing). If it is, nothing changed: OUTCOME_REMAP_FAILED.
+ *        failing). Any other answer (0, or EINVAL for an address mremap
+ *        refused outright) means nothing changed: OUTCOME_REMAP_FAILED.
  *     4. only if the old range has a hole: map anonymous memory read-write
  *        over it, copy the bytes back from the staging copy (still at its
  *        address, readable), make it r-x: OUTCOME_RESTORED_BY_COPY.
@@ -57,6 +58,7 @@
 #define MREMAP_MAYMOVE_FIXED 3     /* MREMAP_MAYMOVE | MREMAP_FIXED */
 #define MAP_PRIVATE_ANON_FIXED 0x32 /* MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS */
 #define MS_ASYNC            1
+#define ENOMEM              12
 #define SIG_SETMASK         2
 
 #define OUTCOME_SWAPPED           0
@@ -143,8 +145,8 @@ tiexec_trampoline_start:
     mov     OP_LEN(%r12), %rsi          /* len */
     mov     $MS_ASYNC, %edx             /* flags: a no-op that still checks the range */
     syscall
-    test    %rax, %rax
-    jnz     .Lrestore_by_copy           /* ENOMEM: a hole where the text was */
+    cmp     $-ENOMEM, %rax              /* only ENOMEM means a hole where the */
+    je      .Lrestore_by_copy           /* text was; 0 or another error: intact */
     movq    $OUTCOME_REMAP_FAILED, OP_OUTCOME(%r12)
     jmp     .Lrecord_done
 

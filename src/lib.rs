@@ -88,6 +88,18 @@ impl std::error::Error for Error {}
 /// thread is the only one, and every failure leaves the text as it was. The
 /// reports say, per object, what was moved and what the kernel now maps huge
 /// (read back from smaps).
+///
+/// ```
+/// // Early in main, before any thread is started:
+/// match tiexec::remap_text(&tiexec::Options::default()) {
+///     Ok(reports) => {
+///         for r in &reports {
+///             println!("{}: {} of {} bytes of text on 2 MiB pages", r.path, r.after.huge(), r.text_bytes);
+///         }
+///     }
+///     Err(e) => eprintln!("text left on 4 KiB pages: {e}"),
+/// }
+/// ```
 pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
     if options.backend == Backend::Off {
         return Err(Error::Off);

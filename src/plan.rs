@@ -96,6 +96,16 @@ pub struct Split {
 }
 
 /// Cuts `segment` at 2 MiB boundaries.
+///
+/// ```
+/// use tiexec::plan::{split, Range};
+/// const MIB: u64 = 1 << 20;
+/// // A PIE's text at a 4 KiB-aligned base: 0x1000 past 4 MiB, 9 MiB long.
+/// let s = split(Range::new(4 * MIB + 0x1000, 13 * MIB + 0x1000));
+/// assert_eq!(s.head, Range::new(4 * MIB + 0x1000, 6 * MIB));
+/// assert_eq!(s.body, Range::new(6 * MIB, 12 * MIB)); // three 2 MiB pages
+/// assert_eq!(s.tail, Range::new(12 * MIB, 13 * MIB + 0x1000));
+/// ```
 pub fn split(segment: Range) -> Split {
     let body_start = align_up(segment.start, HUGE_PAGE);
     let body_end = align_down(segment.end, HUGE_PAGE);

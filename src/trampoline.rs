@@ -202,4 +202,34 @@ mod tests {
         // SAFETY: our page, mapped above.
         unsafe { sys::munmap(text, 4096) }.expect("unmap");
     }
+
+    #[test]
+    fn a_refused_mremap_leaves_the_text_mapped_and_readable() {
+        // mremap refuses an unaligned target before touching anything: the
+        // routine must see the text still mapped and report RemapFailed.
+        let t = MappedTrampoline::map().expect("map trampoline");
+        let text = sys::mmap_anonymous(8192, libc::PROT_READ | libc::PROT_WRITE, 0).expect("map");
+        // SAFETY: our own fresh page.
+        unsafe { text.write_bytes(0xab, 8192) };
+        let staging =
+            sys::mmap_anonymous(4096, libc::PROT_READ | libc::PROT_WRITE, 0).expect("map");
+        let mut ops = [SwapOp {
+            staging: staging as u64,
+            text: text as u64 + 1, // unaligned: EINVAL
+            len: 4096,
+            ..SwapOp::default()
+        }];
+        // SAFETY: every address in the record is our own mapping; the
+        // unaligned target only makes mremap fail.
+        unsafe { t.run(&mut ops) }.expect("run");
+        assert_eq!(ops[0].outcome(), Outcome::RemapFailed(Errno(libc::EINVAL)));
+        // SAFETY: the text pages are still mapped and readable.
+        let bytes = unsafe { core::slice::from_raw_parts(text, 8192) };
+        assert!(bytes.iter().all(|&b| b == 0xab));
+        // SAFETY: our own mappings.
+        unsafe {
+            sys::munmap(text, 8192).expect("unmap");
+            sys::munmap(staging, 4096).expect("unmap");
+        }
+    }
 }

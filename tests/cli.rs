@@ -216,3 +216,20 @@ fn an_explicit_library_is_used() {
         "says so",
     );
 }
+
+#[test]
+fn setuid_programs_get_a_clear_note() {
+    let dir = common::scratch_dir().join(format!("setuid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = dir.join("true-setuid");
+    std::fs::copy("/bin/true", &prog).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let o = common::run(tiexec().arg(&prog), T);
+    let _ = std::fs::remove_dir_all(&dir);
+    o.check(o.status.success(), "runs");
+    o.check(
+        o.stderr.contains("is setuid/setgid"),
+        "says LD_PRELOAD cannot act",
+    );
+}

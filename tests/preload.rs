@@ -46,6 +46,7 @@ fn run_and_check(spec: Spec, env: &[(&str, &str)], expect: Expect) -> String {
     let text_check = common::text_matches_file(pid, &exe, &segments);
     let wx = common::writable_executable_mappings(pid);
     let stray = common::stray_executable_anon(pid, &segments);
+    let huge_elsewhere = common::huge_memory_outside(pid, &segments);
     let first_line = w.first_line.clone();
     let o = w.finish(T);
     let context = format!("{o}\nsegments {segments:x?}\ninterior {interior}\ncoverage {cov:?}");
@@ -69,6 +70,10 @@ fn run_and_check(spec: Spec, env: &[(&str, &str)], expect: Expect) -> String {
     o.check(
         stray.is_empty(),
         &format!("leaked executable mappings: {stray:?}\n{context}"),
+    );
+    o.check(
+        huge_elsewhere.is_empty(),
+        &format!("huge pages outside the text (leaked staging?): {huge_elsewhere:?}\n{context}"),
     );
     assert!(interior >= 20 << 20, "fixture too small: {context}");
     match expect {
@@ -261,5 +266,69 @@ fn exit_status_and_signals_are_the_programs() {
     o.check(
         o.status.signal() == Some(libc::SIGTERM),
         "killed by SIGTERM expected",
+    );
+}
+
+const THREAD_STARTER_C: &str = r#"
+#include <pthread.h>
+#include <unistd.h>
+static void *idle(void *p) { (void)p; for (;;) pause(); return 0; }
+__attribute__((constructor)) static void start_thread(void) {
+    pthread_t t;
+    pthread_create(&t, 0, idle, 0);
+}
+"#;
+
+#[test]
+fn a_thread_started_before_the_constructor_means_hands_off() {
+    // The loader runs preloaded constructors last-listed first, so this
+    // library's thread is running when tiexec's constructor looks.
+    let dir = common::scratch_dir().join("thread-starter");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("starter.c");
+    let lib = dir.join(format!("libstarter-{}.so", std::process::id()));
+    std::fs::write(&src, THREAD_STARTER_C).unwrap();
+    let cc = common::run(
+        Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O2"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&lib)
+            .arg("-lpthread"),
+        T,
+    );
+    cc.check(cc.status.success(), "build the thread starter");
+
+    let exe = common::fixture(PIE);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]);
+    let mut preload = common::preload_lib().into_os_string();
+    preload.push(":");
+    preload.push(&lib);
+    let w = Waiting::start(
+        Command::new(&exe)
+            .env("LD_PRELOAD", &preload)
+            .env("TIEXEC_BACKEND", "thp")
+            .env("TIEXEC_LOG", "info")
+            .args([CALLS, "wait"]),
+        T,
+    );
+    let pid = w.pid();
+    let segments = common::text_segments(pid, &exe);
+    let cov = common::coverage(pid, &segments);
+    let first = w.first_line.clone();
+    let o = w.finish(T);
+    let _ = std::fs::remove_file(&lib);
+    o.check(
+        o.status.success() && first == plain.stdout,
+        "runs unchanged",
+    );
+    o.check(
+        o.stderr
+            .contains("2 threads already running: text left alone"),
+        "says why",
+    );
+    o.check(
+        cov.anon_thp == 0 && cov.hugetlb == 0,
+        &format!("text untouched: {cov:?}"),
     );
 }

@@ -109,6 +109,23 @@ fn describe(cmd: &Command) -> String {
     format!("{} {:?}", envs.join(" "), cmd)
 }
 
+/// Spawns, retrying while the program file is "busy": a test thread that
+/// just wrote an executable (copy, compile) may race with another thread's
+/// fork, whose child holds the written fd until it execs (ETXTBSY).
+fn spawn(cmd: &mut Command, command: &str) -> Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(c) => return c,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawn {command}: {e}"),
+        }
+    }
+}
+
 fn wait_with_deadline(child: &mut Child, timeout: Duration, command: &str) -> ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
@@ -127,12 +144,12 @@ fn wait_with_deadline(child: &mut Child, timeout: Duration, command: &str) -> Ex
 /// Runs `cmd` to completion (stdin closed), with a timeout.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Outcome {
     let command = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {command}: {e}"));
+    let mut child = spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        &command,
+    );
     let mut out_pipe = child.stdout.take().expect("stdout");
     let mut err_pipe = child.stderr.take().expect("stderr");
     let out_reader = std::thread::spawn(move || {
@@ -169,12 +186,12 @@ impl Waiting {
     /// waits for "ready".
     pub fn start(cmd: &mut Command, timeout: Duration) -> Waiting {
         let command = describe(cmd);
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {command}: {e}"));
+        let mut child = spawn(
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            &command,
+        );
         let mut err_pipe = child.stderr.take().expect("stderr");
         let stderr_thread = Some(std::thread::spawn(move || {
             let mut s = Vec::new();
@@ -337,6 +354,26 @@ pub fn stray_executable_anon(pid: u32, segments: &[Range]) -> Vec<String> {
         .filter(|v| v.exec && (v.inode == 0 || v.is_hugetlb()) && !v.path.starts_with('['))
         .filter(|v| !segments.iter().any(|s| s.contains(v.range())))
         .map(|v| format!("{:#x}-{:#x} {}", v.start, v.end, v.path))
+        .collect()
+}
+
+/// Mappings outside `segments` that hold huge pages (a leaked staging area
+/// would show here; the fixtures allocate nothing huge themselves).
+pub fn huge_memory_outside(pid: u32, segments: &[Range]) -> Vec<String> {
+    smaps::read(Some(pid))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v.huge_bytes() > 0)
+        .filter(|v| !segments.iter().any(|s| s.contains(v.range())))
+        .map(|v| {
+            format!(
+                "{:#x}-{:#x} {} huge {}",
+                v.start,
+                v.end,
+                v.path,
+                v.huge_bytes()
+            )
+        })
         .collect()
 }
 
