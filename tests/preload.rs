@@ -8,7 +8,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{PoolGuard, Spec, Waiting, MERGED_RX, NON_PIE, PIE};
+use common::{PoolGuard, Spec, Waiting, MERGED_RX, NON_PIE, PIE, TWO_SEGMENTS};
 
 const CALLS: &str = "200000";
 const T: Duration = Duration::from_secs(120);
@@ -107,6 +107,16 @@ fn non_pie_on_thp() {
 fn rx_segment_with_headers_and_rodata_on_thp() {
     // The output line prints rodata and a written global: both must work.
     run_and_check(MERGED_RX, &[("TIEXEC_BACKEND", "thp")], Expect::Thp);
+}
+
+#[test]
+fn two_executable_segments_on_thp() {
+    let exe = common::fixture(TWO_SEGMENTS);
+    let w = Waiting::start(Command::new(&exe).args(["1", "wait"]), T);
+    let segments = common::text_segments(w.pid(), &exe);
+    w.finish(T);
+    assert_eq!(segments.len(), 2, "fixture must have two R E segments");
+    run_and_check(TWO_SEGMENTS, &[("TIEXEC_BACKEND", "thp")], Expect::Thp);
 }
 
 #[test]

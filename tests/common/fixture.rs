@@ -21,6 +21,9 @@ pub struct Spec {
     pub merged_rx: bool,
     /// Link statically.
     pub static_link: bool,
+    /// Put the second half of the functions in a section of their own at
+    /// 256 MiB, which the linker gives a second `R E` segment.
+    pub two_text_segments: bool,
 }
 
 impl Spec {
@@ -32,6 +35,7 @@ impl Spec {
             pie,
             merged_rx: false,
             static_link: false,
+            two_text_segments: false,
         }
     }
 }
@@ -79,18 +83,30 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// The section that `two_text_segments` puts at its own address. Not named
+/// `.text.*`: the default linker script would fold that into `.text`.
+pub const SECOND_TEXT_SECTION: &str = "fixture_b";
+
 /// The generated assembly: `functions` functions, each at its own 4 KiB page
 /// at a staggered offset (so caches, not only the TLB, see different sets).
-pub fn assembly(functions: u64) -> String {
+/// With `split`, the second half goes to [`SECOND_TEXT_SECTION`].
+pub fn assembly(functions: u64, split: bool) -> String {
     let mut s = String::with_capacity(functions as usize * 120);
     s.push_str("    .section .text.fixture,\"ax\",@progbits\n");
     for i in 0..functions {
+        if split && i == functions / 2 {
+            let _ = writeln!(s, "    .section {SECOND_TEXT_SECTION},\"ax\",@progbits");
+        }
         let offset = (i * 17 % 60) * 64;
         let mul = (i.wrapping_mul(2654435761) % 0x7fff_0000) | 1;
         let add = i.wrapping_mul(40503) % 0x7fff_0000;
+        s.push_str("    .p2align 12\n");
+        if offset > 0 {
+            let _ = writeln!(s, "    .skip {offset}, 0x90");
+        }
         let _ = write!(
             s,
-            "    .p2align 12\n    .skip {offset}, 0x90\nfixture_fn_{i}:\n    imul ${mul}, %rdi, %rax\n    xor ${add}, %rax\n    ret\n"
+            "fixture_fn_{i}:\n    imul ${mul}, %rdi, %rax\n    xor ${add}, %rax\n    ret\n"
         );
     }
     s.push_str("    .section .data.rel.ro,\"aw\",@progbits\n    .p2align 3\n    .globl fixture_table\nfixture_table:\n");
@@ -113,7 +129,7 @@ pub fn build(spec: Spec, dir: &Path) -> PathBuf {
     }
     let asm = dir.join(format!("{}.S", spec.name));
     let driver = dir.join(format!("{}-main.c", spec.name));
-    std::fs::write(&asm, assembly(spec.text_mib * 256)).expect("write asm");
+    std::fs::write(&asm, assembly(spec.text_mib * 256, spec.two_text_segments)).expect("write asm");
     std::fs::write(&driver, DRIVER_C).expect("write driver");
     let tmp = dir.join(format!("{}.tmp{}", spec.name, std::process::id()));
     let mut cc = Command::new("gcc");
@@ -127,6 +143,11 @@ pub fn build(spec: Spec, dir: &Path) -> PathBuf {
     }
     if spec.static_link {
         cc.arg("-static");
+    }
+    if spec.two_text_segments {
+        cc.arg(format!(
+            "-Wl,--section-start={SECOND_TEXT_SECTION}=0x10000000"
+        ));
     }
     let out = cc.output().expect("run gcc");
     assert!(

@@ -28,6 +28,16 @@ pub const MERGED_RX: Spec = Spec {
     pie: false,
     merged_rx: true,
     static_link: false,
+    two_text_segments: false,
+};
+/// PIE with two executable segments of 16 MiB each.
+pub const TWO_SEGMENTS: Spec = Spec {
+    name: "fixture-pie-two-segments-32m",
+    text_mib: 32,
+    pie: true,
+    merged_rx: false,
+    static_link: false,
+    two_text_segments: true,
 };
 /// A small static program.
 pub const STATIC_SMALL: Spec = Spec {
@@ -36,6 +46,7 @@ pub const STATIC_SMALL: Spec = Spec {
     pie: false,
     merged_rx: false,
     static_link: true,
+    two_text_segments: false,
 };
 
 /// Where fixtures and scratch files go.
