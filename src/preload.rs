@@ -88,7 +88,7 @@ fn run() {
     }
 
     // Step 5: the main program's text.
-    let targets = &objects[..1];
+    let targets = objects.get(..1).unwrap_or(&[]);
     if !remap::has_huge_page_of_text(main) {
         crate::tlog!(
             Level::Info,

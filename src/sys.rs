@@ -157,10 +157,10 @@ pub fn read_small_file(path: &core::ffi::CStr, buf: &mut [u8]) -> Result<usize, 
     }
     let mut filled = 0usize;
     let result = loop {
-        let rest = &mut buf[filled..];
-        if rest.is_empty() {
-            break Ok(filled);
-        }
+        let rest = match buf.get_mut(filled..) {
+            Some(r) if !r.is_empty() => r,
+            _ => break Ok(filled),
+        };
         // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
         let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
         if n < 0 {

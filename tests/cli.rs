@@ -12,26 +12,11 @@ use common::{Waiting, PIE, STATIC_SMALL};
 
 const T: Duration = Duration::from_secs(120);
 
-fn tiexec() -> Command {
-    let mut c = Command::new(common::tiexec_bin());
-    // The user's environment must not steer these tests.
-    for v in [
-        "TIEXEC_BACKEND",
-        "TIEXEC_LOG",
-        "TIEXEC_CHILDREN",
-        "TIEXEC_LIBRARY",
-        "LD_PRELOAD",
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
 #[test]
 fn the_program_keeps_the_pid_and_gets_huge_text() {
     let exe = common::fixture(PIE);
     let w = Waiting::start(
-        tiexec()
+        common::tiexec_cmd()
             .args(["-b", "thp"])
             .arg(&exe)
             .args(["100000", "wait"]),
@@ -55,15 +40,15 @@ fn the_program_keeps_the_pid_and_gets_huge_text() {
 
 #[test]
 fn exit_status_and_signals_pass_through() {
-    let o = common::run(tiexec().args(["sh", "-c", "exit 42"]), T);
+    let o = common::run(common::tiexec_cmd().args(["sh", "-c", "exit 42"]), T);
     o.check(o.status.code() == Some(42), "exit 42");
-    let o = common::run(tiexec().args(["sh", "-c", "kill -TERM $$"]), T);
+    let o = common::run(common::tiexec_cmd().args(["sh", "-c", "kill -TERM $$"]), T);
     o.check(o.status.signal() == Some(libc::SIGTERM), "SIGTERM");
 }
 
 #[test]
 fn lookup_errors_are_127_and_126() {
-    let o = common::run(tiexec().arg("no-such-program-for-tiexec"), T);
+    let o = common::run(common::tiexec_cmd().arg("no-such-program-for-tiexec"), T);
     o.check(o.status.code() == Some(127), "127 for not found");
     o.check(
         o.stderr
@@ -77,42 +62,45 @@ fn lookup_errors_are_127_and_126() {
     std::fs::write(&plain, "#!/bin/sh\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let o = common::run(tiexec().arg(&plain), T);
+    let o = common::run(common::tiexec_cmd().arg(&plain), T);
     o.check(o.status.code() == Some(126), "126 for not executable");
     o.check(o.stderr.contains("Permission denied"), "message");
 }
 
 #[test]
 fn help_version_and_usage_errors() {
-    let o = common::run(tiexec().arg("--help"), T);
+    let o = common::run(common::tiexec_cmd().arg("--help"), T);
     o.check(
         o.status.success() && o.stdout.contains("Usage: tiexec"),
         "--help",
     );
-    let o = common::run(tiexec().arg("--version"), T);
+    let o = common::run(common::tiexec_cmd().arg("--version"), T);
     o.check(
         o.status.success() && o.stdout.starts_with("tiexec "),
         "--version",
     );
-    let o = common::run(tiexec().args(["--backend", "fast", "true"]), T);
+    let o = common::run(common::tiexec_cmd().args(["--backend", "fast", "true"]), T);
     o.check(
         o.status.code() == Some(2) && o.stderr.contains("expected auto"),
         "bad option",
     );
-    let o = common::run(&mut tiexec(), T);
+    let o = common::run(&mut common::tiexec_cmd(), T);
     o.check(o.status.code() == Some(2), "missing program");
 }
 
 #[test]
 fn children_inherit_the_preload_unless_told_not_to() {
-    let o = common::run(tiexec().args(["sh", "-c", "echo \"[$LD_PRELOAD]\""]), T);
+    let o = common::run(
+        common::tiexec_cmd().args(["sh", "-c", "echo \"[$LD_PRELOAD]\""]),
+        T,
+    );
     o.check(
         o.status.success() && o.stdout.contains("libtiexec"),
         "inherited by default",
     );
 
     let o = common::run(
-        tiexec().args(["--no-children", "sh", "-c", "echo \"[$LD_PRELOAD]\""]),
+        common::tiexec_cmd().args(["--no-children", "sh", "-c", "echo \"[$LD_PRELOAD]\""]),
         T,
     );
     o.check(
@@ -122,7 +110,7 @@ fn children_inherit_the_preload_unless_told_not_to() {
 
     // What the user preloads already stays, in both cases.
     let o = common::run(
-        tiexec().env("LD_PRELOAD", "libm.so.6").args([
+        common::tiexec_cmd().env("LD_PRELOAD", "libm.so.6").args([
             "--no-children",
             "sh",
             "-c",
@@ -136,7 +124,7 @@ fn children_inherit_the_preload_unless_told_not_to() {
 #[test]
 fn static_programs_run_unchanged_with_a_clear_note() {
     let exe = common::fixture(STATIC_SMALL);
-    let o = common::run(tiexec().arg(&exe).args(["1000", "run", "5"]), T);
+    let o = common::run(common::tiexec_cmd().arg(&exe).args(["1000", "run", "5"]), T);
     o.check(o.status.code() == Some(5), "runs, status passes through");
     o.check(
         o.stderr.contains("is statically linked"),
@@ -192,7 +180,7 @@ fn an_explicit_library_is_used() {
     let exe = common::fixture(PIE);
     let lib = common::preload_lib();
     let o = common::run(
-        tiexec()
+        common::tiexec_cmd()
             .arg("--library")
             .arg(&lib)
             .args(["sh", "-c", "echo $LD_PRELOAD"]),
@@ -204,7 +192,7 @@ fn an_explicit_library_is_used() {
         "LD_PRELOAD names it",
     );
     let o = common::run(
-        tiexec()
+        common::tiexec_cmd()
             .args(["--library", "/nonexistent/libtiexec.so"])
             .arg(&exe)
             .args(["1000", "run"]),
@@ -225,7 +213,7 @@ fn setuid_programs_get_a_clear_note() {
     std::fs::copy("/bin/true", &prog).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o4755)).unwrap();
-    let o = common::run(tiexec().arg(&prog), T);
+    let o = common::run(common::tiexec_cmd().arg(&prog), T);
     let _ = std::fs::remove_dir_all(&dir);
     o.check(o.status.success(), "runs");
     o.check(

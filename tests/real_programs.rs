@@ -28,20 +28,6 @@ int main() {
 }
 "#;
 
-fn tiexec() -> Command {
-    let mut c = Command::new(common::tiexec_bin());
-    for v in [
-        "TIEXEC_BACKEND",
-        "TIEXEC_LOG",
-        "TIEXEC_CHILDREN",
-        "TIEXEC_LIBRARY",
-        "LD_PRELOAD",
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
 /// g++ (its cc1plus has ~21 MiB of non-PIE text) compiles a C++ file to the
 /// same object bytes under tiexec as without, and cc1plus reports its text
 /// on 2 MiB pages (moved by tiexec or already mapped huge by the kernel).
@@ -65,7 +51,7 @@ fn gxx_compiles_to_the_same_object() {
     plain.check(plain.status.success(), "plain g++");
     // THP: independent of the hugetlb pool, which other tests resize.
     let o = common::run(
-        tiexec()
+        common::tiexec_cmd()
             .args(["-v", "-b", "thp", "g++", "-O2", "-c"])
             .arg(&src)
             .arg("-o")
@@ -98,7 +84,7 @@ fn python_and_shell_give_the_same_output() {
         &["sh", "-c", "echo $((6*7)); exit 9"][..],
     ] {
         let plain = common::run(Command::new(prog[0]).args(&prog[1..]), T);
-        let o = common::run(tiexec().args(prog), T);
+        let o = common::run(common::tiexec_cmd().args(prog), T);
         o.check(
             o.stdout == plain.stdout && o.status.code() == plain.status.code(),
             &format!("differs from plain:\n{plain}"),

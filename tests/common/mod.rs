@@ -66,6 +66,22 @@ pub fn tiexec_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tiexec"))
 }
 
+/// A command running `tiexec`, with none of the user's TIEXEC_* settings or
+/// preloads steering it.
+pub fn tiexec_cmd() -> Command {
+    let mut c = Command::new(tiexec_bin());
+    for v in [
+        "TIEXEC_BACKEND",
+        "TIEXEC_LOG",
+        "TIEXEC_CHILDREN",
+        "TIEXEC_LIBRARY",
+        "LD_PRELOAD",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
 /// The freshly built `libtiexec.so`: the release build that build.rs makes
 /// and the CLI embeds (`cargo test` does not emit the cdylib itself).
 pub fn preload_lib() -> PathBuf {
