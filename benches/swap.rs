@@ -155,7 +155,11 @@ fn bench(file: &std::fs::File, mib: usize, source: Source) -> Option<Row> {
         let t = Instant::now();
         // SAFETY: `range` is our own r-x private file mapping, 2 MiB aligned;
         // the benchmark is single-threaded.
-        let results = unsafe { tiexec::swap::swap_ranges(&[range], &[source]) };
+        let request = tiexec::plan::SwapRange {
+            range,
+            pieces: vec![range],
+        };
+        let results = unsafe { tiexec::swap::swap_ranges(&[request], &[source]) };
         s.push(t.elapsed().as_secs_f64() * 1e3);
         let hwm_extra = status_kib("VmHWM:").saturating_sub(rss_before);
         let pool_taken = pool_before.saturating_sub(hugetlb_free()) * 2048;

@@ -61,34 +61,90 @@ pub fn parse_switch(value: &[u8]) -> Option<bool> {
     }
 }
 
+/// How far a plan reaches beyond the executable segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Only whole 2 MiB pages inside the segment.
+    Conservative,
+    /// Also the 2 MiB pages the segment only partly fills, when the rest of
+    /// the page is unmapped or read-only bytes of the same object (headers,
+    /// rodata): those bytes are copied too and become readable+executable.
+    Aggressive,
+}
+
+impl Strategy {
+    /// The name used in `TIEXEC_STRATEGY`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Conservative => "conservative",
+            Strategy::Aggressive => "aggressive",
+        }
+    }
+
+    /// Parses a strategy name (exact, lower case).
+    pub fn parse(value: &[u8]) -> Option<Strategy> {
+        match value {
+            b"conservative" => Some(Strategy::Conservative),
+            b"aggressive" => Some(Strategy::Aggressive),
+            _ => None,
+        }
+    }
+}
+
+/// Parses a byte count: digits with an optional `K`, `M` or `G` suffix
+/// (powers of 1024).
+pub fn parse_size(value: &[u8]) -> Option<u64> {
+    let (digits, unit) = match value.last()? {
+        b'K' => (&value[..value.len() - 1], 1u64 << 10),
+        b'M' => (&value[..value.len() - 1], 1 << 20),
+        b'G' => (&value[..value.len() - 1], 1 << 30),
+        _ => (value, 1),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for d in digits {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    n.checked_mul(unit)
+}
+
 /// Everything the preload library reads from the environment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Config {
+pub struct Config<'a> {
     /// `TIEXEC_BACKEND`, default `auto`.
     pub backend: Backend,
     /// `TIEXEC_LOG`, default `warn`.
     pub log: Level,
     /// `TIEXEC_CHILDREN`, default `1`: children started by the target keep
-    /// the preload. `0` removes libtiexec from `LD_PRELOAD` before `main`.
+    /// the preload. `0` removes libtiexec from `LD_PRELOAD` and `LD_AUDIT`
+    /// before `main`.
     pub children: bool,
+    /// `TIEXEC_STRATEGY`, default `aggressive`.
+    pub strategy: Strategy,
+    /// `TIEXEC_INCLUDE`: ':'-separated patterns; when set, only objects
+    /// matching one of them are considered.
+    pub include: Option<&'a [u8]>,
+    /// `TIEXEC_EXCLUDE`: ':'-separated patterns of objects to leave alone.
+    pub exclude: Option<&'a [u8]>,
+    /// `TIEXEC_MIN_TEXT`: objects with less executable text are left alone.
+    pub min_text: u64,
 }
 
-impl Default for Config {
+impl Default for Config<'_> {
     fn default() -> Self {
         Config {
             backend: Backend::Auto,
             log: Level::Warn,
             children: true,
+            strategy: Strategy::Aggressive,
+            include: None,
+            exclude: None,
+            min_text: 0,
         }
     }
 }
-
-/// The names of the variables, for documentation and the CLI.
-pub const VAR_BACKEND: &str = "TIEXEC_BACKEND";
-/// See [`Config::log`].
-pub const VAR_LOG: &str = "TIEXEC_LOG";
-/// See [`Config::children`].
-pub const VAR_CHILDREN: &str = "TIEXEC_CHILDREN";
 
 /// A variable whose value was not understood; the default was used instead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,55 +157,96 @@ pub struct BadValue<'a> {
     pub expected: &'static str,
 }
 
-/// The parsed settings, plus up to one complaint per variable.
+/// One setting: its variable, what it accepts, and how it applies a value
+/// (false when the value is not understood).
+struct Setting {
+    var: &'static str,
+    expected: &'static str,
+    apply: for<'a> fn(&mut Config<'a>, &'a [u8]) -> bool,
+}
+
+/// Every variable, in the order they are reported.
+const SETTINGS: [Setting; 7] = [
+    Setting {
+        var: "TIEXEC_BACKEND",
+        expected: "auto|hugetlb|thp|off",
+        apply: |c, v| Backend::parse(v).map(|b| c.backend = b).is_some(),
+    },
+    Setting {
+        var: "TIEXEC_LOG",
+        expected: "off|error|warn|info|debug",
+        apply: |c, v| parse_level(v).map(|l| c.log = l).is_some(),
+    },
+    Setting {
+        var: "TIEXEC_CHILDREN",
+        expected: "1|0",
+        apply: |c, v| parse_switch(v).map(|b| c.children = b).is_some(),
+    },
+    Setting {
+        var: "TIEXEC_STRATEGY",
+        expected: "conservative|aggressive",
+        apply: |c, v| Strategy::parse(v).map(|s| c.strategy = s).is_some(),
+    },
+    Setting {
+        var: "TIEXEC_INCLUDE",
+        expected: "patterns separated by ':'",
+        apply: |c, v| {
+            c.include = Some(v);
+            true
+        },
+    },
+    Setting {
+        var: "TIEXEC_EXCLUDE",
+        expected: "patterns separated by ':'",
+        apply: |c, v| {
+            c.exclude = Some(v);
+            true
+        },
+    },
+    Setting {
+        var: "TIEXEC_MIN_TEXT",
+        expected: "a byte count such as 4194304 or 4M",
+        apply: |c, v| parse_size(v).map(|n| c.min_text = n).is_some(),
+    },
+];
+
+/// The names of all variables, for documentation and the CLI.
+pub fn variable_names() -> impl Iterator<Item = &'static str> {
+    SETTINGS.iter().map(|s| s.var)
+}
+
+/// `TIEXEC_BACKEND`.
+pub const VAR_BACKEND: &str = "TIEXEC_BACKEND";
+/// `TIEXEC_LOG`.
+pub const VAR_LOG: &str = "TIEXEC_LOG";
+/// `TIEXEC_CHILDREN`.
+pub const VAR_CHILDREN: &str = "TIEXEC_CHILDREN";
+/// `TIEXEC_STRATEGY`.
+pub const VAR_STRATEGY: &str = "TIEXEC_STRATEGY";
+
+/// The parsed settings, plus the values that were not understood.
 pub struct Parsed<'a> {
     /// The settings to use.
-    pub config: Config,
-    /// The values that were ignored.
-    pub bad: [Option<BadValue<'a>>; 3],
+    pub config: Config<'a>,
+    /// The values that were ignored (at most one per variable).
+    pub bad: [Option<BadValue<'a>>; SETTINGS.len()],
 }
 
 /// Parses the settings. `get(name)` returns the variable's bytes, if set.
 /// Empty values count as unset.
 pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a [u8]>) -> Parsed<'a> {
     let mut config = Config::default();
-    let mut bad = [None, None, None];
-    let present = |name: &str| get(name).filter(|v| !v.is_empty());
-
-    if let Some(v) = present(VAR_BACKEND) {
-        match Backend::parse(v) {
-            Some(b) => config.backend = b,
-            None => {
-                bad[0] = Some(BadValue {
-                    var: VAR_BACKEND,
-                    value: v,
-                    expected: "auto|hugetlb|thp|off",
-                })
-            }
-        }
-    }
-    if let Some(v) = present(VAR_LOG) {
-        match parse_level(v) {
-            Some(l) => config.log = l,
-            None => {
-                bad[1] = Some(BadValue {
-                    var: VAR_LOG,
-                    value: v,
-                    expected: "off|error|warn|info|debug",
-                })
-            }
-        }
-    }
-    if let Some(v) = present(VAR_CHILDREN) {
-        match parse_switch(v) {
-            Some(c) => config.children = c,
-            None => {
-                bad[2] = Some(BadValue {
-                    var: VAR_CHILDREN,
-                    value: v,
-                    expected: "1|0",
-                })
-            }
+    let mut bad = [None; SETTINGS.len()];
+    for (setting, slot) in SETTINGS.iter().zip(bad.iter_mut()) {
+        let Some(value) = get(setting.var).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        if !(setting.apply)(&mut config, value) {
+            *slot = Some(BadValue {
+                var: setting.var,
+                value,
+                expected: setting.expected,
+            });
         }
     }
     Parsed { config, bad }
@@ -172,11 +269,14 @@ pub fn getenv_bytes(name: &core::ffi::CStr) -> Option<&'static [u8]> {
 
 /// The settings of this process.
 pub fn from_process_env() -> Parsed<'static> {
-    parse(|name| match name {
-        VAR_BACKEND => getenv_bytes(c"TIEXEC_BACKEND"),
-        VAR_LOG => getenv_bytes(c"TIEXEC_LOG"),
-        VAR_CHILDREN => getenv_bytes(c"TIEXEC_CHILDREN"),
-        _ => None,
+    parse(|name| {
+        let mut buf = [0u8; 32];
+        let bytes = name.as_bytes();
+        let slot = buf.get_mut(..bytes.len())?;
+        slot.copy_from_slice(bytes);
+        // `buf` is zeroed past the name: NUL-terminated.
+        let c = core::ffi::CStr::from_bytes_until_nul(&buf).ok()?;
+        getenv_bytes(c)
     })
 }
 
@@ -219,15 +319,24 @@ mod tests {
             ("TIEXEC_BACKEND", b"thp"),
             ("TIEXEC_LOG", b"debug"),
             ("TIEXEC_CHILDREN", b"0"),
+            ("TIEXEC_STRATEGY", b"conservative"),
+            ("TIEXEC_INCLUDE", b"*/libLLVM*:cc1plus"),
+            ("TIEXEC_EXCLUDE", b"libc.so.6"),
+            ("TIEXEC_MIN_TEXT", b"8M"),
         ]);
         assert_eq!(
             p.config,
             Config {
                 backend: Backend::Thp,
                 log: Level::Debug,
-                children: false
+                children: false,
+                strategy: Strategy::Conservative,
+                include: Some(b"*/libLLVM*:cc1plus"),
+                exclude: Some(b"libc.so.6"),
+                min_text: 8 << 20,
             }
         );
+        assert!(p.bad.iter().all(Option::is_none));
     }
 
     #[test]
@@ -236,12 +345,52 @@ mod tests {
             ("TIEXEC_BACKEND", b"HUGETLB"),
             ("TIEXEC_LOG", b"\xff\xfe"),
             ("TIEXEC_CHILDREN", b"yes"),
+            ("TIEXEC_STRATEGY", b"bold"),
+            ("TIEXEC_MIN_TEXT", b"4 M"),
         ]);
         assert_eq!(p.config, Config::default());
         let bad: Vec<_> = p.bad.iter().flatten().map(|b| b.var).collect();
-        assert_eq!(bad, ["TIEXEC_BACKEND", "TIEXEC_LOG", "TIEXEC_CHILDREN"]);
+        assert_eq!(
+            bad,
+            [
+                "TIEXEC_BACKEND",
+                "TIEXEC_LOG",
+                "TIEXEC_CHILDREN",
+                "TIEXEC_STRATEGY",
+                "TIEXEC_MIN_TEXT"
+            ]
+        );
         // Strict: no trimming, no case folding.
         assert_eq!(Backend::parse(b" thp"), None);
         assert_eq!(Backend::parse(b"thp\n"), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size(b"0"), Some(0));
+        assert_eq!(parse_size(b"4096"), Some(4096));
+        assert_eq!(parse_size(b"2K"), Some(2048));
+        assert_eq!(parse_size(b"64M"), Some(64 << 20));
+        assert_eq!(parse_size(b"1G"), Some(1 << 30));
+        for bad in [
+            &b""[..],
+            b"M",
+            b"4m",
+            b"-1",
+            b"4MB",
+            b" 4",
+            b"99999999999999999999",
+            b"17179869184G",
+        ] {
+            assert_eq!(parse_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn every_variable_is_read_from_the_environment() {
+        // The name -> C string conversion must fit every name.
+        for name in variable_names() {
+            assert!(name.len() < 32, "{name}");
+        }
     }
 }

@@ -32,12 +32,13 @@ pub mod plan;
 mod preload;
 pub mod remap;
 pub mod report;
+pub mod select;
 pub mod smaps;
 pub mod swap;
 pub mod sys;
 pub mod trampoline;
 
-pub use config::Backend;
+pub use config::{Backend, Strategy};
 pub use report::ObjectReport;
 
 /// Options for [`remap_text`].
@@ -45,12 +46,15 @@ pub use report::ObjectReport;
 pub struct Options {
     /// Where the huge pages come from.
     pub backend: Backend,
+    /// How far plans reach beyond the text.
+    pub strategy: Strategy,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             backend: Backend::Auto,
+            strategy: Strategy::Aggressive,
         }
     }
 }
@@ -116,5 +120,10 @@ pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
     let main = objects.get(..1).unwrap_or(&[]);
     // SAFETY: one thread (checked above; only this thread could start
     // another, and it is busy here); the main program stays loaded.
-    Ok(unsafe { remap::remap_objects(main, options.backend) })
+    let request = remap::Request {
+        backend: options.backend,
+        strategy: options.strategy,
+    };
+    // SAFETY: as above.
+    Ok(unsafe { remap::remap_objects(main, request) })
 }

@@ -12,10 +12,16 @@
 //!                   - otherwise                     -> swapped
 //! ```
 //!
+//! Head and tail stay on 4 KiB pages under the conservative strategy. The
+//! aggressive one swaps the whole 2 MiB page around a head or tail too, when
+//! everything else in it is unmapped or read-only bytes of the same object
+//! (ELF headers, rodata), copying those bytes along; a page that also holds
+//! writable data or another object's pages stays as it is.
+//!
 //! `head < 2 MiB`, `tail < 2 MiB`, `body.len() % 2 MiB == 0`, and
 //! `head + body + tail == segment`.
 
-use crate::config::Backend;
+use crate::config::{Backend, Strategy};
 
 /// 2 MiB, the huge page size tiexec uses (x86_64 PMD).
 pub const HUGE_PAGE: u64 = 2 << 20;
@@ -133,12 +139,15 @@ pub fn split(segment: Range) -> Split {
 /// Why a part of a text segment stays as it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Skip {
-    /// Head or tail: less than a whole 2 MiB page.
+    /// Conservative strategy: the segment fills only part of this 2 MiB page.
     PartialHugePage,
+    /// Aggressive strategy: the rest of this 2 MiB page holds writable data
+    /// or another object's pages.
+    SharedPage,
     /// The kernel already maps it with 2 MiB pages.
     AlreadyHuge,
     /// Not covered by private, read-only, executable mappings (a hole, a
-    /// writable page, another object): not ours to replace.
+    /// writable page): not ours to replace.
     NotPlainText,
 }
 
@@ -147,6 +156,7 @@ impl Skip {
     pub fn describe(self) -> &'static str {
         match self {
             Skip::PartialHugePage => "head/tail, not a whole 2 MiB page",
+            Skip::SharedPage => "shares its 2 MiB page with writable data or another object",
             Skip::AlreadyHuge => "already on 2 MiB pages",
             Skip::NotPlainText => "not plain r-x private text",
         }
@@ -158,30 +168,57 @@ impl Skip {
 pub struct MappingView {
     /// Its address range.
     pub range: Range,
-    /// `r-xp` exactly: readable, executable, private, not writable.
-    pub plain_text: bool,
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Executable.
+    pub exec: bool,
+    /// Private (not shared).
+    pub private: bool,
+    /// Inside one of the object's own `PT_LOAD` segments.
+    pub same_object: bool,
 }
 
-/// The plan for one text segment.
+impl MappingView {
+    /// `r-xp`: text tiexec may replace.
+    pub fn plain_text(&self) -> bool {
+        self.read && self.exec && !self.write && self.private
+    }
+
+    /// Read-only bytes of the same object (headers, rodata, text): may share
+    /// a 2 MiB page with the text under the aggressive strategy.
+    pub fn read_only_same_object(&self) -> bool {
+        self.read && !self.write && self.private && self.same_object
+    }
+}
+
+/// One range to replace, and the mapped parts of it whose bytes to copy
+/// (the rest is unmapped and stays zero).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SegmentPlan {
-    /// The segment as mapped.
-    pub segment: Range,
-    /// Its cut at 2 MiB boundaries.
-    pub split: Split,
-    /// Ranges to replace with huge pages, 2 MiB aligned, ascending, merged.
-    pub swap: Vec<Range>,
-    /// Ranges left as they are, with the reason, ascending, merged.
+pub struct SwapRange {
+    /// 2 MiB aligned, a multiple of 2 MiB long.
+    pub range: Range,
+    /// Mapped, readable parts of `range`, ascending.
+    pub pieces: Vec<Range>,
+}
+
+/// The plan for one object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectPlan {
+    /// Ranges to replace with huge pages, ascending, merged.
+    pub swap: Vec<SwapRange>,
+    /// Text left as it is, with the reason, ascending, merged.
     pub keep: Vec<(Range, Skip)>,
 }
 
-impl SegmentPlan {
-    /// Bytes planned for swapping.
+impl ObjectPlan {
+    /// Bytes planned for swapping (text, plus neighbours when aggressive).
     pub fn swap_bytes(&self) -> u64 {
-        self.swap.iter().map(Range::len).sum()
+        self.swap.iter().map(|s| s.range.len()).sum()
     }
 
-    /// Bytes kept for `reason`.
+    /// Bytes of text kept for `reason`.
     pub fn kept_bytes(&self, reason: Skip) -> u64 {
         self.keep
             .iter()
@@ -205,7 +242,7 @@ fn push_merged<T: Copy + PartialEq>(list: &mut Vec<(Range, T)>, range: Range, ta
 }
 
 fn covered_by(range: Range, mappings: &[MappingView], pred: impl Fn(&MappingView) -> bool) -> bool {
-    // Walk the (sorted or not) mappings, advancing a cursor through `range`.
+    // Walk the mappings, advancing a cursor through `range`.
     let mut cursor = range.start;
     loop {
         if cursor >= range.end {
@@ -221,37 +258,96 @@ fn covered_by(range: Range, mappings: &[MappingView], pred: impl Fn(&MappingView
     }
 }
 
-/// Plans one segment.
+/// Decides one 2 MiB `chunk` for the text `inside` it (the part of the chunk
+/// that belongs to a text segment).
+fn decide_chunk(
+    chunk: Range,
+    inside: Range,
+    mappings: &[MappingView],
+    huge: &[Range],
+    strategy: Strategy,
+) -> Option<Skip> {
+    if !covered_by(inside, mappings, MappingView::plain_text) {
+        return Some(Skip::NotPlainText);
+    }
+    if inside != chunk {
+        if strategy == Strategy::Conservative {
+            return Some(Skip::PartialHugePage);
+        }
+        // Everything else in the chunk must be unmapped or read-only bytes
+        // of the same object.
+        let neighbours_ok = mappings
+            .iter()
+            .filter(|m| m.range.intersect(chunk).is_some())
+            .all(|m| m.plain_text() || m.read_only_same_object());
+        if !neighbours_ok {
+            return Some(Skip::SharedPage);
+        }
+    }
+    if huge.iter().any(|h| h.contains(chunk)) {
+        return Some(Skip::AlreadyHuge);
+    }
+    None
+}
+
+/// Plans every executable segment of one object.
 ///
-/// - `mappings`: the process's mappings overlapping the segment (from smaps).
-/// - `huge`: ranges the kernel already maps with 2 MiB pages (from
-///   PAGEMAP_SCAN or smaps); a 2 MiB page counts as already huge only when it
-///   lies entirely inside one of them.
-pub fn plan_segment(segment: Range, mappings: &[MappingView], huge: &[Range]) -> SegmentPlan {
-    let split = split(segment);
+/// - `segments`: its executable segments as mapped (page-rounded).
+/// - `mappings`: the process's mappings near them (from smaps), with
+///   `same_object` set for those inside the object's own segments.
+/// - `huge`: ranges the kernel already maps with 2 MiB pages; a 2 MiB page
+///   counts as already huge only when it lies entirely inside one of them.
+pub fn plan_object(
+    segments: &[Range],
+    mappings: &[MappingView],
+    huge: &[Range],
+    strategy: Strategy,
+) -> ObjectPlan {
+    // One decision per chunk, keyed by its start: two segments can share a
+    // chunk, and it must be swapped once (only if both agree).
+    let mut decisions: std::collections::BTreeMap<u64, (Option<Skip>, Vec<Range>)> =
+        std::collections::BTreeMap::new();
+    for &segment in segments.iter().filter(|s| !s.is_empty()) {
+        let mut chunk_start = align_down(segment.start, HUGE_PAGE);
+        while chunk_start < segment.end {
+            let chunk = Range::new(chunk_start, chunk_start.saturating_add(HUGE_PAGE));
+            let inside = chunk.intersect(segment).unwrap_or(chunk);
+            let decision = decide_chunk(chunk, inside, mappings, huge, strategy);
+            let entry = decisions.entry(chunk.start).or_insert((None, Vec::new()));
+            entry.0 = entry.0.or(decision);
+            entry.1.push(inside);
+            chunk_start = chunk.end;
+        }
+    }
     let mut swap: Vec<(Range, ())> = Vec::new();
     let mut keep: Vec<(Range, Skip)> = Vec::new();
-    push_merged(&mut keep, split.head, Skip::PartialHugePage);
-    let mut page = split.body.start;
-    while page < split.body.end {
-        let chunk = Range::new(page, page + HUGE_PAGE);
-        if !covered_by(chunk, mappings, |m| m.plain_text) {
-            push_merged(&mut keep, chunk, Skip::NotPlainText);
-        } else if huge.iter().any(|h| h.contains(chunk)) {
-            push_merged(&mut keep, chunk, Skip::AlreadyHuge);
-        } else {
-            push_merged(&mut swap, chunk, ());
+    for (&start, (decision, insides)) in &decisions {
+        match decision {
+            None => push_merged(&mut swap, Range::new(start, start + HUGE_PAGE), ()),
+            Some(reason) => {
+                for inside in insides {
+                    push_merged(&mut keep, *inside, *reason);
+                }
+            }
         }
-        page += HUGE_PAGE;
     }
-    push_merged(&mut keep, split.tail, Skip::PartialHugePage);
-    keep.sort_by_key(|(r, _)| r.start);
-    SegmentPlan {
-        segment,
-        split,
-        swap: swap.into_iter().map(|(r, ())| r).collect(),
-        keep,
-    }
+    let swap = swap
+        .into_iter()
+        .map(|(range, ())| {
+            let mut pieces: Vec<Range> = mappings
+                .iter()
+                .filter_map(|m| m.range.intersect(range))
+                .collect();
+            pieces.sort();
+            SwapRange { range, pieces }
+        })
+        .collect();
+    let plan = ObjectPlan { swap, keep };
+    debug_assert!(plan
+        .swap
+        .iter()
+        .all(|s| s.range.start % HUGE_PAGE == 0 && s.range.len() % HUGE_PAGE == 0));
+    plan
 }
 
 /// What the machine offers, as far as choosing a backend goes.
@@ -327,11 +423,24 @@ mod tests {
 
     const M: u64 = HUGE_PAGE;
 
-    fn text(start: u64, end: u64) -> MappingView {
+    fn view(start: u64, end: u64, perms: &str, same_object: bool) -> MappingView {
+        let p = perms.as_bytes();
         MappingView {
             range: Range::new(start, end),
-            plain_text: true,
+            read: p[0] == b'r',
+            write: p[1] == b'w',
+            exec: p[2] == b'x',
+            private: p[3] == b'p',
+            same_object,
         }
+    }
+
+    fn text(start: u64, end: u64) -> MappingView {
+        view(start, end, "r-xp", true)
+    }
+
+    fn ranges(p: &ObjectPlan) -> Vec<Range> {
+        p.swap.iter().map(|s| s.range).collect()
     }
 
     #[test]
@@ -388,14 +497,75 @@ mod tests {
     }
 
     #[test]
-    fn plain_segment_swaps_its_body() {
+    fn conservative_swaps_the_body_only() {
         let seg = Range::new(M + 0x1000, 6 * M + 0x5000);
-        let p = plan_segment(seg, &[text(seg.start, seg.end)], &[]);
-        assert_eq!(p.swap, vec![Range::new(2 * M, 6 * M)]);
+        let p = plan_object(
+            &[seg],
+            &[text(seg.start, seg.end)],
+            &[],
+            Strategy::Conservative,
+        );
+        assert_eq!(ranges(&p), vec![Range::new(2 * M, 6 * M)]);
+        assert_eq!(p.swap[0].pieces, vec![Range::new(2 * M, 6 * M)]);
         assert_eq!(p.kept_bytes(Skip::PartialHugePage), seg.len() - 4 * M);
+        let kept: u64 = p.keep.iter().map(|(r, _)| r.len()).sum();
+        assert_eq!(p.swap_bytes() + kept, seg.len());
+    }
+
+    #[test]
+    fn aggressive_takes_head_and_tail_pages_with_read_only_neighbours() {
+        // r-- headers | r-x text | r-- rodata | hole | (next chunk) rw- data
+        let seg = Range::new(M + 0x1000, 6 * M + 0x5000);
+        let mappings = [
+            view(M, M + 0x1000, "r--p", true),
+            text(seg.start, seg.end),
+            view(6 * M + 0x5000, 6 * M + 0x9000, "r--p", true),
+            view(7 * M, 7 * M + 0x4000, "rw-p", true),
+        ];
+        let p = plan_object(&[seg], &mappings, &[], Strategy::Aggressive);
+        assert_eq!(ranges(&p), vec![Range::new(M, 7 * M)]);
+        assert!(p.keep.is_empty(), "{:?}", p.keep);
+        // The hole from 6M+0x9000 to 7M is not copied.
         assert_eq!(
-            p.swap_bytes() + p.keep.iter().map(|(r, _)| r.len()).sum::<u64>(),
-            seg.len()
+            p.swap[0].pieces,
+            vec![
+                Range::new(M, M + 0x1000),
+                seg,
+                Range::new(6 * M + 0x5000, 6 * M + 0x9000)
+            ]
+        );
+    }
+
+    #[test]
+    fn aggressive_leaves_pages_shared_with_writable_data_or_other_objects() {
+        let seg = Range::new(M + 0x1000, 6 * M + 0x5000);
+        let mappings = [
+            view(M, M + 0x1000, "r--p", false), // another object's page
+            text(seg.start, seg.end),
+            view(6 * M + 0x5000, 6 * M + 0x9000, "rw-p", true), // .data
+        ];
+        let p = plan_object(&[seg], &mappings, &[], Strategy::Aggressive);
+        assert_eq!(ranges(&p), vec![Range::new(2 * M, 6 * M)]);
+        assert_eq!(
+            p.keep,
+            vec![
+                (Range::new(seg.start, 2 * M), Skip::SharedPage),
+                (Range::new(6 * M, seg.end), Skip::SharedPage)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_chunk_shared_by_two_text_segments_is_swapped_once() {
+        let a = Range::new(2 * M, 3 * M + 0x3000);
+        let b = Range::new(3 * M + 0x3000, 6 * M);
+        let mappings = [text(a.start, a.end), view(b.start, b.end, "r-xp", true)];
+        let p = plan_object(&[a, b], &mappings, &[], Strategy::Aggressive);
+        assert_eq!(ranges(&p), vec![Range::new(2 * M, 6 * M)]);
+        let p = plan_object(&[a, b], &mappings, &[], Strategy::Conservative);
+        assert_eq!(
+            ranges(&p),
+            vec![Range::new(2 * M, 3 * M), Range::new(4 * M, 6 * M)]
         );
     }
 
@@ -404,9 +574,14 @@ mod tests {
         let seg = Range::new(2 * M, 10 * M);
         // Chunks 4 and 5 huge; only half of chunk 9.
         let huge = [Range::new(4 * M, 6 * M), Range::new(9 * M, 9 * M + M / 2)];
-        let p = plan_segment(seg, &[text(seg.start, seg.end)], &huge);
+        let p = plan_object(
+            &[seg],
+            &[text(seg.start, seg.end)],
+            &huge,
+            Strategy::Aggressive,
+        );
         assert_eq!(
-            p.swap,
+            ranges(&p),
             vec![Range::new(2 * M, 4 * M), Range::new(6 * M, 10 * M)]
         );
         // The half-covered chunk 9 is not "already huge".
@@ -416,10 +591,11 @@ mod tests {
     #[test]
     fn everything_already_huge_means_nothing_to_do() {
         let seg = Range::new(0x400000, 0x400000 + 20 * M + 0x3000);
-        let p = plan_segment(
-            seg,
+        let p = plan_object(
+            &[seg],
             &[text(seg.start, seg.end)],
             &[Range::new(0x400000, 0x400000 + 20 * M)],
+            Strategy::Conservative,
         );
         assert!(p.swap.is_empty());
         assert_eq!(p.kept_bytes(Skip::AlreadyHuge), 20 * M);
@@ -431,31 +607,30 @@ mod tests {
         let mappings = [
             text(2 * M, 3 * M),
             text(3 * M, 5 * M), // the kernel split the VMA: still fine
-            MappingView {
-                range: Range::new(5 * M, 5 * M + 0x1000),
-                plain_text: false, // e.g. made writable by a text relocation
-            },
+            view(5 * M, 5 * M + 0x1000, "rwxp", true), // a text relocation
             text(5 * M + 0x1000, 7 * M),
             // hole from 7M to 8M
             text(8 * M, 10 * M),
         ];
-        let p = plan_segment(seg, &mappings, &[]);
-        // Chunk 5 holds a writable page, chunk 7 is a hole.
-        assert_eq!(
-            p.swap,
-            vec![
-                Range::new(2 * M, 5 * M),
-                Range::new(6 * M, 7 * M),
-                Range::new(8 * M, 10 * M)
-            ]
-        );
-        assert_eq!(
-            p.keep,
-            vec![
-                (Range::new(5 * M, 6 * M), Skip::NotPlainText),
-                (Range::new(7 * M, 8 * M), Skip::NotPlainText)
-            ]
-        );
+        for strategy in [Strategy::Conservative, Strategy::Aggressive] {
+            let p = plan_object(&[seg], &mappings, &[], strategy);
+            // Chunk 5 holds a writable page, chunk 7 is a hole.
+            assert_eq!(
+                ranges(&p),
+                vec![
+                    Range::new(2 * M, 5 * M),
+                    Range::new(6 * M, 7 * M),
+                    Range::new(8 * M, 10 * M)
+                ]
+            );
+            assert_eq!(
+                p.keep,
+                vec![
+                    (Range::new(5 * M, 6 * M), Skip::NotPlainText),
+                    (Range::new(7 * M, 8 * M), Skip::NotPlainText)
+                ]
+            );
+        }
     }
 
     #[test]

@@ -13,12 +13,15 @@
 //! 3. With `TIEXEC_CHILDREN=0`, remove this library from `LD_PRELOAD`.
 //! 4. Stop if the backend is `off`, the process is in secure-execution mode,
 //!    or more than one thread runs.
-//! 5. Run the pipeline on the main program's text and log one line per object.
+//! 5. Select the objects (the main program and its libraries, less the vDSO,
+//!    tiexec itself and what the filters leave out), run the pipeline on
+//!    their text and log one line per object.
 
 use crate::config::{self, Backend};
 use crate::discover;
 use crate::log::{self, Level};
 use crate::remap;
+use crate::select;
 use crate::sys;
 
 #[ctor::ctor(unsafe)]
@@ -87,20 +90,43 @@ fn run() {
         }
     }
 
-    // Step 5: the main program's text.
-    let targets = objects.get(..1).unwrap_or(&[]);
-    if !remap::has_huge_page_of_text(main) {
-        crate::tlog!(
-            Level::Info,
-            "{}: text {} holds no whole 2 MiB page: nothing to do",
-            main.path,
-            log::Bytes(main.text_bytes())
-        );
+    // Step 5: the text of every selected object.
+    let me = own_address();
+    let mut targets = Vec::new();
+    for object in &objects {
+        let path = object.path.as_bytes();
+        match select::select(path, object.text_bytes(), object.contains(me), &config) {
+            Ok(()) if remap::worth_planning(object, config.strategy) => {
+                targets.push(object.clone())
+            }
+            Ok(()) => crate::tlog!(
+                if object.is_main {
+                    Level::Info
+                } else {
+                    Level::Debug
+                },
+                "{}: text {} holds no whole 2 MiB page: nothing to do",
+                object.path,
+                log::Bytes(object.text_bytes())
+            ),
+            Err(why) => crate::tlog!(
+                Level::Debug,
+                "{}: left alone: {}",
+                object.path,
+                why.describe()
+            ),
+        }
+    }
+    if targets.is_empty() {
         return;
     }
+    let request = remap::Request {
+        backend: config.backend,
+        strategy: config.strategy,
+    };
     // SAFETY: one thread (checked above, and nothing here starts one); the
-    // main program stays loaded for the life of the process.
-    let reports = unsafe { remap::remap_objects(targets, config.backend) };
+    // objects stay loaded: nothing can dlclose them while we run.
+    let reports = unsafe { remap::remap_objects(&targets, request) };
     for r in &reports {
         r.log();
     }

@@ -1,39 +1,83 @@
 //! The pipeline for a set of loaded objects:
 //! discover (done by the caller) -> plan -> swap -> verify -> report.
 
-use crate::config::Backend;
+use crate::config::{Backend, Strategy};
 use crate::discover::{self, LoadedObject};
-use crate::plan::{self, MappingView, Range, SegmentPlan, Skip, HUGE_PAGE};
+use crate::plan::{self, align_down, align_up, MappingView, ObjectPlan, Range, Skip, HUGE_PAGE};
 use crate::report::{NotAttempted, ObjectReport};
 use crate::smaps::{self, Vma};
 use crate::swap;
 use crate::sys;
 
-/// True when some executable segment of `object` holds a whole 2 MiB page.
-/// Cheap (no /proc reads): most small programs stop here.
-pub fn has_huge_page_of_text(object: &LoadedObject) -> bool {
-    object
-        .text_segments
-        .iter()
-        .any(|s| !plan::split(*s).body.is_empty())
+/// What to do, beyond which objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Where huge pages come from.
+    pub backend: Backend,
+    /// How far plans reach beyond the text.
+    pub strategy: Strategy,
 }
 
-fn mapping_views(vmas: &[Vma], segment: Range) -> Vec<MappingView> {
+/// True when some executable segment of `object` could use a 2 MiB page:
+/// it holds a whole one, or (aggressive) it is at least 2 MiB long. Cheap
+/// (no /proc reads): most small programs stop here.
+pub fn worth_planning(object: &LoadedObject, strategy: Strategy) -> bool {
+    object.text_segments.iter().any(|s| match strategy {
+        Strategy::Conservative => !plan::split(*s).body.is_empty(),
+        Strategy::Aggressive => s.len() >= HUGE_PAGE,
+    })
+}
+
+/// The 2 MiB-rounded span of the object's text: where its plan may reach.
+fn chunk_window(object: &LoadedObject) -> Range {
+    let start = object
+        .text_segments
+        .iter()
+        .map(|s| s.start)
+        .min()
+        .unwrap_or(0);
+    let end = object
+        .text_segments
+        .iter()
+        .map(|s| s.end)
+        .max()
+        .unwrap_or(0);
+    Range::new(align_down(start, HUGE_PAGE), align_up(end, HUGE_PAGE))
+}
+
+/// True when every byte of `range` lies in one of `ranges` (the kernel may
+/// merge neighbouring segments' mappings into one).
+fn covered_by_union(range: Range, ranges: &[Range]) -> bool {
+    let mut cursor = range.start;
+    while cursor < range.end {
+        match ranges.iter().find(|r| r.start <= cursor && cursor < r.end) {
+            Some(r) => cursor = r.end,
+            None => return false,
+        }
+    }
+    true
+}
+
+fn mapping_views(vmas: &[Vma], object: &LoadedObject, window: Range) -> Vec<MappingView> {
     vmas.iter()
-        .filter(|v| v.range().intersect(segment).is_some())
+        .filter(|v| v.range().intersect(window).is_some())
         .map(|v| MappingView {
             range: v.range(),
-            plain_text: v.read && v.exec && !v.write && v.private,
+            read: v.read,
+            write: v.write,
+            exec: v.exec,
+            private: v.private,
+            same_object: covered_by_union(v.range(), &object.load_segments),
         })
         .collect()
 }
 
-/// Ranges inside `body` that the kernel maps with 2 MiB pages already.
-fn already_huge(vmas: &[Vma], body: Range) -> Vec<Range> {
-    if body.is_empty() {
+/// Ranges inside `window` that the kernel maps with 2 MiB pages already.
+fn already_huge(vmas: &[Vma], window: Range) -> Vec<Range> {
+    if window.is_empty() {
         return Vec::new();
     }
-    match sys::huge_mapped_ranges(body.start, body.end) {
+    match sys::huge_mapped_ranges(window.start, window.end) {
         Ok(found) => found.into_iter().map(|(s, e)| Range::new(s, e)).collect(),
         // Before Linux 6.7, smaps only counts per mapping: a mapping counts
         // as huge when all of it is; a partly huge one is redone.
@@ -46,19 +90,14 @@ fn already_huge(vmas: &[Vma], body: Range) -> Vec<Range> {
 }
 
 /// Plans every executable segment of `object` against the current mappings.
-pub fn plan_object(object: &LoadedObject, vmas: &[Vma]) -> Vec<SegmentPlan> {
-    object
-        .text_segments
-        .iter()
-        .map(|&segment| {
-            let body = plan::split(segment).body;
-            plan::plan_segment(
-                segment,
-                &mapping_views(vmas, segment),
-                &already_huge(vmas, body),
-            )
-        })
-        .collect()
+pub fn plan_object(object: &LoadedObject, vmas: &[Vma], strategy: Strategy) -> ObjectPlan {
+    let window = chunk_window(object);
+    plan::plan_object(
+        &object.text_segments,
+        &mapping_views(vmas, object, window),
+        &already_huge(vmas, window),
+        strategy,
+    )
 }
 
 fn coverage_of(object: &LoadedObject, vmas: &[Vma]) -> smaps::Coverage {
@@ -69,13 +108,22 @@ fn coverage_of(object: &LoadedObject, vmas: &[Vma]) -> smaps::Coverage {
     c
 }
 
+const ALL_SKIPS: [Skip; 4] = [
+    Skip::PartialHugePage,
+    Skip::SharedPage,
+    Skip::AlreadyHuge,
+    Skip::NotPlainText,
+];
+
 /// Runs plan, swap and verify for each object, in order.
 ///
 /// # Safety
-/// No other thread may run in the process, and the objects must be loaded
-/// (their text mapped) for the whole call. The text of each object is
-/// replaced in place with identical bytes.
-pub unsafe fn remap_objects(objects: &[LoadedObject], backend: Backend) -> Vec<ObjectReport> {
+/// The objects must stay loaded for the whole call, and no thread may run
+/// code in their text meanwhile: either the process has one thread, or the
+/// objects were just mapped and none of their code can have been reached
+/// yet (the loader's audit hook). Text is replaced in place with identical
+/// bytes.
+pub unsafe fn remap_objects(objects: &[LoadedObject], request: Request) -> Vec<ObjectReport> {
     let mut reports = Vec::with_capacity(objects.len());
     let mut vmas: Option<Vec<Vma>> = None;
     for object in objects {
@@ -83,10 +131,10 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], backend: Backend) -> Vec<O
         let mut report = ObjectReport {
             path: object.path.clone(),
             text_bytes: object.text_bytes(),
-            explicit_backend: backend != Backend::Auto,
+            explicit_backend: request.backend != Backend::Auto,
             ..ObjectReport::default()
         };
-        if !has_huge_page_of_text(object) {
+        if !worth_planning(object, request.strategy) {
             report.not_attempted = Some(NotAttempted::NoWholeHugePage);
             report.elapsed_ns = sys::monotonic_ns().saturating_sub(started);
             reports.push(report);
@@ -100,23 +148,28 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], backend: Backend) -> Vec<O
                 continue;
             }
         };
-        let plans = plan_object(object, &current);
-        let ranges: Vec<Range> = plans.iter().flat_map(|p| p.swap.iter().copied()).collect();
-        report.planned_bytes = ranges.iter().map(Range::len).sum();
-        report.already_huge_bytes = plans.iter().map(|p| p.kept_bytes(Skip::AlreadyHuge)).sum();
-        report.not_plain_text_bytes = plans.iter().map(|p| p.kept_bytes(Skip::NotPlainText)).sum();
+        let plan = plan_object(object, &current, request.strategy);
+        report.planned_bytes = plan.swap_bytes();
+        report.already_huge_bytes = plan.kept_bytes(Skip::AlreadyHuge);
+        report.kept = ALL_SKIPS
+            .iter()
+            .map(|&r| (r, plan.kept_bytes(r)))
+            .filter(|&(_, n)| n > 0)
+            .collect();
 
-        if ranges.is_empty() {
+        if plan.swap.is_empty() {
             report.not_attempted = Some(if report.already_huge_bytes > 0 {
                 NotAttempted::AlreadyHuge
-            } else {
+            } else if plan.kept_bytes(Skip::NotPlainText) > 0 {
                 NotAttempted::NoPlainText
+            } else {
+                NotAttempted::NoWholeHugePage
             });
             report.after = coverage_of(object, &current);
             vmas = Some(current);
         } else {
             let pages = report.planned_bytes / HUGE_PAGE;
-            match plan::choose_sources(backend, discover::machine(), pages) {
+            match plan::choose_sources(request.backend, discover::machine(), pages) {
                 Err(why) => {
                     report.not_attempted = Some(NotAttempted::NoSource(why));
                     report.after = coverage_of(object, &current);
@@ -124,9 +177,11 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], backend: Backend) -> Vec<O
                 }
                 Ok(sources) => {
                     // SAFETY: the ranges come from the plan: 2 MiB aligned,
-                    // inside r-x private mappings of a loaded object, not
-                    // overlapping; the caller guarantees a single thread.
-                    let results = unsafe { swap::swap_ranges(&ranges, sources) };
+                    // made of r-x private text of a loaded object and, when
+                    // aggressive, read-only pages of the same object or
+                    // unmapped space; they do not overlap. The caller
+                    // guarantees no thread runs this text meanwhile.
+                    let results = unsafe { swap::swap_ranges(&plan.swap, sources) };
                     for r in results {
                         match (r.result, r.source) {
                             (Ok(()), Some(source)) => report.swapped.push((r.range, source)),

@@ -5,6 +5,24 @@ use crate::plan::{Range, Skip, Source, HUGE_PAGE, PAGE};
 use crate::smaps::Coverage;
 use crate::swap::SwapError;
 
+/// " (1.2 MiB head/tail, ...)" for the kept bytes that are not already huge.
+struct KeptReasons<'a>(&'a [(Skip, u64)]);
+
+impl core::fmt::Display for KeptReasons<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut first = true;
+        for (reason, bytes) in self.0.iter().filter(|(r, _)| *r != Skip::AlreadyHuge) {
+            f.write_str(if first { " (" } else { "; " })?;
+            write!(f, "{}: {}", Bytes(*bytes), reason.describe())?;
+            first = false;
+        }
+        if !first {
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
+}
+
 /// Why nothing was attempted for an object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotAttempted {
@@ -44,8 +62,8 @@ pub struct ObjectReport {
     pub planned_bytes: u64,
     /// Bytes the kernel already mapped huge before we started.
     pub already_huge_bytes: u64,
-    /// Bytes left out because they were not plain r-x text.
-    pub not_plain_text_bytes: u64,
+    /// Text left on 4 KiB pages by the plan, by reason (non-zero only).
+    pub kept: Vec<(Skip, u64)>,
     /// Ranges swapped, and from where their pages came.
     pub swapped: Vec<(Range, Source)>,
     /// Ranges planned but not swapped, and why.
@@ -79,15 +97,13 @@ impl ObjectReport {
         }
     }
 
-    /// Bytes skipped for `reason` (for tests and reports).
-    pub fn skipped(&self, reason: Skip) -> u64 {
-        match reason {
-            Skip::AlreadyHuge => self.already_huge_bytes,
-            Skip::NotPlainText => self.not_plain_text_bytes,
-            Skip::PartialHugePage => self.text_bytes.saturating_sub(
-                self.planned_bytes + self.already_huge_bytes + self.not_plain_text_bytes,
-            ),
-        }
+    /// Text bytes the plan kept for `reason`.
+    pub fn kept_bytes(&self, reason: Skip) -> u64 {
+        self.kept
+            .iter()
+            .filter(|(r, _)| *r == reason)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Writes the per-object lines: one at info, plus one per failure (at
@@ -125,7 +141,7 @@ impl ObjectReport {
         }
         crate::tlog!(
             Level::Info,
-            "{}: text {}, on 2 MiB pages {} = {} x 2 MiB ({} new via {}, {} already), {} x 4 KiB left, {}",
+            "{}: text {}, on 2 MiB pages {} = {} x 2 MiB ({} new via {}, {} already), {} x 4 KiB left{}, {}",
             self.path,
             Bytes(self.text_bytes),
             Bytes(self.after.huge()),
@@ -134,6 +150,7 @@ impl ObjectReport {
             self.sources(),
             self.already_huge_bytes / HUGE_PAGE,
             self.after.small() / PAGE,
+            KeptReasons(&self.kept),
             Millis(self.elapsed_ns)
         );
     }

@@ -17,7 +17,7 @@
 //! text pages are page cache, shared, and are dropped from this process by the
 //! mremap).
 
-use crate::plan::{align_up, Range, Source, HUGE_PAGE};
+use crate::plan::{align_up, Range, Source, SwapRange, HUGE_PAGE};
 use crate::sys::{self, Errno};
 use crate::trampoline::{MappedTrampoline, Outcome, SwapOp, TrampolineError};
 
@@ -221,19 +221,20 @@ pub struct RangeResult {
 }
 
 /// Replaces each range with huge pages holding the same bytes, trying
-/// `sources` in order for each range.
+/// `sources` in order for each range. The bytes of each range's `pieces` are
+/// copied; the rest of the range (unmapped space) becomes zeros.
 ///
 /// # Safety
-/// Each range must be 2 MiB aligned, lie entirely in private, read-only,
-/// executable mappings (its bytes are not written while this runs), and no
-/// other thread may run in the process. Ranges must not overlap. Any pointer
+/// Each range must be 2 MiB aligned; its pieces must be mapped, readable and
+/// private, and not written while this runs; the rest of it unmapped; no
+/// thread may run code in it meanwhile. Ranges must not overlap. Any pointer
 /// into the ranges stays valid (the bytes and addresses are the same), but
-/// the ranges become anonymous memory.
-pub unsafe fn swap_ranges(ranges: &[Range], sources: &[Source]) -> Vec<RangeResult> {
-    let mut results: Vec<RangeResult> = ranges
+/// the ranges become anonymous memory, readable and executable.
+pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<RangeResult> {
+    let mut results: Vec<RangeResult> = requests
         .iter()
-        .map(|&range| RangeResult {
-            range,
+        .map(|req| RangeResult {
+            range: req.range,
             source: None,
             result: Err(SwapError::NoSource),
         })
@@ -242,21 +243,26 @@ pub unsafe fn swap_ranges(ranges: &[Range], sources: &[Source]) -> Vec<RangeResu
     let mut ops: Vec<SwapOp> = Vec::new();
 
     // Steps 1 and 2: build every replacement first.
-    for (i, r) in results.iter_mut().enumerate() {
+    for (i, (r, req)) in results.iter_mut().zip(requests).enumerate() {
         let len = r.range.len() as usize;
         for &source in sources {
             r.source = Some(source);
             match stage(source, len) {
                 Ok(staging) => {
-                    // SAFETY: the text range is mapped readable (caller) and
-                    // `staging` is a distinct writable mapping of `len` bytes.
-                    unsafe {
-                        core::ptr::copy_nonoverlapping(
-                            r.range.start as *const u8,
-                            staging.addr,
-                            len,
-                        )
-                    };
+                    for piece in req.pieces.iter().filter_map(|p| p.intersect(req.range)) {
+                        let offset = (piece.start - req.range.start) as usize;
+                        // SAFETY: the piece is mapped and readable (caller),
+                        // and lies in the range, so `offset + piece.len()`
+                        // fits in `staging`, a distinct writable mapping of
+                        // `len` bytes.
+                        unsafe {
+                            core::ptr::copy_nonoverlapping(
+                                piece.start as *const u8,
+                                staging.addr.add(offset),
+                                piece.len() as usize,
+                            )
+                        };
+                    }
                     ops.push(SwapOp {
                         staging: staging.addr as u64,
                         text: r.range.start,

@@ -122,18 +122,8 @@ impl std::fmt::Display for Outcome {
 }
 
 fn describe(cmd: &Command) -> String {
-    let envs: Vec<String> = cmd
-        .get_envs()
-        .map(|(k, v)| {
-            format!(
-                "{}={}",
-                k.to_string_lossy(),
-                v.map(|v| v.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            )
-        })
-        .collect();
-    format!("{} {:?}", envs.join(" "), cmd)
+    // Debug shows the environment changes, the program and its arguments.
+    format!("{cmd:?}")
 }
 
 /// Spawns, retrying while the program file is "busy": a test thread that
@@ -280,37 +270,90 @@ impl Waiting {
     }
 }
 
-/// The executable segments of `exe` as mapped in process `pid` (page-rounded),
-/// computed from the ELF file and the process's load address.
-pub fn text_segments(pid: u32, exe: &Path) -> Vec<Range> {
-    let bytes = std::fs::read(exe).expect("read exe");
-    let elf = goblin::elf::Elf::parse(&bytes).expect("parse exe");
+/// The load bias of `exe` in process `pid` (0 for non-PIE).
+fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
+    if elf.header.e_type != goblin::elf::header::ET_DYN {
+        return 0;
+    }
+    // Any mapping still backed by the file tells the load bias: the one at
+    // file offset O and address S belongs to the PT_LOAD holding O, whose
+    // byte O sits at vaddr p_vaddr - p_offset + O. (Swapped ranges are
+    // anonymous now; the data segment always stays.)
     let loads: Vec<_> = elf
         .program_headers
         .iter()
         .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
         .collect();
-    let bias = if elf.header.e_type == goblin::elf::header::ET_DYN {
-        // The first mapping of the file at offset 0 is the first PT_LOAD.
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-        let canon = std::fs::canonicalize(exe).expect("canon");
-        let first = maps
-            .lines()
-            .find(|l| {
-                l.ends_with(canon.to_str().unwrap())
-                    && l.split_whitespace().nth(2) == Some("00000000")
-            })
-            .unwrap_or_else(|| panic!("{} not mapped in {pid}:\n{maps}", exe.display()));
-        let start = u64::from_str_radix(first.split('-').next().unwrap(), 16).unwrap();
-        start - plan::align_down(loads[0].p_vaddr, plan::PAGE)
-    } else {
-        0
-    };
-    loads
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let canon = std::fs::canonicalize(exe).expect("canon");
+    let canon = canon.to_str().unwrap();
+    let (start, offset) = maps
+        .lines()
+        .filter(|l| l.ends_with(canon))
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let start = u64::from_str_radix(f.next()?.split('-').next()?, 16).ok()?;
+            let offset = u64::from_str_radix(f.nth(1)?, 16).ok()?;
+            Some((start, offset))
+        })
+        .unwrap_or_else(|| panic!("{} not mapped in {pid}:\n{maps}", exe.display()));
+    let load = loads
         .iter()
-        .filter(|p| p.p_flags & goblin::elf::program_header::PF_X != 0)
+        .find(|p| p.p_offset <= offset && offset < p.p_offset + p.p_filesz.max(1))
+        .or_else(|| {
+            loads
+                .iter()
+                .find(|p| plan::align_down(p.p_offset, plan::PAGE) == offset)
+        })
+        .expect("a PT_LOAD holds the mapped offset");
+    start - (load.p_vaddr - load.p_offset + offset)
+}
+
+/// The executable segments of `exe` as mapped in process `pid` (page-rounded),
+/// computed from the ELF file and the process's load address.
+pub fn text_segments(pid: u32, exe: &Path) -> Vec<Range> {
+    let bytes = std::fs::read(exe).expect("read exe");
+    let elf = goblin::elf::Elf::parse(&bytes).expect("parse exe");
+    let bias = load_bias(pid, exe, &elf);
+    elf.program_headers
+        .iter()
+        .filter(|p| {
+            p.p_type == goblin::elf::program_header::PT_LOAD
+                && p.p_flags & goblin::elf::program_header::PF_X != 0
+        })
         .map(|p| plan::segment_pages(bias + p.p_vaddr, p.p_memsz))
         .collect()
+}
+
+/// Checks that every read-only segment of `exe` (text, headers, rodata)
+/// holds in process `pid` the same bytes as in the file.
+pub fn read_only_segments_match_file(pid: u32, exe: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let bytes = std::fs::read(exe).map_err(|e| e.to_string())?;
+    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| e.to_string())?;
+    let bias = load_bias(pid, exe, &elf);
+    let mem = File::open(format!("/proc/{pid}/mem")).map_err(|e| e.to_string())?;
+    let mut checked = 0;
+    for ph in elf.program_headers.iter().filter(|p| {
+        p.p_type == goblin::elf::program_header::PT_LOAD
+            && p.p_flags & goblin::elf::program_header::PF_W == 0
+    }) {
+        let addr = bias + ph.p_vaddr;
+        let len = ph.p_filesz as usize;
+        let mut live = vec![0u8; len];
+        mem.read_exact_at(&mut live, addr)
+            .map_err(|e| format!("read mem at {addr:#x}: {e}"))?;
+        let file = &bytes[ph.p_offset as usize..ph.p_offset as usize + len];
+        if live != file {
+            let first = live.iter().zip(file).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(format!("bytes differ at {:#x}", addr + first as u64));
+        }
+        checked += 1;
+    }
+    if checked == 0 {
+        return Err("no read-only segment".into());
+    }
+    Ok(())
 }
 
 /// The 2 MiB-aligned interior of the segments: what must end up huge.
@@ -328,37 +371,6 @@ pub fn coverage(pid: u32, segments: &[Range]) -> smaps::Coverage {
     c
 }
 
-/// True when the text bytes of `pid` equal those in the file `exe`.
-pub fn text_matches_file(pid: u32, exe: &Path, segments: &[Range]) -> Result<(), String> {
-    use std::os::unix::fs::FileExt;
-    let bytes = std::fs::read(exe).map_err(|e| e.to_string())?;
-    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| e.to_string())?;
-    let mem = File::open(format!("/proc/{pid}/mem")).map_err(|e| e.to_string())?;
-    let text_loads: Vec<_> = elf
-        .program_headers
-        .iter()
-        .filter(|p| {
-            p.p_type == goblin::elf::program_header::PT_LOAD
-                && p.p_flags & goblin::elf::program_header::PF_X != 0
-        })
-        .collect();
-    for (ph, seg) in text_loads.iter().zip(segments) {
-        // The segment's file bytes start at p_offset, at address
-        // bias + p_vaddr = seg.start + (p_vaddr % PAGE).
-        let addr = seg.start + (ph.p_vaddr % plan::PAGE);
-        let len = ph.p_filesz as usize;
-        let mut live = vec![0u8; len];
-        mem.read_exact_at(&mut live, addr)
-            .map_err(|e| format!("read mem at {addr:#x}: {e}"))?;
-        let file = &bytes[ph.p_offset as usize..ph.p_offset as usize + len];
-        if live != file {
-            let first = live.iter().zip(file).position(|(a, b)| a != b).unwrap_or(0);
-            return Err(format!("text differs at {:#x}", addr + first as u64));
-        }
-    }
-    Ok(())
-}
-
 /// Lines of /proc/<pid>/maps that are writable and executable at once.
 pub fn writable_executable_mappings(pid: u32) -> Vec<String> {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
@@ -372,26 +384,44 @@ pub fn writable_executable_mappings(pid: u32) -> Vec<String> {
         .collect()
 }
 
-/// Anonymous executable mappings outside `segments` (a leaked trampoline or
-/// staging area would show here).
+/// The 2 MiB pages around `segments`: where a swap may legitimately put
+/// anonymous or huge mappings (the aggressive strategy includes the read-only
+/// neighbours of a head or tail).
+pub fn rounded_out(segments: &[Range]) -> Vec<Range> {
+    segments
+        .iter()
+        .map(|s| {
+            Range::new(
+                plan::align_down(s.start, plan::HUGE_PAGE),
+                plan::align_up(s.end, plan::HUGE_PAGE),
+            )
+        })
+        .collect()
+}
+
+/// Anonymous executable mappings outside the 2 MiB pages around `segments`
+/// (a leaked trampoline or staging area would show here).
 pub fn stray_executable_anon(pid: u32, segments: &[Range]) -> Vec<String> {
+    let allowed = rounded_out(segments);
     smaps::read(Some(pid))
         .unwrap_or_default()
         .into_iter()
         .filter(|v| v.exec && (v.inode == 0 || v.is_hugetlb()) && !v.path.starts_with('['))
-        .filter(|v| !segments.iter().any(|s| s.contains(v.range())))
+        .filter(|v| !allowed.iter().any(|s| s.contains(v.range())))
         .map(|v| format!("{:#x}-{:#x} {}", v.start, v.end, v.path))
         .collect()
 }
 
-/// Mappings outside `segments` that hold huge pages (a leaked staging area
-/// would show here; the fixtures allocate nothing huge themselves).
+/// Mappings outside the 2 MiB pages around `segments` that hold huge pages
+/// (a leaked staging area would show here; the fixtures allocate nothing
+/// huge themselves).
 pub fn huge_memory_outside(pid: u32, segments: &[Range]) -> Vec<String> {
+    let allowed = rounded_out(segments);
     smaps::read(Some(pid))
         .unwrap_or_default()
         .into_iter()
         .filter(|v| v.huge_bytes() > 0)
-        .filter(|v| !segments.iter().any(|s| s.contains(v.range())))
+        .filter(|v| !allowed.iter().any(|s| s.contains(v.range())))
         .map(|v| {
             format!(
                 "{:#x}-{:#x} {} huge {}",
