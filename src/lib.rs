@@ -25,8 +25,10 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod config;
 pub mod discover;
+pub mod elf;
 pub mod log;
 pub mod plan;
 mod preload;

@@ -38,11 +38,16 @@ fn own_address() -> u64 {
 }
 
 fn run() {
+    // Step 1: the copy loaded as an audit module (its own namespace) only
+    // serves the audit hooks; a copy linked into the program itself waits for
+    // the program to call the API.
+    if !in_base_namespace() {
+        return;
+    }
     let objects = discover::loaded_objects();
     let Some(main) = objects.first() else {
         return;
     };
-    // Step 1: linked into the program itself, not preloaded.
     if main.contains(own_address()) {
         return;
     }
@@ -132,6 +137,45 @@ fn run() {
     }
 }
 
+/// `RTLD_DL_LINKMAP` from <dlfcn.h> (not in the libc crate).
+const RTLD_DL_LINKMAP: libc::c_int = 2;
+
+/// True when this copy of the library lives in the program's own link-map
+/// namespace (not in the one the loader makes for audit modules).
+fn in_base_namespace() -> bool {
+    let mut info = libc::Dl_info {
+        dli_fname: core::ptr::null(),
+        dli_fbase: core::ptr::null_mut(),
+        dli_sname: core::ptr::null(),
+        dli_saddr: core::ptr::null_mut(),
+    };
+    let mut map: *mut libc::c_void = core::ptr::null_mut();
+    // SAFETY: dladdr1 with RTLD_DL_LINKMAP stores our link map (a valid
+    // handle for dlinfo) into `map`; both out-pointers are valid.
+    let found = unsafe {
+        libc::dladdr1(
+            own_address() as *const libc::c_void,
+            &mut info,
+            (&mut map as *mut *mut libc::c_void).cast(),
+            RTLD_DL_LINKMAP,
+        )
+    };
+    if found == 0 || map.is_null() {
+        return true; // statically linked: there is only one namespace
+    }
+    let mut lmid: libc::c_long = libc::LM_ID_BASE;
+    // SAFETY: `map` is a link map (dlopen handle) from the loader; `lmid` is
+    // a valid out-pointer of the size RTLD_DI_LMID writes.
+    let ok = unsafe {
+        libc::dlinfo(
+            map,
+            libc::RTLD_DI_LMID,
+            (&mut lmid as *mut libc::c_long).cast(),
+        )
+    };
+    ok != 0 || lmid == libc::LM_ID_BASE
+}
+
 /// Shows bytes the way `{:?}` shows a string, for bytes that may not be UTF-8.
 struct EscapedBytes<'a>(&'a [u8]);
 
@@ -171,29 +215,31 @@ fn own_path() -> Option<Vec<u8>> {
     )
 }
 
-/// Removes this library from `LD_PRELOAD`, so the program's children start
-/// without it. Other entries are kept, in order.
+/// Removes this library from `LD_PRELOAD` and `LD_AUDIT`, so the program's
+/// children start without it. Other entries are kept, in order.
 fn remove_self_from_ld_preload() {
     let Some(me) = own_path() else {
         return;
     };
-    let Some(current) = config::getenv_bytes(c"LD_PRELOAD") else {
-        return;
-    };
-    let kept = ld_preload_without(current, &me);
-    let result = if kept.is_empty() {
-        // SAFETY: single-threaded (constructor, before main); the name is
-        // NUL-terminated.
-        unsafe { libc::unsetenv(c"LD_PRELOAD".as_ptr()) }
-    } else {
-        match std::ffi::CString::new(kept) {
-            // SAFETY: as above; both strings are NUL-terminated.
-            Ok(value) => unsafe { libc::setenv(c"LD_PRELOAD".as_ptr(), value.as_ptr(), 1) },
-            Err(_) => -1,
+    for var in [c"LD_PRELOAD", c"LD_AUDIT"] {
+        let Some(current) = config::getenv_bytes(var) else {
+            continue;
+        };
+        let kept = ld_preload_without(current, &me);
+        let result = if kept.is_empty() {
+            // SAFETY: single-threaded (constructor, before main); the name is
+            // NUL-terminated.
+            unsafe { libc::unsetenv(var.as_ptr()) }
+        } else {
+            match std::ffi::CString::new(kept) {
+                // SAFETY: as above; both strings are NUL-terminated.
+                Ok(value) => unsafe { libc::setenv(var.as_ptr(), value.as_ptr(), 1) },
+                Err(_) => -1,
+            }
+        };
+        if result != 0 {
+            crate::tlog!(Level::Warn, "could not remove itself from {:?}", var);
         }
-    };
-    if result != 0 {
-        crate::tlog!(Level::Warn, "could not remove itself from LD_PRELOAD");
     }
 }
 

@@ -141,11 +141,11 @@ impl ObjectReport {
         }
         crate::tlog!(
             Level::Info,
-            "{}: text {}, on 2 MiB pages {} = {} x 2 MiB ({} new via {}, {} already), {} x 4 KiB left{}, {}",
+            "{}: text {}, on 2 MiB pages {} ({} pages: {} new via {}, {} already), {} x 4 KiB left{}, {}",
             self.path,
             Bytes(self.text_bytes),
             Bytes(self.after.huge()),
-            self.after.huge() / HUGE_PAGE,
+            (self.swapped_bytes() + self.already_huge_bytes) / HUGE_PAGE,
             self.swapped_bytes() / HUGE_PAGE,
             self.sources(),
             self.already_huge_bytes / HUGE_PAGE,

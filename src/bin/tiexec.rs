@@ -28,6 +28,14 @@ Options:
                        thp, off                        [TIEXEC_BACKEND]
   -l, --log LEVEL      off, error, warn (default), info, debug  [TIEXEC_LOG]
   -v, --verbose        same as --log info: one line per object
+  -s, --strategy S     conservative (whole 2 MiB pages of text only) or
+                       aggressive (default: also the 2 MiB pages text
+                       shares with read-only data)     [TIEXEC_STRATEGY]
+      --include PATS   only objects matching these ':'-separated globs
+                                                       [TIEXEC_INCLUDE]
+      --exclude PATS   leave objects matching these alone [TIEXEC_EXCLUDE]
+      --no-dlopen      leave libraries loaded later with dlopen alone
+                       (no LD_AUDIT)
       --no-children    programs started by PROGRAM run without tiexec
                                                        [TIEXEC_CHILDREN=0]
       --library PATH   preload this libtiexec.so instead of the built-in one
@@ -41,6 +49,10 @@ cannot be executed, 2 for a usage error.
 
 struct Args {
     backend: Option<Backend>,
+    strategy: Option<config::Strategy>,
+    include: Option<OsString>,
+    exclude: Option<OsString>,
+    no_dlopen: bool,
     log: Option<tiexec::log::Level>,
     no_children: bool,
     library: Option<PathBuf>,
@@ -49,7 +61,7 @@ struct Args {
 }
 
 enum Parsed {
-    Run(Args),
+    Run(Box<Args>),
     Exit(ExitCode),
 }
 
@@ -61,6 +73,10 @@ fn usage_error(msg: &str) -> Parsed {
 fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
     let mut args = Args {
         backend: None,
+        strategy: None,
+        include: None,
+        exclude: None,
+        no_dlopen: false,
         log: None,
         no_children: false,
         library: None,
@@ -125,6 +141,27 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
                 },
                 Err(e) => return e,
             },
+            b"-s" | b"--strategy" => match value("--strategy") {
+                Ok(v) => match config::Strategy::parse(v.as_bytes()) {
+                    Some(st) => args.strategy = Some(st),
+                    None => {
+                        return usage_error(&format!(
+                            "--strategy {}: expected conservative or aggressive",
+                            v.to_string_lossy()
+                        ))
+                    }
+                },
+                Err(e) => return e,
+            },
+            b"--include" => match value("--include") {
+                Ok(v) => args.include = Some(v),
+                Err(e) => return e,
+            },
+            b"--exclude" => match value("--exclude") {
+                Ok(v) => args.exclude = Some(v),
+                Err(e) => return e,
+            },
+            b"--no-dlopen" => args.no_dlopen = true,
             b"-v" | b"--verbose" => args.log = Some(tiexec::log::Level::Info),
             b"--no-children" => args.no_children = true,
             b"--library" => match value("--library") {
@@ -141,7 +178,7 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
         }
     }
     args.program_args = argv.collect();
-    Parsed::Run(args)
+    Parsed::Run(Box::new(args))
 }
 
 /// Why PROGRAM cannot be run.
@@ -217,37 +254,14 @@ fn linkage(path: &Path) -> Linkage {
     {
         return Linkage::NotElf;
     }
-    let Ok(header) = goblin::elf::Elf::parse_header(&head) else {
+    if goblin::elf::Elf::parse_header(&head).is_err() {
         return Linkage::NotElf;
-    };
-    let ctx = goblin::container::Ctx::new(
-        if header.e_ident[goblin::elf::header::EI_CLASS] == goblin::elf::header::ELFCLASS64 {
-            goblin::container::Container::Big
-        } else {
-            goblin::container::Container::Little
-        },
-        if header.e_ident[goblin::elf::header::EI_DATA] == goblin::elf::header::ELFDATA2MSB {
-            goblin::container::Endian::Big
-        } else {
-            goblin::container::Endian::Little
-        },
-    );
-    let Ok(phdrs) = goblin::elf::ProgramHeader::parse(
-        &head,
-        header.e_phoff as usize,
-        header.e_phnum as usize,
-        ctx,
-    ) else {
-        // Program headers beyond the first 64 KiB: unusual; assume dynamic.
-        return Linkage::Dynamic;
-    };
-    if phdrs
-        .iter()
-        .any(|p| p.p_type == goblin::elf::program_header::PT_INTERP)
-    {
-        Linkage::Dynamic
-    } else {
-        Linkage::Static
+    }
+    match tiexec::elf::program_headers(&head) {
+        Some(phdrs) if !tiexec::elf::has_interpreter(&phdrs) => Linkage::Static,
+        // Program headers beyond the first 64 KiB are unusual: assume the
+        // program is dynamic and let the loader decide.
+        _ => Linkage::Dynamic,
     }
 }
 
@@ -342,7 +356,9 @@ fn library_path(args: &Args) -> Result<PathBuf, String> {
     extract_embedded_library().map_err(|e| format!("cannot write libtiexec.so: {e}"))
 }
 
-fn ld_preload_with(existing: Option<OsString>, lib: &Path) -> OsString {
+/// `lib` first, then the entries of `existing` (':' or ' ' separated) other
+/// than `lib`, joined by ':'. For `LD_PRELOAD` and `LD_AUDIT` alike.
+fn ld_list_with(existing: Option<OsString>, lib: &Path) -> OsString {
     let lib = lib.as_os_str().as_bytes();
     let mut out = lib.to_vec();
     if let Some(existing) = existing {
@@ -406,8 +422,13 @@ fn main() -> ExitCode {
             Ok(lib) => {
                 cmd.env(
                     "LD_PRELOAD",
-                    ld_preload_with(std::env::var_os("LD_PRELOAD"), &lib),
+                    ld_list_with(std::env::var_os("LD_PRELOAD"), &lib),
                 );
+                if !args.no_dlopen {
+                    // The same library, as an audit module: covers libraries
+                    // loaded later with dlopen.
+                    cmd.env("LD_AUDIT", ld_list_with(std::env::var_os("LD_AUDIT"), &lib));
+                }
             }
             Err(e) => {
                 // Never stop the user's program for our sake.
@@ -420,6 +441,15 @@ fn main() -> ExitCode {
     }
     if let Some(l) = args.log {
         cmd.env(config::VAR_LOG, l.name());
+    }
+    if let Some(st) = args.strategy {
+        cmd.env(config::VAR_STRATEGY, st.name());
+    }
+    if let Some(p) = &args.include {
+        cmd.env("TIEXEC_INCLUDE", p);
+    }
+    if let Some(p) = &args.exclude {
+        cmd.env("TIEXEC_EXCLUDE", p);
     }
     if args.no_children {
         cmd.env(config::VAR_CHILDREN, "0");
@@ -441,7 +471,7 @@ mod tests {
 
     fn parse(v: &[&str]) -> Option<Args> {
         match parse_args(v.iter().map(OsString::from)) {
-            Parsed::Run(a) => Some(a),
+            Parsed::Run(a) => Some(*a),
             Parsed::Exit(_) => None,
         }
     }
@@ -461,11 +491,11 @@ mod tests {
     }
 
     #[test]
-    fn ld_preload_keeps_existing_entries() {
+    fn ld_lists_keep_existing_entries() {
         let lib = Path::new("/c/libtiexec.so");
-        assert_eq!(ld_preload_with(None, lib), "/c/libtiexec.so");
+        assert_eq!(ld_list_with(None, lib), "/c/libtiexec.so");
         assert_eq!(
-            ld_preload_with(Some("/a.so /c/libtiexec.so:/b.so".into()), lib),
+            ld_list_with(Some("/a.so /c/libtiexec.so:/b.so".into()), lib),
             "/c/libtiexec.so:/a.so:/b.so"
         );
     }

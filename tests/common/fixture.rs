@@ -24,6 +24,9 @@ pub struct Spec {
     /// Put the second half of the functions in a section of their own at
     /// 256 MiB, which the linker gives a second `R E` segment.
     pub two_text_segments: bool,
+    /// MiB of read-only data after the text (so the text's last 2 MiB page
+    /// holds no writable data).
+    pub rodata_mib: u64,
 }
 
 impl Spec {
@@ -36,6 +39,7 @@ impl Spec {
             merged_rx: false,
             static_link: false,
             two_text_segments: false,
+            rodata_mib: 0,
         }
     }
 }
@@ -49,6 +53,8 @@ const DRIVER_C: &str = r#"
 typedef unsigned long (*fixture_fn)(unsigned long);
 extern const fixture_fn fixture_table[];
 extern const unsigned long fixture_count;
+extern const unsigned char fixture_rodata[];
+extern const unsigned long fixture_rodata_len;
 
 static const char rodata_message[] = "tiexec-fixture-rodata";
 static unsigned long writable_counter = 7;
@@ -66,8 +72,11 @@ int main(int argc, char **argv) {
         acc = fixture_table[x % fixture_count](acc + i);
     }
     writable_counter += acc & 0xff;
-    printf("functions %lu calls %lu checksum %016lx rodata %s counter %lu\n",
-           fixture_count, calls, acc, rodata_message, writable_counter);
+    unsigned long rodata_sum = 1469598103934665603UL;
+    for (unsigned long i = 0; i < fixture_rodata_len; i++)
+        rodata_sum = (rodata_sum ^ fixture_rodata[i]) * 1099511628211UL;
+    printf("functions %lu calls %lu checksum %016lx rodata %s %016lx counter %lu\n",
+           fixture_count, calls, acc, rodata_message, rodata_sum, writable_counter);
     fflush(stdout);
     if (wait) {
         fprintf(stderr, "pid %d\n", (int)getpid());
@@ -90,7 +99,13 @@ pub const SECOND_TEXT_SECTION: &str = "fixture_b";
 /// The generated assembly: `functions` functions, each at its own 4 KiB page
 /// at a staggered offset (so caches, not only the TLB, see different sets).
 /// With `split`, the second half goes to [`SECOND_TEXT_SECTION`].
-pub fn assembly(functions: u64, split: bool) -> String {
+pub fn assembly(functions: u64, split: bool, rodata_mib: u64) -> String {
+    assembly_named("fixture", functions, split, rodata_mib)
+}
+
+/// As [`assembly`], with `prefix` for the symbols (`PREFIX_table`,
+/// `PREFIX_count`, `PREFIX_rodata`, `PREFIX_rodata_len`).
+pub fn assembly_named(prefix: &str, functions: u64, split: bool, rodata_mib: u64) -> String {
     let mut s = String::with_capacity(functions as usize * 120);
     s.push_str("    .section .text.fixture,\"ax\",@progbits\n");
     for i in 0..functions {
@@ -106,18 +121,66 @@ pub fn assembly(functions: u64, split: bool) -> String {
         }
         let _ = write!(
             s,
-            "fixture_fn_{i}:\n    imul ${mul}, %rdi, %rax\n    xor ${add}, %rax\n    ret\n"
+            "{prefix}_fn_{i}:\n    imul ${mul}, %rdi, %rax\n    xor ${add}, %rax\n    ret\n"
         );
     }
-    s.push_str("    .section .data.rel.ro,\"aw\",@progbits\n    .p2align 3\n    .globl fixture_table\nfixture_table:\n");
-    for i in 0..functions {
-        let _ = writeln!(s, "    .quad fixture_fn_{i}");
-    }
+    // Types and sizes matter: an executable that uses a library's data gets
+    // a copy relocation, which copies `.size` bytes.
     let _ = write!(
         s,
-        "    .section .rodata\n    .p2align 3\n    .globl fixture_count\nfixture_count:\n    .quad {functions}\n    .section .note.GNU-stack,\"\",@progbits\n"
+        "    .section .data.rel.ro,\"aw\",@progbits\n    .p2align 3\n    .globl {prefix}_table\n\
+         \x20   .type {prefix}_table, @object\n    .size {prefix}_table, {}\n{prefix}_table:\n",
+        functions * 8
     );
+    for i in 0..functions {
+        let _ = writeln!(s, "    .quad {prefix}_fn_{i}");
+    }
+    let rodata_bytes = rodata_mib << 20;
+    let _ = write!(
+        s,
+        "    .section .rodata\n    .p2align 3\n\
+         \x20   .globl {prefix}_count\n    .type {prefix}_count, @object\n    .size {prefix}_count, 8\n\
+         {prefix}_count:\n    .quad {functions}\n\
+         \x20   .globl {prefix}_rodata_len\n    .type {prefix}_rodata_len, @object\n    .size {prefix}_rodata_len, 8\n\
+         {prefix}_rodata_len:\n    .quad {rodata_bytes}\n\
+         \x20   .globl {prefix}_rodata\n    .type {prefix}_rodata, @object\n    .size {prefix}_rodata, {}\n\
+         {prefix}_rodata:\n",
+        rodata_bytes + 1
+    );
+    // Varied bytes, one line per 64 KiB.
+    for k in 0..rodata_bytes / 65536 {
+        let _ = writeln!(
+            s,
+            "    .fill 8192, 8, {:#x}",
+            0x9e37_79b9_7f4a_7c15u64.wrapping_mul(k + 1)
+        );
+    }
+    s.push_str("    .byte 0\n    .section .note.GNU-stack,\"\",@progbits\n");
     s
+}
+
+/// Rewrites `path` with 4 KiB writes under a new inode, so that its page
+/// cache holds 4 KiB folios: the kernel then cannot map its text with 2 MiB
+/// pages by itself, and tests see tiexec's own work. (A file written in large
+/// writes, as the linker does, can get 2 MiB folios on this kernel, and a
+/// 2 MiB-aligned, congruent mapping of it is then `FilePmdMapped` for free.)
+pub fn rewrite_in_small_pages(path: &Path) {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt;
+    let bytes = std::fs::read(path).expect("read fixture");
+    let mode = std::fs::metadata(path)
+        .expect("stat fixture")
+        .permissions()
+        .mode();
+    let tmp = path.with_extension(format!("small{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).expect("create");
+    for chunk in bytes.chunks(4096) {
+        f.write_all(chunk).expect("write");
+    }
+    f.sync_all().expect("sync");
+    drop(f);
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename");
 }
 
 /// Builds the fixture into `dir` (once: an existing program is reused).
@@ -129,7 +192,11 @@ pub fn build(spec: Spec, dir: &Path) -> PathBuf {
     }
     let asm = dir.join(format!("{}.S", spec.name));
     let driver = dir.join(format!("{}-main.c", spec.name));
-    std::fs::write(&asm, assembly(spec.text_mib * 256, spec.two_text_segments)).expect("write asm");
+    std::fs::write(
+        &asm,
+        assembly(spec.text_mib * 256, spec.two_text_segments, spec.rodata_mib),
+    )
+    .expect("write asm");
     std::fs::write(&driver, DRIVER_C).expect("write driver");
     let tmp = dir.join(format!("{}.tmp{}", spec.name, std::process::id()));
     let mut cc = Command::new("gcc");
@@ -157,6 +224,130 @@ pub fn build(spec: Spec, dir: &Path) -> PathBuf {
         cc,
         String::from_utf8_lossy(&out.stderr)
     );
+    rewrite_in_small_pages(&tmp);
     std::fs::rename(&tmp, &exe).expect("rename fixture");
+    exe
+}
+
+const HOST_C: &str = r#"
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef unsigned long (*fixture_fn)(unsigned long);
+#ifdef LINKED
+extern const fixture_fn lib_table[];
+extern const unsigned long lib_count;
+#endif
+
+static void *idle(void *p) { (void)p; for (;;) pause(); return 0; }
+
+/* usage: host CALLS run|wait [LIBRARY]
+ * Calls functions of a big library: linked at start-up (LINKED) or
+ * dlopened from LIBRARY after a second thread has started. */
+int main(int argc, char **argv) {
+    unsigned long calls = argc > 1 ? strtoul(argv[1], 0, 10) : 1000000;
+    int wait = argc > 2 && strcmp(argv[2], "wait") == 0;
+    const fixture_fn *table;
+    unsigned long count;
+#ifdef LINKED
+    table = lib_table;
+    count = lib_count;
+#else
+    pthread_t t;
+    pthread_create(&t, 0, idle, 0);
+    void *h = dlopen(argc > 3 ? argv[3] : "", RTLD_NOW);
+    if (!h) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 99; }
+    table = (const fixture_fn *)dlsym(h, "lib_table");
+    count = *(const unsigned long *)dlsym(h, "lib_count");
+#endif
+    unsigned long x = 88172645463325252UL, acc = 0;
+    for (unsigned long i = 0; i < calls; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        acc = table[x % count](acc + i);
+    }
+    printf("library functions %lu calls %lu checksum %016lx\n", count, calls, acc);
+    fflush(stdout);
+    if (wait) {
+        fprintf(stderr, "pid %d\n", (int)getpid());
+        puts("ready");
+        fflush(stdout);
+        char buf[64];
+        while (read(0, buf, sizeof buf) > 0) {}
+        puts("done");
+    }
+    return 0;
+}
+"#;
+
+fn gcc(args: &[&std::ffi::OsStr], what: &str) {
+    let out = Command::new("gcc").args(args).output().expect("run gcc");
+    assert!(
+        out.status.success(),
+        "building {what}: gcc {args:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds `lib<name>.so` with `text_mib` MiB of text into `dir` (once).
+pub fn build_library(name: &str, text_mib: u64, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("fixture dir");
+    let lib = dir.join(format!("lib{name}.so"));
+    if lib.exists() {
+        return lib;
+    }
+    let asm = dir.join(format!("lib{name}.S"));
+    std::fs::write(&asm, assembly_named("lib", text_mib * 256, false, 0)).expect("write asm");
+    let tmp = dir.join(format!("lib{name}.so.tmp{}", std::process::id()));
+    gcc(
+        &[
+            "-shared".as_ref(),
+            "-fPIC".as_ref(),
+            asm.as_os_str(),
+            "-o".as_ref(),
+            tmp.as_os_str(),
+        ],
+        name,
+    );
+    rewrite_in_small_pages(&tmp);
+    std::fs::rename(&tmp, &lib).expect("rename library");
+    lib
+}
+
+/// Builds the host program into `dir` (once): linked against `linked_lib`,
+/// or, with `None`, dlopening the library named on its command line.
+pub fn build_host(name: &str, linked_lib: Option<&Path>, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("fixture dir");
+    let exe = dir.join(name);
+    if exe.exists() {
+        return exe;
+    }
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, HOST_C).expect("write host");
+    let tmp = dir.join(format!("{name}.tmp{}", std::process::id()));
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "-O2".into(),
+        src.clone().into(),
+        "-o".into(),
+        tmp.clone().into(),
+    ];
+    match linked_lib {
+        Some(lib) => {
+            let dir = lib.parent().expect("library dir");
+            args.push("-DLINKED".into());
+            args.push(lib.into());
+            args.push(format!("-Wl,-rpath,{}", dir.display()).into());
+        }
+        None => {
+            args.push("-ldl".into());
+            args.push("-lpthread".into());
+        }
+    }
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    gcc(&refs, name);
+    std::fs::rename(&tmp, &exe).expect("rename host");
     exe
 }

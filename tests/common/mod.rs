@@ -29,6 +29,7 @@ pub const MERGED_RX: Spec = Spec {
     merged_rx: true,
     static_link: false,
     two_text_segments: false,
+    rodata_mib: 0,
 };
 /// PIE with two executable segments of 16 MiB each.
 pub const TWO_SEGMENTS: Spec = Spec {
@@ -38,6 +39,18 @@ pub const TWO_SEGMENTS: Spec = Spec {
     merged_rx: false,
     static_link: false,
     two_text_segments: true,
+    rodata_mib: 0,
+};
+/// PIE whose text is followed by 3 MiB of rodata: its last 2 MiB page holds
+/// no writable data, so the aggressive strategy can cover all of its text.
+pub const BIG_RODATA: Spec = Spec {
+    name: "fixture-pie-rodata-24m",
+    text_mib: 24,
+    pie: true,
+    merged_rx: false,
+    static_link: false,
+    two_text_segments: false,
+    rodata_mib: 3,
 };
 /// A small static program.
 pub const STATIC_SMALL: Spec = Spec {
@@ -47,6 +60,7 @@ pub const STATIC_SMALL: Spec = Spec {
     merged_rx: false,
     static_link: true,
     two_text_segments: false,
+    rodata_mib: 0,
 };
 
 /// Where fixtures and scratch files go.
@@ -59,6 +73,24 @@ pub fn fixture(spec: Spec) -> PathBuf {
     static BUILD: Mutex<()> = Mutex::new(());
     let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     fixture::build(spec, &scratch_dir().join("fixtures"))
+}
+
+/// A big shared library (24 MiB of text) and a host linked against it.
+pub fn linked_library_fixture() -> (PathBuf, PathBuf) {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir().join("fixtures");
+    let lib = fixture::build_library("bigtext", 24, &dir);
+    (fixture::build_host("host-linked", Some(&lib), &dir), lib)
+}
+
+/// A big shared library (24 MiB of text) and a host that dlopens it.
+pub fn dlopen_library_fixture() -> (PathBuf, PathBuf) {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir().join("fixtures");
+    let lib = fixture::build_library("plugin", 24, &dir);
+    (fixture::build_host("host-dlopen", None, &dir), lib)
 }
 
 /// The `tiexec` binary under test.

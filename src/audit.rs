@@ -1,0 +1,160 @@
+//! Libraries loaded after start-up (`dlopen`), through the loader's audit
+//! interface: `LD_AUDIT=libtiexec.so` (the `tiexec` wrapper sets it).
+//!
+//! Why the audit hook and not an interposed `dlopen`: glibc resolves a
+//! `dlopen` relative to its caller (RUNPATH, `$ORIGIN`, namespace), which an
+//! interposer would change; and after `dlopen` returns, the library's
+//! constructors may have started threads that run its code. `la_objopen`
+//! runs inside the loader right after the object is mapped, before it is
+//! relocated and before any of its code can run, in the thread that loads
+//! it; other threads may run, but none can be in this object's text. So the
+//! swap is safe there with any number of threads.
+//!
+//! The loader runs audit modules in a link-map namespace of their own, with
+//! their own copy of libc: this copy of tiexec has its own statics, and its
+//! constructor does nothing (see `preload`). Objects loaded at start-up are
+//! left to the preloaded copy's constructor: this module acts only once the
+//! loader reported the start-up set complete (`la_activity`).
+//!
+//! What it may not do: unwind into the loader (everything runs under
+//! `catch_unwind`), ask for symbol-binding hooks (they would slow every PLT
+//! call), or stop the load.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config;
+use crate::discover::LoadedObject;
+use crate::elf;
+use crate::log::Level;
+use crate::remap;
+use crate::select;
+use crate::smaps;
+use crate::sys;
+
+/// `LA_ACT_CONSISTENT`: the set of loaded objects is complete again.
+const LA_ACT_CONSISTENT: libc::c_uint = 0;
+
+/// Set once the loader reported the start-up objects complete.
+static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// The public head of glibc's `struct link_map`.
+#[repr(C)]
+pub struct LinkMap {
+    l_addr: usize,
+    l_name: *const libc::c_char,
+    l_ld: *mut libc::c_void,
+    l_next: *mut LinkMap,
+    l_prev: *mut LinkMap,
+}
+
+/// The loader asks which audit interface version we speak; we need nothing
+/// beyond version 1, and answer with the loader's own if it is lower.
+#[no_mangle]
+pub extern "C" fn la_version(version: libc::c_uint) -> libc::c_uint {
+    version.min(2)
+}
+
+/// The loader reports changes to the set of loaded objects.
+#[no_mangle]
+pub extern "C" fn la_activity(_cookie: *mut usize, flag: libc::c_uint) {
+    if flag == LA_ACT_CONSISTENT {
+        STARTED.store(true, Ordering::Release);
+    }
+}
+
+/// An object was mapped (not yet relocated, none of its code run).
+///
+/// # Safety
+/// Called by the loader with a valid link map for the new object.
+#[no_mangle]
+pub unsafe extern "C" fn la_objopen(
+    map: *mut LinkMap,
+    _lmid: libc::c_long,
+    _cookie: *mut usize,
+) -> libc::c_uint {
+    if !STARTED.load(Ordering::Acquire) || map.is_null() {
+        return 0;
+    }
+    // SAFETY: the loader passes a valid link map that lives at least as long
+    // as this call.
+    let (bias, name) = unsafe { ((*map).l_addr as u64, (*map).l_name) };
+    if name.is_null() {
+        return 0;
+    }
+    // SAFETY: l_name is a NUL-terminated string owned by the loader.
+    let name = unsafe { core::ffi::CStr::from_ptr(name) }
+        .to_bytes()
+        .to_vec();
+    if std::panic::catch_unwind(|| object_opened(bias, &name)).is_err() {
+        crate::tlog!(Level::Error, "internal error; library left as it was");
+    }
+    // No LA_FLG_BINDTO / LA_FLG_BINDFROM: no symbol-binding hooks.
+    0
+}
+
+fn object_opened(bias: u64, name: &[u8]) {
+    let parsed = config::from_process_env();
+    crate::log::set_level(parsed.config.log);
+    let config = parsed.config;
+    if config.backend == config::Backend::Off || sys::secure_execution() || name.is_empty() {
+        return;
+    }
+    let path = String::from_utf8_lossy(name).into_owned();
+    let Ok(vmas) = smaps::read(None) else {
+        return;
+    };
+    let Some(object) = object_from_mappings(&path, bias, &vmas) else {
+        crate::tlog!(
+            Level::Debug,
+            "{path}: loaded later, but its headers are not mapped: left alone"
+        );
+        return;
+    };
+    if let Err(why) = select::select(name, object.text_bytes(), false, &config) {
+        crate::tlog!(Level::Debug, "{path}: left alone: {}", why.describe());
+        return;
+    }
+    if !remap::worth_planning(&object, config.strategy) {
+        crate::tlog!(
+            Level::Debug,
+            "{path}: text {} holds no whole 2 MiB page: nothing to do",
+            crate::log::Bytes(object.text_bytes())
+        );
+        return;
+    }
+    let request = remap::Request {
+        backend: config.backend,
+        strategy: config.strategy,
+    };
+    // SAFETY: the object was just mapped by the loader, which holds its lock
+    // and will not unmap it during this call; none of its code has run or can
+    // run before la_objopen returns (it is not relocated, and no other
+    // thread can reach it yet).
+    let reports = unsafe { remap::remap_objects(&[object], request) };
+    for r in &reports {
+        r.log();
+    }
+}
+
+/// Builds the object's description from its own program headers, read from
+/// its mapped ELF header (the file mapped at offset 0).
+fn object_from_mappings(path: &str, bias: u64, vmas: &[smaps::Vma]) -> Option<LoadedObject> {
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let canonical = canonical.to_str()?;
+    let header = vmas
+        .iter()
+        .filter(|v| v.path == canonical && v.offset == 0 && v.read)
+        .min_by_key(|v| v.start)?;
+    let len = usize::try_from(header.range().len()).ok()?;
+    // SAFETY: the mapping is readable and the loader keeps it mapped during
+    // this call; its bytes are the start of the ELF file.
+    let bytes = unsafe { core::slice::from_raw_parts(header.start as *const u8, len) };
+    let (text_segments, load_segments) = elf::load_segments(&elf::program_headers(bytes)?, bias);
+    Some(LoadedObject {
+        path: path.to_string(),
+        bias,
+        is_main: false,
+        text_segments,
+        load_segments,
+    })
+}

@@ -1,0 +1,195 @@
+//! Shared libraries: linked at start-up, or dlopened later while another
+//! thread runs; outward rounding to full coverage; filters.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Waiting, BIG_RODATA};
+
+const T: Duration = Duration::from_secs(120);
+const CALLS: &str = "200000";
+
+struct Seen {
+    interior: u64,
+    text: u64,
+    cov: tiexec::smaps::Coverage,
+    stdout_first: String,
+    outcome: common::Outcome,
+}
+
+/// Starts `cmd` (a fixture in wait mode), and reads the coverage of
+/// `object`'s text and its read-only bytes while it waits.
+fn observe(cmd: &mut Command, object: &Path) -> Seen {
+    let w = Waiting::start(cmd, T);
+    let pid = w.pid();
+    let segments = common::text_segments(pid, object);
+    let cov = common::coverage(pid, &segments);
+    let bytes = common::read_only_segments_match_file(pid, object);
+    let wx = common::writable_executable_mappings(pid);
+    let stdout_first = w.first_line.clone();
+    let outcome = w.finish(T);
+    let context = format!("segments {segments:x?}, coverage {cov:?}");
+    outcome.check(outcome.status.success(), &format!("exit status; {context}"));
+    outcome.check(
+        bytes.is_ok(),
+        &format!("bytes changed: {bytes:?}; {context}"),
+    );
+    outcome.check(wx.is_empty(), &format!("W+X mappings {wx:?}"));
+    Seen {
+        interior: common::planned_interior(&segments),
+        text: segments.iter().map(|s| s.len()).sum(),
+        cov,
+        stdout_first,
+        outcome,
+    }
+}
+
+#[test]
+fn a_library_linked_at_start_up_is_covered() {
+    let (host, lib) = common::linked_library_fixture();
+    let plain = common::run(Command::new(&host).args([CALLS, "run"]), T);
+    let seen = observe(
+        common::tiexec_cmd()
+            .args(["-v", "-b", "thp"])
+            .arg(&host)
+            .args([CALLS, "wait"]),
+        &lib,
+    );
+    seen.outcome
+        .check(seen.stdout_first == plain.stdout, "same output");
+    seen.outcome.check(
+        seen.cov.anon_thp + seen.cov.file_thp >= seen.interior && seen.interior >= 20 << 20,
+        &format!(
+            "library text not covered: {:?}, interior {}",
+            seen.cov, seen.interior
+        ),
+    );
+    seen.outcome.check(
+        seen.outcome
+            .stderr
+            .lines()
+            .any(|l| l.contains("libbigtext.so: text") && l.contains("new via thp")),
+        "reported as moved by tiexec",
+    );
+}
+
+#[test]
+fn a_library_dlopened_while_another_thread_runs_is_covered() {
+    let (host, lib) = common::dlopen_library_fixture();
+    let plain = common::run(Command::new(&host).args([CALLS, "run"]).arg(&lib), T);
+    plain.check(plain.status.success(), "plain run");
+    let seen = observe(
+        common::tiexec_cmd()
+            .args(["-v", "-b", "thp"])
+            .arg(&host)
+            .args([CALLS, "wait"])
+            .arg(&lib),
+        &lib,
+    );
+    seen.outcome
+        .check(seen.stdout_first == plain.stdout, "same output");
+    seen.outcome.check(
+        seen.cov.anon_thp + seen.cov.file_thp >= seen.interior && seen.interior >= 20 << 20,
+        &format!(
+            "dlopened text not covered: {:?}, interior {}",
+            seen.cov, seen.interior
+        ),
+    );
+    seen.outcome.check(
+        seen.outcome
+            .stderr
+            .lines()
+            .any(|l| l.contains("libplugin.so: text") && l.contains("new via thp")),
+        "reported as moved by tiexec",
+    );
+}
+
+#[test]
+fn without_the_audit_hook_a_dlopened_library_is_left_alone() {
+    let (host, lib) = common::dlopen_library_fixture();
+    let seen = observe(
+        common::tiexec_cmd()
+            .args(["--no-dlopen", "-b", "thp"])
+            .arg(&host)
+            .args([CALLS, "wait"])
+            .arg(&lib),
+        &lib,
+    );
+    // No hugetlb, anonymous or file huge pages: the library stays as loaded
+    // (the fixture is written so the kernel does not map it huge by itself).
+    seen.outcome
+        .check(seen.cov.huge() == 0, &format!("{:?}", seen.cov));
+}
+
+#[test]
+fn excluded_libraries_are_left_alone() {
+    let (host, lib) = common::linked_library_fixture();
+    let seen = observe(
+        common::tiexec_cmd()
+            .args(["-b", "thp", "--exclude", "libbig*"])
+            .arg(&host)
+            .args([CALLS, "wait"]),
+        &lib,
+    );
+    seen.outcome
+        .check(seen.cov.anon_thp == 0, &format!("{:?}", seen.cov));
+    let seen = observe(
+        common::tiexec_cmd()
+            .args(["-b", "thp", "--include", "no-such-lib*"])
+            .arg(&host)
+            .args([CALLS, "wait"]),
+        &lib,
+    );
+    seen.outcome
+        .check(seen.cov.anon_thp == 0, &format!("{:?}", seen.cov));
+}
+
+#[test]
+fn aggressive_covers_all_text_when_its_neighbours_are_read_only() {
+    let exe = common::fixture(BIG_RODATA);
+    let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
+    let aggressive = observe(
+        common::tiexec_cmd()
+            .args(["-v", "-b", "thp", "--strategy", "aggressive"])
+            .arg(&exe)
+            .args([CALLS, "wait"]),
+        &exe,
+    );
+    // Same output: the rodata checksum and the written global are in it.
+    aggressive
+        .outcome
+        .check(aggressive.stdout_first == plain.stdout, "same output");
+    aggressive.outcome.check(
+        aggressive.cov.anon_thp + aggressive.cov.file_thp == aggressive.text,
+        &format!("not 100 %: {:?} of {}", aggressive.cov, aggressive.text),
+    );
+
+    let conservative = observe(
+        common::tiexec_cmd()
+            .args(["-v", "-b", "thp", "--strategy", "conservative"])
+            .arg(&exe)
+            .args([CALLS, "wait"]),
+        &exe,
+    );
+    conservative
+        .outcome
+        .check(conservative.stdout_first == plain.stdout, "same output");
+    let huge = conservative.cov.anon_thp + conservative.cov.file_thp;
+    conservative.outcome.check(
+        huge >= conservative.interior && huge < conservative.text,
+        &format!(
+            "conservative covers the interior only: {:?}",
+            conservative.cov
+        ),
+    );
+    conservative.outcome.check(
+        conservative
+            .outcome
+            .stderr
+            .contains("head/tail, not a whole 2 MiB page"),
+        "says what stayed small and why",
+    );
+}
