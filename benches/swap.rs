@@ -158,6 +158,7 @@ fn bench(file: &std::fs::File, mib: usize, source: Source) -> Option<Row> {
         let request = tiexec::plan::SwapRange {
             range,
             pieces: vec![range],
+            in_place: false,
         };
         let results = unsafe { tiexec::swap::swap_ranges(&[request], &[source]) };
         s.push(t.elapsed().as_secs_f64() * 1e3);

@@ -178,6 +178,9 @@ pub struct MappingView {
     pub private: bool,
     /// Inside one of the object's own `PT_LOAD` segments.
     pub same_object: bool,
+    /// File-backed, with address and file offset congruent modulo 2 MiB:
+    /// the page cache could supply its 2 MiB pages in place.
+    pub file_congruent: bool,
 }
 
 impl MappingView {
@@ -201,6 +204,9 @@ pub struct SwapRange {
     pub range: Range,
     /// Mapped, readable parts of `range`, ascending.
     pub pieces: Vec<Range>,
+    /// All of it is file-backed text congruent with its file: try to get the
+    /// huge pages from the page cache in place before copying.
+    pub in_place: bool,
 }
 
 /// The plan for one object.
@@ -319,11 +325,17 @@ pub fn plan_object(
             chunk_start = chunk.end;
         }
     }
-    let mut swap: Vec<(Range, ())> = Vec::new();
+    // Runs of chunks to swap, merged only with chunks of the same kind
+    // (in place from the page cache, or copied).
+    let mut swap: Vec<(Range, bool)> = Vec::new();
     let mut keep: Vec<(Range, Skip)> = Vec::new();
     for (&start, (decision, insides)) in &decisions {
         match decision {
-            None => push_merged(&mut swap, Range::new(start, start + HUGE_PAGE), ()),
+            None => {
+                let chunk = Range::new(start, start + HUGE_PAGE);
+                let in_place = covered_by(chunk, mappings, |m| m.plain_text() && m.file_congruent);
+                push_merged(&mut swap, chunk, in_place);
+            }
             Some(reason) => {
                 for inside in insides {
                     push_merged(&mut keep, *inside, *reason);
@@ -333,13 +345,17 @@ pub fn plan_object(
     }
     let swap = swap
         .into_iter()
-        .map(|(range, ())| {
+        .map(|(range, in_place)| {
             let mut pieces: Vec<Range> = mappings
                 .iter()
                 .filter_map(|m| m.range.intersect(range))
                 .collect();
             pieces.sort();
-            SwapRange { range, pieces }
+            SwapRange {
+                range,
+                pieces,
+                in_place,
+            }
         })
         .collect();
     let plan = ObjectPlan { swap, keep };
@@ -368,6 +384,8 @@ pub enum Source {
     Hugetlb,
     /// Anonymous transparent huge pages.
     Thp,
+    /// The file's own page cache, collapsed in place (no copy).
+    PageCache,
 }
 
 impl Source {
@@ -376,6 +394,7 @@ impl Source {
         match self {
             Source::Hugetlb => "hugetlb",
             Source::Thp => "thp",
+            Source::PageCache => "page cache",
         }
     }
 }
@@ -432,6 +451,7 @@ mod tests {
             exec: p[2] == b'x',
             private: p[3] == b'p',
             same_object,
+            file_congruent: false,
         }
     }
 
@@ -507,9 +527,37 @@ mod tests {
         );
         assert_eq!(ranges(&p), vec![Range::new(2 * M, 6 * M)]);
         assert_eq!(p.swap[0].pieces, vec![Range::new(2 * M, 6 * M)]);
+        assert!(!p.swap[0].in_place);
         assert_eq!(p.kept_bytes(Skip::PartialHugePage), seg.len() - 4 * M);
         let kept: u64 = p.keep.iter().map(|(r, _)| r.len()).sum();
         assert_eq!(p.swap_bytes() + kept, seg.len());
+    }
+
+    #[test]
+    fn congruent_file_text_is_tried_in_place_first() {
+        let seg = Range::new(2 * M, 6 * M);
+        let congruent = MappingView {
+            file_congruent: true,
+            ..text(seg.start, seg.end)
+        };
+        let p = plan_object(&[seg], &[congruent], &[], Strategy::Aggressive);
+        assert!(p.swap[0].in_place);
+        // A chunk that also holds rodata or a hole is copied.
+        let seg = Range::new(2 * M + 0x1000, 6 * M);
+        let mappings = [
+            view(2 * M, 2 * M + 0x1000, "r--p", true),
+            MappingView {
+                file_congruent: true,
+                ..text(seg.start, seg.end)
+            },
+        ];
+        let p = plan_object(&[seg], &mappings, &[], Strategy::Aggressive);
+        assert_eq!(
+            ranges(&p),
+            vec![Range::new(2 * M, 3 * M), Range::new(3 * M, 6 * M)]
+        );
+        assert!(!p.swap[0].in_place);
+        assert!(p.swap[1].in_place);
     }
 
     #[test]

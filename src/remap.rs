@@ -68,6 +68,9 @@ fn mapping_views(vmas: &[Vma], object: &LoadedObject, window: Range) -> Vec<Mapp
             exec: v.exec,
             private: v.private,
             same_object: covered_by_union(v.range(), &object.load_segments),
+            file_congruent: v.inode != 0
+                && !v.is_hugetlb()
+                && v.start.wrapping_sub(v.offset) % HUGE_PAGE == 0,
         })
         .collect()
 }
@@ -183,6 +186,9 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], request: Request) -> Vec<O
                     // guarantees no thread runs this text meanwhile.
                     let results = unsafe { swap::swap_ranges(&plan.swap, sources) };
                     for r in results {
+                        if report.in_place_error.is_none() {
+                            report.in_place_error = r.in_place_error;
+                        }
                         match (r.result, r.source) {
                             (Ok(()), Some(source)) => report.swapped.push((r.range, source)),
                             (Err(e), _) => report.failed.push((r.range, e)),

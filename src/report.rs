@@ -23,6 +23,18 @@ impl core::fmt::Display for KeptReasons<'_> {
     }
 }
 
+/// " (in place: EINVAL)" when the page cache could not serve and a copy did.
+struct InPlaceNote(Option<crate::sys::Errno>);
+
+impl core::fmt::Display for InPlaceNote {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(e) => write!(f, " after in-place collapse failed with {}", e.name()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Why nothing was attempted for an object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotAttempted {
@@ -66,6 +78,9 @@ pub struct ObjectReport {
     pub kept: Vec<(Skip, u64)>,
     /// Ranges swapped, and from where their pages came.
     pub swapped: Vec<(Range, Source)>,
+    /// Why the page cache could not supply huge pages in place, when tried
+    /// (the ranges were copied instead).
+    pub in_place_error: Option<crate::sys::Errno>,
     /// Ranges planned but not swapped, and why.
     pub failed: Vec<(Range, SwapError)>,
     /// Why nothing was attempted, when that is the case.
@@ -89,11 +104,14 @@ impl ObjectReport {
     fn sources(&self) -> &'static str {
         let h = self.swapped.iter().any(|(_, s)| *s == Source::Hugetlb);
         let t = self.swapped.iter().any(|(_, s)| *s == Source::Thp);
-        match (h, t) {
-            (true, true) => "hugetlb+thp",
-            (true, false) => "hugetlb",
-            (false, true) => "thp",
-            (false, false) => "none",
+        let p = self.swapped.iter().any(|(_, s)| *s == Source::PageCache);
+        match (p, h, t) {
+            (false, true, true) => "hugetlb+thp",
+            (false, true, false) => "hugetlb",
+            (false, false, true) => "thp",
+            (false, false, false) => "none",
+            (true, false, false) => "page cache in place",
+            (true, true, _) | (true, _, true) => "page cache in place+copies",
         }
     }
 
@@ -141,13 +159,14 @@ impl ObjectReport {
         }
         crate::tlog!(
             Level::Info,
-            "{}: text {}, on 2 MiB pages {} ({} pages: {} new via {}, {} already), {} x 4 KiB left{}, {}",
+            "{}: text {}, on 2 MiB pages {} ({} pages: {} new via {}{}, {} already), {} x 4 KiB left{}, {}",
             self.path,
             Bytes(self.text_bytes),
             Bytes(self.after.huge()),
             (self.swapped_bytes() + self.already_huge_bytes) / HUGE_PAGE,
             self.swapped_bytes() / HUGE_PAGE,
             self.sources(),
+            InPlaceNote(self.in_place_error),
             self.already_huge_bytes / HUGE_PAGE,
             self.after.small() / PAGE,
             KeptReasons(&self.kept),

@@ -206,6 +206,31 @@ fn stage(source: Source, len: usize) -> Result<Staging, SwapError> {
     match source {
         Source::Hugetlb => stage_hugetlb(len),
         Source::Thp => stage_thp(len),
+        // Not a copy: handled before staging.
+        Source::PageCache => Err(SwapError::NoSource),
+    }
+}
+
+/// Asks the kernel to map file-backed text with 2 MiB pages from the page
+/// cache itself (`MADV_HUGEPAGE`, then `MADV_COLLAPSE`, Linux 6.1): no copy,
+/// pages shared with every process mapping the file, the file name kept.
+/// Needs `CONFIG_READ_ONLY_THP_FOR_FS` for regular files; without it the
+/// collapse fails with EINVAL and nothing changed but the advice.
+///
+/// # Safety
+/// `range` must be 2 MiB aligned file-backed text of a loaded object.
+unsafe fn collapse_in_place(range: Range) -> Result<(), Errno> {
+    let addr = range.start as *mut u8;
+    let len = range.len() as usize;
+    // SAFETY: advice on the caller's text; contents are unchanged.
+    unsafe { sys::madvise(addr, len, libc::MADV_HUGEPAGE) }?;
+    // SAFETY: as above; the kernel copies into a huge folio and remaps
+    // atomically, or fails leaving the mapping as it was.
+    unsafe { sys::madvise(addr, len, sys::MADV_COLLAPSE) }?;
+    if huge_bytes_in(range.start, range.len()) == range.len() {
+        Ok(())
+    } else {
+        Err(Errno(libc::EAGAIN))
     }
 }
 
@@ -218,6 +243,8 @@ pub struct RangeResult {
     pub source: Option<Source>,
     /// What happened.
     pub result: Result<(), SwapError>,
+    /// Why collapsing the page cache in place did not serve, when tried.
+    pub in_place_error: Option<Errno>,
 }
 
 /// Replaces each range with huge pages holding the same bytes, trying
@@ -237,6 +264,7 @@ pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<Ran
             range: req.range,
             source: None,
             result: Err(SwapError::NoSource),
+            in_place_error: None,
         })
         .collect();
     let mut staged: Vec<(usize, Staging)> = Vec::new();
@@ -245,6 +273,18 @@ pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<Ran
     // Steps 1 and 2: build every replacement first.
     for (i, (r, req)) in results.iter_mut().zip(requests).enumerate() {
         let len = r.range.len() as usize;
+        if req.in_place {
+            // SAFETY: the range is file-backed text (caller); collapsing keeps
+            // its contents, and the kernel serialises it against faults.
+            match unsafe { collapse_in_place(r.range) } {
+                Ok(()) => {
+                    r.source = Some(Source::PageCache);
+                    r.result = Ok(());
+                    continue;
+                }
+                Err(e) => r.in_place_error = Some(e),
+            }
+        }
         for &source in sources {
             r.source = Some(source);
             match stage(source, len) {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Waiting, BIG_RODATA};
+use common::{Waiting, BIG_RODATA, HUGE_ALIGNED};
 
 const T: Duration = Duration::from_secs(120);
 const CALLS: &str = "200000";
@@ -192,4 +192,46 @@ fn aggressive_covers_all_text_when_its_neighbours_are_read_only() {
             .contains("head/tail, not a whole 2 MiB page"),
         "says what stayed small and why",
     );
+}
+
+#[test]
+fn congruent_text_is_tried_in_place_and_copied_when_the_kernel_refuses() {
+    // Text linked 2 MiB aligned is congruent with its file offset: tiexec
+    // first asks the kernel to collapse the page cache in place (no copy).
+    // Kernels without CONFIG_READ_ONLY_THP_FOR_FS refuse (EINVAL) and the
+    // copy path serves; either way all of the text ends up huge.
+    let exe = common::fixture(HUGE_ALIGNED);
+    let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
+    let seen = observe(
+        common::tiexec_cmd()
+            .args(["-v", "-b", "thp"])
+            .arg(&exe)
+            .args([CALLS, "wait"]),
+        &exe,
+    );
+    seen.outcome
+        .check(seen.stdout_first == plain.stdout, "same output");
+    seen.outcome.check(
+        seen.cov.huge() == seen.text,
+        &format!("not all text huge: {:?} of {}", seen.cov, seen.text),
+    );
+    let line = seen
+        .outcome
+        .stderr
+        .lines()
+        .find(|l| l.contains("fixture-pie-aligned-24m: text"))
+        .unwrap_or_default()
+        .to_string();
+    seen.outcome.check(
+        line.contains("via page cache in place")
+            || line.contains("after in-place collapse failed with"),
+        "in place tried first, the path taken reported",
+    );
+    if line.contains("failed with") {
+        seen.outcome
+            .check(seen.cov.anon_thp == seen.text, "copied on THP");
+    } else {
+        seen.outcome
+            .check(seen.cov.file_thp == seen.text, "page cache THP");
+    }
 }

@@ -27,6 +27,9 @@ pub struct Spec {
     /// MiB of read-only data after the text (so the text's last 2 MiB page
     /// holds no writable data).
     pub rodata_mib: u64,
+    /// `-z max-page-size=0x200000`: segments 2 MiB aligned in the file and
+    /// in memory, so the text is congruent with its file offset.
+    pub huge_aligned: bool,
 }
 
 impl Spec {
@@ -40,6 +43,7 @@ impl Spec {
             static_link: false,
             two_text_segments: false,
             rodata_mib: 0,
+            huge_aligned: false,
         }
     }
 }
@@ -210,6 +214,9 @@ pub fn build(spec: Spec, dir: &Path) -> PathBuf {
     }
     if spec.static_link {
         cc.arg("-static");
+    }
+    if spec.huge_aligned {
+        cc.arg("-Wl,-z,max-page-size=0x200000");
     }
     if spec.two_text_segments {
         cc.arg(format!(

@@ -30,6 +30,7 @@ pub const MERGED_RX: Spec = Spec {
     static_link: false,
     two_text_segments: false,
     rodata_mib: 0,
+    huge_aligned: false,
 };
 /// PIE with two executable segments of 16 MiB each.
 pub const TWO_SEGMENTS: Spec = Spec {
@@ -40,6 +41,7 @@ pub const TWO_SEGMENTS: Spec = Spec {
     static_link: false,
     two_text_segments: true,
     rodata_mib: 0,
+    huge_aligned: false,
 };
 /// PIE whose text is followed by 3 MiB of rodata: its last 2 MiB page holds
 /// no writable data, so the aggressive strategy can cover all of its text.
@@ -51,6 +53,18 @@ pub const BIG_RODATA: Spec = Spec {
     static_link: false,
     two_text_segments: false,
     rodata_mib: 3,
+    huge_aligned: false,
+};
+/// PIE linked with 2 MiB segment alignment: text congruent with its file.
+pub const HUGE_ALIGNED: Spec = Spec {
+    name: "fixture-pie-aligned-24m",
+    text_mib: 24,
+    pie: true,
+    merged_rx: false,
+    static_link: false,
+    two_text_segments: false,
+    rodata_mib: 0,
+    huge_aligned: true,
 };
 /// A small static program.
 pub const STATIC_SMALL: Spec = Spec {
@@ -61,6 +75,7 @@ pub const STATIC_SMALL: Spec = Spec {
     static_link: true,
     two_text_segments: false,
     rodata_mib: 0,
+    huge_aligned: false,
 };
 
 /// Where fixtures and scratch files go.
