@@ -115,6 +115,7 @@ fn time_fresh_fault(source: Source, len: usize) -> Option<f64> {
             unsafe { sys::madvise(aligned, len, libc::MADV_HUGEPAGE) }.ok()?;
             (a, map_len, aligned)
         }
+        Source::PageCache => return None,
     };
     // SAFETY: our fresh mapping.
     let populated = unsafe { sys::madvise(addr, len, sys::MADV_POPULATE_WRITE) };
