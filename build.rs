@@ -85,6 +85,12 @@ fn build_preload_library(out_dir: &std::path::Path, embedded: &std::path::Path) 
         .join(&target)
         .join("release")
         .join("libtiexec.so");
-    std::fs::copy(&built, embedded)
-        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), embedded.display()));
+    // Copy, then rename over: a test or program may have the previous
+    // library mapped (LD_PRELOAD), and writing into that file in place would
+    // change its code under it. A rename leaves it the old inode.
+    let tmp = embedded.with_extension("so.tmp");
+    std::fs::copy(&built, &tmp)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), tmp.display()));
+    std::fs::rename(&tmp, embedded)
+        .unwrap_or_else(|e| panic!("rename {} -> {}: {e}", tmp.display(), embedded.display()));
 }

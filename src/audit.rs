@@ -149,12 +149,13 @@ fn object_from_mappings(path: &str, bias: u64, vmas: &[smaps::Vma]) -> Option<Lo
     // SAFETY: the mapping is readable and the loader keeps it mapped during
     // this call; its bytes are the start of the ELF file.
     let bytes = unsafe { core::slice::from_raw_parts(header.start as *const u8, len) };
-    let (text_segments, load_segments) = elf::load_segments(&elf::program_headers(bytes)?, bias);
+    let segments = elf::load_segments(&elf::program_headers(bytes)?, bias);
     Some(LoadedObject {
         path: path.to_string(),
         bias,
         is_main: false,
-        text_segments,
-        load_segments,
+        text_segments: segments.text,
+        read_only_segments: segments.read_only,
+        load_segments: segments.all,
     })
 }

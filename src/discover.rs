@@ -1,7 +1,8 @@
 //! What is loaded, and what the machine offers. Reads only: the loader's list
 //! of objects (`dl_iterate_phdr`), /proc and /sys.
 
-use crate::plan::{segment_pages, Machine, Range};
+use crate::elf;
+use crate::plan::{Machine, Range};
 use crate::sys;
 
 /// One loaded ELF object and its executable segments.
@@ -15,6 +16,8 @@ pub struct LoadedObject {
     pub is_main: bool,
     /// Executable `PT_LOAD` segments as mapped (page-rounded), ascending.
     pub text_segments: Vec<Range>,
+    /// `PT_LOAD` segments that are not writable per the ELF flags.
+    pub read_only_segments: Vec<Range>,
     /// All `PT_LOAD` segments as mapped, for telling whose pages are whose.
     pub load_segments: Vec<Range>,
 }
@@ -51,21 +54,20 @@ unsafe extern "C" fn collect_object(
     let is_main = collector.first;
     collector.first = false;
     let bias = info.dlpi_addr;
-    let mut text_segments = Vec::new();
-    let mut load_segments = Vec::new();
-    if !info.dlpi_phdr.is_null() {
+    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+        &[]
+    } else {
         // SAFETY: dlpi_phdr points at dlpi_phnum program headers of a loaded
         // object, which stay mapped while the object is loaded.
-        let phdrs =
-            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
-        for ph in phdrs.iter().filter(|ph| ph.p_type == libc::PT_LOAD) {
-            let range = segment_pages(bias.wrapping_add(ph.p_vaddr), ph.p_memsz);
-            load_segments.push(range);
-            if ph.p_flags & libc::PF_X != 0 {
-                text_segments.push(range);
-            }
-        }
-    }
+        unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
+    };
+    let segments = elf::segments(
+        phdrs
+            .iter()
+            .filter(|ph| ph.p_type == libc::PT_LOAD)
+            .map(|ph| (ph.p_flags, ph.p_vaddr, ph.p_memsz)),
+        bias,
+    );
     let name = if info.dlpi_name.is_null() {
         &[][..]
     } else {
@@ -83,14 +85,13 @@ unsafe extern "C" fn collect_object(
     } else {
         String::from_utf8_lossy(name).into_owned()
     };
-    text_segments.sort();
-    load_segments.sort();
     collector.objects.push(LoadedObject {
         path,
         bias,
         is_main,
-        text_segments,
-        load_segments,
+        text_segments: segments.text,
+        read_only_segments: segments.read_only,
+        load_segments: segments.all,
     });
     0
 }

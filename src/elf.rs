@@ -3,7 +3,7 @@
 
 use goblin::container::{Container, Ctx, Endian};
 use goblin::elf::header::{EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2MSB};
-use goblin::elf::program_header::{ProgramHeader, PF_X, PT_INTERP, PT_LOAD};
+use goblin::elf::program_header::{ProgramHeader, PF_W, PF_X, PT_INTERP, PT_LOAD};
 
 use crate::plan::{segment_pages, Range};
 
@@ -35,21 +35,48 @@ pub fn has_interpreter(phdrs: &[ProgramHeader]) -> bool {
     phdrs.iter().any(|p| p.p_type == PT_INTERP)
 }
 
-/// The (executable, all) `PT_LOAD` segments as mapped at `bias`
-/// (page-rounded, ascending).
-pub fn load_segments(phdrs: &[ProgramHeader], bias: u64) -> (Vec<Range>, Vec<Range>) {
-    let mut text = Vec::new();
-    let mut all = Vec::new();
-    for ph in phdrs.iter().filter(|p| p.p_type == PT_LOAD) {
-        let range = segment_pages(bias.wrapping_add(ph.p_vaddr), ph.p_memsz);
-        all.push(range);
-        if ph.p_flags & PF_X != 0 {
-            text.push(range);
+/// An object's `PT_LOAD` segments as mapped (page-rounded, ascending).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Segments {
+    /// Executable ones.
+    pub text: Vec<Range>,
+    /// Not writable per the ELF flags (text, headers, rodata). A RELRO part
+    /// of a writable segment is not among them, although the loader makes
+    /// it read-only after relocation: it is relocated data.
+    pub read_only: Vec<Range>,
+    /// All of them.
+    pub all: Vec<Range>,
+}
+
+/// Sorts `(p_flags, p_vaddr, p_memsz)` of `PT_LOAD` headers, mapped at
+/// `bias`, into [`Segments`].
+pub fn segments(loads: impl Iterator<Item = (u32, u64, u64)>, bias: u64) -> Segments {
+    let mut s = Segments::default();
+    for (flags, vaddr, memsz) in loads {
+        let range = segment_pages(bias.wrapping_add(vaddr), memsz);
+        s.all.push(range);
+        if flags & PF_X != 0 {
+            s.text.push(range);
+        }
+        if flags & PF_W == 0 {
+            s.read_only.push(range);
         }
     }
-    text.sort();
-    all.sort();
-    (text, all)
+    s.text.sort();
+    s.read_only.sort();
+    s.all.sort();
+    s
+}
+
+/// [`segments`] of parsed program headers.
+pub fn load_segments(phdrs: &[ProgramHeader], bias: u64) -> Segments {
+    segments(
+        phdrs
+            .iter()
+            .filter(|p| p.p_type == PT_LOAD)
+            .map(|p| (p.p_flags, p.p_vaddr, p.p_memsz)),
+        bias,
+    )
 }
 
 #[cfg(test)]
@@ -61,8 +88,10 @@ mod tests {
         let exe = std::fs::read("/proc/self/exe").unwrap();
         let phdrs = program_headers(&exe).unwrap();
         assert!(has_interpreter(&phdrs));
-        let (text, all) = load_segments(&phdrs, 0);
-        assert!(!text.is_empty() && all.len() >= text.len());
+        let s = load_segments(&phdrs, 0);
+        assert!(!s.text.is_empty() && s.all.len() >= s.text.len());
+        assert!(s.text.iter().all(|t| s.read_only.contains(t)));
+        assert!(s.read_only.len() < s.all.len(), "a writable segment exists");
         assert!(program_headers(b"not an elf file at all, really").is_none());
         assert!(program_headers(&exe[..40]).is_none());
     }

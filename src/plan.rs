@@ -176,8 +176,9 @@ pub struct MappingView {
     pub exec: bool,
     /// Private (not shared).
     pub private: bool,
-    /// Inside one of the object's own `PT_LOAD` segments.
-    pub same_object: bool,
+    /// Inside the object's own non-writable `PT_LOAD` segments (headers,
+    /// rodata, text; not RELRO, which is relocated data).
+    pub read_only_segment: bool,
     /// File-backed, with address and file offset congruent modulo 2 MiB:
     /// the page cache could supply its 2 MiB pages in place.
     pub file_congruent: bool,
@@ -192,7 +193,7 @@ impl MappingView {
     /// Read-only bytes of the same object (headers, rodata, text): may share
     /// a 2 MiB page with the text under the aggressive strategy.
     pub fn read_only_same_object(&self) -> bool {
-        self.read && !self.write && self.private && self.same_object
+        self.read && !self.write && self.private && self.read_only_segment
     }
 }
 
@@ -300,7 +301,7 @@ fn decide_chunk(
 ///
 /// - `segments`: its executable segments as mapped (page-rounded).
 /// - `mappings`: the process's mappings near them (from smaps), with
-///   `same_object` set for those inside the object's own segments.
+///   `read_only_segment` set for those inside the object's non-writable segments.
 /// - `huge`: ranges the kernel already maps with 2 MiB pages; a 2 MiB page
 ///   counts as already huge only when it lies entirely inside one of them.
 pub fn plan_object(
@@ -442,7 +443,7 @@ mod tests {
 
     const M: u64 = HUGE_PAGE;
 
-    fn view(start: u64, end: u64, perms: &str, same_object: bool) -> MappingView {
+    fn view(start: u64, end: u64, perms: &str, read_only_segment: bool) -> MappingView {
         let p = perms.as_bytes();
         MappingView {
             range: Range::new(start, end),
@@ -450,7 +451,7 @@ mod tests {
             write: p[1] == b'w',
             exec: p[2] == b'x',
             private: p[3] == b'p',
-            same_object,
+            read_only_segment,
             file_congruent: false,
         }
     }
@@ -590,7 +591,9 @@ mod tests {
         let mappings = [
             view(M, M + 0x1000, "r--p", false), // another object's page
             text(seg.start, seg.end),
-            view(6 * M + 0x5000, 6 * M + 0x9000, "rw-p", true), // .data
+            // RELRO: read-only now, but part of the writable segment.
+            view(6 * M + 0x5000, 6 * M + 0x7000, "r--p", false),
+            view(6 * M + 0x7000, 6 * M + 0x9000, "rw-p", false), // .data
         ];
         let p = plan_object(&[seg], &mappings, &[], Strategy::Aggressive);
         assert_eq!(ranges(&p), vec![Range::new(2 * M, 6 * M)]);

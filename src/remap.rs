@@ -67,7 +67,7 @@ fn mapping_views(vmas: &[Vma], object: &LoadedObject, window: Range) -> Vec<Mapp
             write: v.write,
             exec: v.exec,
             private: v.private,
-            same_object: covered_by_union(v.range(), &object.load_segments),
+            read_only_segment: covered_by_union(v.range(), &object.read_only_segments),
             file_congruent: v.inode != 0
                 && !v.is_hugetlb()
                 && v.start.wrapping_sub(v.offset) % HUGE_PAGE == 0,

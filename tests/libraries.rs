@@ -83,7 +83,7 @@ fn a_library_dlopened_while_another_thread_runs_is_covered() {
     plain.check(plain.status.success(), "plain run");
     let seen = observe(
         common::tiexec_cmd()
-            .args(["-v", "-b", "thp"])
+            .args(["-v", "-b", "thp", "--dlopen"])
             .arg(&host)
             .args([CALLS, "wait"])
             .arg(&lib),
@@ -108,11 +108,11 @@ fn a_library_dlopened_while_another_thread_runs_is_covered() {
 }
 
 #[test]
-fn without_the_audit_hook_a_dlopened_library_is_left_alone() {
+fn by_default_a_dlopened_library_is_left_alone() {
     let (host, lib) = common::dlopen_library_fixture();
     let seen = observe(
         common::tiexec_cmd()
-            .args(["--no-dlopen", "-b", "thp"])
+            .args(["-b", "thp"])
             .arg(&host)
             .args([CALLS, "wait"])
             .arg(&lib),

@@ -92,3 +92,130 @@ fn python_and_shell_give_the_same_output() {
         o.check(o.stderr.is_empty(), "silent at the default level");
     }
 }
+
+/// The toolchain's real rustc (not rustup's proxy) and its two big
+/// libraries: librustc_driver and libLLVM (the file, not the linker script).
+fn rustc_and_libraries() -> Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
+    let sysroot = std::path::PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    let lib = sysroot.join("lib");
+    let mut driver = None;
+    let mut llvm = None;
+    for entry in std::fs::read_dir(&lib).ok()? {
+        let path = entry.ok()?.path();
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        let big = std::fs::metadata(&path)
+            .map(|m| m.len() > 1 << 20)
+            .unwrap_or(false);
+        if name.starts_with("librustc_driver-") && name.ends_with(".so") && big {
+            driver = Some(path);
+        } else if name.starts_with("libLLVM") && big {
+            llvm = Some(path);
+        }
+    }
+    Some((sysroot.join("bin").join("rustc"), driver?, llvm?))
+}
+
+const RUST_SOURCE: &str = "
+pub fn fib(n: u64) -> u64 { if n < 2 { n } else { fib(n - 1) + fib(n - 2) } }
+pub fn total() -> u64 { (0..20).map(fib).sum() }
+";
+
+/// rustc compiles a small crate to the same rlib under tiexec, and while it
+/// runs (blocked reading its source from stdin, libraries loaded) at least
+/// 95 % of the text of librustc_driver and of libLLVM is on 2 MiB pages,
+/// read from its smaps.
+#[test]
+fn rustc_compiles_the_same_with_its_big_libraries_on_huge_pages() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let Some((rustc, driver, llvm)) = rustc_and_libraries() else {
+        eprintln!("note: no rustup toolchain with librustc_driver and libLLVM: test skipped");
+        return;
+    };
+    let dir = common::scratch_dir().join(format!("rustc-{}", std::process::id()));
+    let (plain_dir, tiexec_dir) = (dir.join("plain"), dir.join("tiexec"));
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    std::fs::create_dir_all(&tiexec_dir).unwrap();
+    let args = [
+        "--edition",
+        "2021",
+        "--crate-type",
+        "lib",
+        "--crate-name",
+        "small",
+        "-O",
+        "-",
+        "--out-dir",
+    ];
+
+    let src = dir.join("small.rs");
+    std::fs::write(&src, RUST_SOURCE).unwrap();
+    let plain = common::run_with_stdin(
+        Command::new(&rustc).args(args).arg(&plain_dir),
+        std::fs::File::open(&src).unwrap().into(),
+        T,
+    );
+    plain.check(plain.status.success(), "plain rustc");
+
+    let mut child = common::tiexec_cmd()
+        .args(["-v", "-b", "thp"])
+        .arg(&rustc)
+        .args(args)
+        .arg(&tiexec_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tiexec rustc");
+    let pid = child.id();
+    // The constructor reports every object once its work is done; libLLVM's
+    // line means both libraries have been handled.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("libLLVM") {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let ready = rx.recv_timeout(T).is_ok();
+    let coverage = |lib: &std::path::Path| {
+        let segments = common::text_segments(pid, lib);
+        let text: u64 = segments.iter().map(|s| s.len()).sum();
+        (common::coverage(pid, &segments).huge(), text)
+    };
+    let (driver_huge, driver_text) = if ready { coverage(&driver) } else { (0, 1) };
+    let (llvm_huge, llvm_text) = if ready { coverage(&llvm) } else { (0, 1) };
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(RUST_SOURCE.as_bytes()).unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap().join("\n");
+    let context = format!(
+        "stderr:\n{stderr}\nlibrustc_driver {driver_huge} of {driver_text}, libLLVM {llvm_huge} of {llvm_text}"
+    );
+    assert!(ready, "no report for libLLVM\n{context}");
+    assert!(status.success(), "rustc under tiexec failed\n{context}");
+    let a = std::fs::read(plain_dir.join("libsmall.rlib")).unwrap();
+    let b = std::fs::read(tiexec_dir.join("libsmall.rlib")).unwrap();
+    assert!(a == b, "rlibs differ\n{context}");
+    assert!(
+        driver_huge * 100 >= driver_text * 95,
+        "librustc_driver under 95 %\n{context}"
+    );
+    assert!(
+        llvm_huge * 100 >= llvm_text * 95,
+        "libLLVM under 95 %\n{context}"
+    );
+    eprintln!("{context}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -34,8 +34,9 @@ Options:
       --include PATS   only objects matching these ':'-separated globs
                                                        [TIEXEC_INCLUDE]
       --exclude PATS   leave objects matching these alone [TIEXEC_EXCLUDE]
-      --no-dlopen      leave libraries loaded later with dlopen alone
-                       (no LD_AUDIT)
+      --dlopen         also cover libraries loaded later with dlopen, through
+                       an audit module (LD_AUDIT); costs ~0.6 ms per process
+                       start, and raises glibc's static TLS surplus
       --no-children    programs started by PROGRAM run without tiexec
                                                        [TIEXEC_CHILDREN=0]
       --library PATH   preload this libtiexec.so instead of the built-in one
@@ -52,7 +53,7 @@ struct Args {
     strategy: Option<config::Strategy>,
     include: Option<OsString>,
     exclude: Option<OsString>,
-    no_dlopen: bool,
+    dlopen: bool,
     log: Option<tiexec::log::Level>,
     no_children: bool,
     library: Option<PathBuf>,
@@ -76,7 +77,7 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
         strategy: None,
         include: None,
         exclude: None,
-        no_dlopen: false,
+        dlopen: false,
         log: None,
         no_children: false,
         library: None,
@@ -161,7 +162,7 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
                 Ok(v) => args.exclude = Some(v),
                 Err(e) => return e,
             },
-            b"--no-dlopen" => args.no_dlopen = true,
+            b"--dlopen" => args.dlopen = true,
             b"-v" | b"--verbose" => args.log = Some(tiexec::log::Level::Info),
             b"--no-children" => args.no_children = true,
             b"--library" => match value("--library") {
@@ -373,6 +374,28 @@ fn ld_list_with(existing: Option<OsString>, lib: &Path) -> OsString {
     OsString::from_vec(out)
 }
 
+/// With an audit module, glibc lays out static TLS before loading the
+/// program's libraries, which must then fit their initial-exec TLS into the
+/// optional surplus (512 bytes by default): rustc's librustc_driver needs
+/// ~24 KiB and would not start. Give them 64 KiB, unless the user chose.
+const TLS_SURPLUS_TUNABLE: &str = "glibc.rtld.optional_static_tls";
+
+fn tunables_with_tls_surplus(existing: Option<OsString>) -> OsString {
+    let mut out = existing.unwrap_or_default();
+    if out
+        .as_bytes()
+        .windows(TLS_SURPLUS_TUNABLE.len())
+        .any(|w| w == TLS_SURPLUS_TUNABLE.as_bytes())
+    {
+        return out;
+    }
+    if !out.is_empty() {
+        out.push(":");
+    }
+    out.push(format!("{TLS_SURPLUS_TUNABLE}=65536"));
+    out
+}
+
 fn main() -> ExitCode {
     let args = match parse_args(std::env::args_os().skip(1)) {
         Parsed::Run(a) => a,
@@ -424,10 +447,14 @@ fn main() -> ExitCode {
                     "LD_PRELOAD",
                     ld_list_with(std::env::var_os("LD_PRELOAD"), &lib),
                 );
-                if !args.no_dlopen {
+                if args.dlopen {
                     // The same library, as an audit module: covers libraries
                     // loaded later with dlopen.
                     cmd.env("LD_AUDIT", ld_list_with(std::env::var_os("LD_AUDIT"), &lib));
+                    cmd.env(
+                        "GLIBC_TUNABLES",
+                        tunables_with_tls_surplus(std::env::var_os("GLIBC_TUNABLES")),
+                    );
                 }
             }
             Err(e) => {
@@ -498,6 +525,20 @@ mod tests {
             ld_list_with(Some("/a.so /c/libtiexec.so:/b.so".into()), lib),
             "/c/libtiexec.so:/a.so:/b.so"
         );
+    }
+
+    #[test]
+    fn tls_surplus_is_added_once_and_never_overrides_the_user() {
+        assert_eq!(
+            tunables_with_tls_surplus(None),
+            "glibc.rtld.optional_static_tls=65536"
+        );
+        assert_eq!(
+            tunables_with_tls_surplus(Some("glibc.malloc.arena_max=2".into())),
+            "glibc.malloc.arena_max=2:glibc.rtld.optional_static_tls=65536"
+        );
+        let mine = "glibc.rtld.optional_static_tls=1024";
+        assert_eq!(tunables_with_tls_surplus(Some(mine.into())), mine);
     }
 
     #[test]

@@ -207,9 +207,14 @@ fn wait_with_deadline(child: &mut Child, timeout: Duration, command: &str) -> Ex
 
 /// Runs `cmd` to completion (stdin closed), with a timeout.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Outcome {
+    run_with_stdin(cmd, Stdio::null(), timeout)
+}
+
+/// Runs `cmd` to completion reading `stdin`, with a timeout.
+pub fn run_with_stdin(cmd: &mut Command, stdin: Stdio, timeout: Duration) -> Outcome {
     let command = describe(cmd);
     let mut child = spawn(
-        cmd.stdin(Stdio::null())
+        cmd.stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
         &command,
