@@ -105,7 +105,7 @@ fn object_opened(bias: u64, name: &[u8]) {
     };
     let Some(object) = object_from_mappings(&path, bias, &vmas) else {
         crate::tlog!(
-            Level::Debug,
+            Level::Info,
             "{path}: loaded later, but its headers are not mapped: left alone"
         );
         return;

@@ -34,6 +34,8 @@ Options:
       --include PATS   only objects matching these ':'-separated globs
                                                        [TIEXEC_INCLUDE]
       --exclude PATS   leave objects matching these alone [TIEXEC_EXCLUDE]
+      --min-text SIZE  leave objects with less text alone (e.g. 8M)
+                                                       [TIEXEC_MIN_TEXT]
       --dlopen         also cover libraries loaded later with dlopen, through
                        an audit module (LD_AUDIT); costs ~0.6 ms per process
                        start, and raises glibc's static TLS surplus
@@ -53,6 +55,7 @@ struct Args {
     strategy: Option<config::Strategy>,
     include: Option<OsString>,
     exclude: Option<OsString>,
+    min_text: Option<u64>,
     dlopen: bool,
     log: Option<tiexec::log::Level>,
     no_children: bool,
@@ -77,6 +80,7 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
         strategy: None,
         include: None,
         exclude: None,
+        min_text: None,
         dlopen: false,
         log: None,
         no_children: false,
@@ -160,6 +164,18 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
             },
             b"--exclude" => match value("--exclude") {
                 Ok(v) => args.exclude = Some(v),
+                Err(e) => return e,
+            },
+            b"--min-text" => match value("--min-text") {
+                Ok(v) => match config::parse_size(v.as_bytes()) {
+                    Some(n) => args.min_text = Some(n),
+                    None => {
+                        return usage_error(&format!(
+                            "--min-text {}: expected a byte count such as 4194304 or 4M",
+                            v.to_string_lossy()
+                        ))
+                    }
+                },
                 Err(e) => return e,
             },
             b"--dlopen" => args.dlopen = true,
@@ -477,6 +493,9 @@ fn main() -> ExitCode {
     }
     if let Some(p) = &args.exclude {
         cmd.env("TIEXEC_EXCLUDE", p);
+    }
+    if let Some(n) = args.min_text {
+        cmd.env("TIEXEC_MIN_TEXT", n.to_string());
     }
     if args.no_children {
         cmd.env(config::VAR_CHILDREN, "0");
