@@ -18,6 +18,8 @@
  *       16  u64 len       in:  length of both, a multiple of 2 MiB
  *       24  i64 status    out: 0, or the -errno of the step that failed
  *       32  u64 outcome   out: what happened (OUTCOME_* below)
+ *       40  u64 fail      in:  0 normally; a FAIL_* code makes one step fail
+ *                              on purpose (tests of every failure path)
  *     rsi = count
  *   returns 0 when every record was processed, or the -errno of the first
  *   rt_sigprocmask, in which case no record was touched.
@@ -34,6 +36,13 @@
  *     4. only if the old range has a hole: map anonymous memory read-write
  *        over it, copy the bytes back from the staging copy (still at its
  *        address, readable), make it r-x: OUTCOME_RESTORED_BY_COPY.
+ *
+ * Injected failures (FAIL_*), for tests only:
+ *     FAIL_PROTECT      step 1 reports -EPERM without calling mprotect;
+ *     FAIL_REMAP        step 2 reports -ENOMEM without calling mremap;
+ *     FAIL_REMAP_HOLE   the worst case: the text is really unmapped (munmap)
+ *                       and step 2 reports -ENOMEM, so steps 3 and 4 must
+ *                       find the hole and put the bytes back.
  *
  * What it may not do (it runs while the text may be half-replaced)
  *   - call anything, or touch memory other than its own stack frame and the
@@ -52,6 +61,7 @@
 #define SYS_rt_sigprocmask  14
 #define SYS_mremap          25
 #define SYS_msync           26
+#define SYS_munmap          11
 
 #define PROT_READ_EXEC      5      /* PROT_READ | PROT_EXEC */
 #define PROT_READ_WRITE     3      /* PROT_READ | PROT_WRITE */
@@ -73,7 +83,13 @@
 #define OP_LEN      16
 #define OP_STATUS   24
 #define OP_OUTCOME  32
-#define OP_SIZE     40
+#define OP_FAIL     40
+#define OP_SIZE     48
+
+#define FAIL_PROTECT     1
+#define FAIL_REMAP       2
+#define FAIL_REMAP_HOLE  3
+#define EPERM            1
 
     .text
     .p2align 4
@@ -108,6 +124,9 @@ tiexec_trampoline_start:
     jz      .Lrestore_mask
 
     /* Step 1: staging becomes r-x (it was r-w while Rust filled it). */
+    mov     $-EPERM, %rax               /* injected failure: report EPERM */
+    cmpq    $FAIL_PROTECT, OP_FAIL(%r12)
+    je      .Lprotect_failed
     mov     $SYS_mprotect, %eax
     mov     OP_STAGING(%r12), %rdi      /* addr */
     mov     OP_LEN(%r12), %rsi          /* len */
@@ -117,6 +136,10 @@ tiexec_trampoline_start:
     jnz     .Lprotect_failed
 
     /* Step 2: move the staging pages over the text, replacing it. */
+    cmpq    $FAIL_REMAP, OP_FAIL(%r12)
+    je      .Linject_remap_failure
+    cmpq    $FAIL_REMAP_HOLE, OP_FAIL(%r12)
+    je      .Linject_hole
     mov     $SYS_mremap, %eax
     mov     OP_STAGING(%r12), %rdi      /* old_address = staging */
     mov     OP_LEN(%r12), %rsi          /* old_size */
@@ -129,6 +152,15 @@ tiexec_trampoline_start:
     movq    $0, OP_STATUS(%r12)
     movq    $OUTCOME_SWAPPED, OP_OUTCOME(%r12)
     jmp     .Lrecord_done
+
+.Linject_hole:
+    mov     $SYS_munmap, %eax           /* injected: the text really goes */
+    mov     OP_TEXT(%r12), %rdi         /* addr */
+    mov     OP_LEN(%r12), %rsi          /* len */
+    syscall
+.Linject_remap_failure:
+    mov     $-ENOMEM, %rax              /* injected: mremap "failed" */
+    jmp     .Lremap_failed
 
 .Lprotect_failed:
     mov     %rax, OP_STATUS(%r12)       /* -errno; text untouched */

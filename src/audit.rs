@@ -95,6 +95,7 @@ pub unsafe extern "C" fn la_objopen(
 fn object_opened(bias: u64, name: &[u8]) {
     let parsed = config::from_process_env();
     crate::log::set_level(parsed.config.log);
+    crate::fault::set(parsed.config.fault);
     let config = parsed.config;
     if config.backend == config::Backend::Off || sys::secure_execution() || name.is_empty() {
         return;

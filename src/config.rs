@@ -130,6 +130,8 @@ pub struct Config<'a> {
     pub exclude: Option<&'a [u8]>,
     /// `TIEXEC_MIN_TEXT`: objects with less executable text are left alone.
     pub min_text: u64,
+    /// `TIEXEC_FAULT`: a step to make fail, for tests (see `fault`).
+    pub fault: Option<crate::fault::Step>,
 }
 
 impl Default for Config<'_> {
@@ -142,6 +144,7 @@ impl Default for Config<'_> {
             include: None,
             exclude: None,
             min_text: 0,
+            fault: None,
         }
     }
 }
@@ -166,7 +169,7 @@ struct Setting {
 }
 
 /// Every variable, in the order they are reported.
-const SETTINGS: [Setting; 7] = [
+const SETTINGS: [Setting; 8] = [
     Setting {
         var: "TIEXEC_BACKEND",
         expected: "auto|hugetlb|thp|off",
@@ -207,6 +210,17 @@ const SETTINGS: [Setting; 7] = [
         var: "TIEXEC_MIN_TEXT",
         expected: "a byte count such as 4194304 or 4M",
         apply: |c, v| parse_size(v).map(|n| c.min_text = n).is_some(),
+    },
+    Setting {
+        var: "TIEXEC_FAULT",
+        expected:
+            "a step name (tests only): staging-map, staging-advise, staging-populate, \
+                   staging-not-huge, trampoline-map, trampoline-protect, protect, remap, remap-hole",
+        apply: |c, v| {
+            crate::fault::Step::parse(v)
+                .map(|s| c.fault = Some(s))
+                .is_some()
+        },
     },
 ];
 
@@ -334,6 +348,7 @@ mod tests {
                 include: Some(b"*/libLLVM*:cc1plus"),
                 exclude: Some(b"libc.so.6"),
                 min_text: 8 << 20,
+                fault: None,
             }
         );
         assert!(p.bad.iter().all(Option::is_none));

@@ -29,6 +29,7 @@ pub mod audit;
 pub mod config;
 pub mod discover;
 pub mod elf;
+pub mod fault;
 pub mod log;
 pub mod plan;
 mod preload;

@@ -55,6 +55,7 @@ fn run() {
     // Step 2: settings.
     let parsed = config::from_process_env();
     log::set_level(parsed.config.log);
+    crate::fault::set(parsed.config.fault);
     for bad in parsed.bad.iter().flatten() {
         crate::tlog!(
             Level::Warn,

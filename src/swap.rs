@@ -17,9 +17,10 @@
 //! text pages are page cache, shared, and are dropped from this process by the
 //! mremap).
 
+use crate::fault::{self, Step};
 use crate::plan::{align_up, Range, Source, SwapRange, HUGE_PAGE};
 use crate::sys::{self, Errno};
-use crate::trampoline::{MappedTrampoline, Outcome, SwapOp, TrampolineError};
+use crate::trampoline::{Fail, MappedTrampoline, Outcome, SwapOp, TrampolineError};
 
 /// Why a range was not swapped. One variant per failed step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,11 +131,17 @@ impl Drop for Staging {
 fn stage_hugetlb(len: usize) -> Result<Staging, SwapError> {
     // Private hugetlb reserves its pages at mmap time: ENOMEM here when the
     // pool is short. No MAP_NORESERVE (that turns a shortage into SIGBUS).
+    if fault::at(Step::StagingMap) {
+        return Err(SwapError::StagingMap(Errno(libc::ENOMEM)));
+    }
     let addr = sys::mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_HUGETLB)
         .map_err(SwapError::StagingMap)?;
     let staging = Staging { addr, len };
     // Populate with an error return, not MAP_POPULATE (which ignores
     // failures, e.g. a hugetlb cgroup limit, that would SIGBUS on first touch).
+    if fault::at(Step::StagingPopulate) {
+        return Err(SwapError::StagingPopulate(Errno(libc::ENOMEM)));
+    }
     // SAFETY: our fresh mapping.
     unsafe { sys::madvise(addr, len, sys::MADV_POPULATE_WRITE) }
         .map_err(SwapError::StagingPopulate)?;
@@ -159,6 +166,9 @@ fn huge_bytes_in(start: u64, len: u64) -> u64 {
 fn stage_thp(len: usize) -> Result<Staging, SwapError> {
     // Over-allocate by 2 MiB, then trim head and tail so the rest is aligned.
     let reserve = len + HUGE_PAGE as usize;
+    if fault::at(Step::StagingMap) {
+        return Err(SwapError::StagingMap(Errno(libc::ENOMEM)));
+    }
     let base = sys::mmap_anonymous(reserve, libc::PROT_READ | libc::PROT_WRITE, 0)
         .map_err(SwapError::StagingMap)?;
     let aligned = align_up(base as u64, HUGE_PAGE);
@@ -182,12 +192,21 @@ fn stage_thp(len: usize) -> Result<Staging, SwapError> {
         unsafe { sys::munmap((aligned as *mut u8).wrapping_add(len), tail) }
             .map_err(SwapError::StagingTrim)?;
     }
+    if fault::at(Step::StagingAdvise) {
+        return Err(SwapError::StagingAdvise(Errno(libc::EINVAL)));
+    }
     // SAFETY: our fresh mapping; advice only.
     unsafe { sys::madvise(staging.addr, len, libc::MADV_HUGEPAGE) }
         .map_err(SwapError::StagingAdvise)?;
+    if fault::at(Step::StagingPopulate) {
+        return Err(SwapError::StagingPopulate(Errno(libc::ENOMEM)));
+    }
     // SAFETY: our fresh mapping; faults its pages in.
     unsafe { sys::madvise(staging.addr, len, sys::MADV_POPULATE_WRITE) }
         .map_err(SwapError::StagingPopulate)?;
+    if fault::at(Step::StagingNotHuge) {
+        return Err(SwapError::StagingNotHuge { huge: 0 });
+    }
     let mut huge = huge_bytes_in(aligned, len as u64);
     if huge < len as u64 {
         // Fragmented memory gave some 4 KiB pages: ask for a synchronous
@@ -303,10 +322,20 @@ pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<Ran
                             )
                         };
                     }
+                    let fail = if fault::at(Step::Protect) {
+                        Fail::Protect as u64
+                    } else if fault::at(Step::Remap) {
+                        Fail::Remap as u64
+                    } else if fault::at(Step::RemapHole) {
+                        Fail::RemapHole as u64
+                    } else {
+                        0
+                    };
                     ops.push(SwapOp {
                         staging: staging.addr as u64,
                         text: r.range.start,
                         len: len as u64,
+                        fail,
                         ..SwapOp::default()
                     });
                     staged.push((i, staging));

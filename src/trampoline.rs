@@ -6,9 +6,10 @@
 //! the code doing the swap is never inside a range being swapped, even when
 //! tiexec is linked into the program it optimises.
 
+use crate::fault;
 use crate::sys::{self, Errno};
 
-/// One record of the routine's input and output (40 bytes, see the asm).
+/// One record of the routine's input and output (48 bytes, see the asm).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SwapOp {
@@ -22,9 +23,24 @@ pub struct SwapOp {
     pub status: i64,
     /// Out: one of the `Outcome` codes.
     pub outcome: u64,
+    /// In: 0, or a `Fail` code to make one step fail on purpose (tests).
+    pub fail: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SwapOp>() == 40);
+const _: () = assert!(core::mem::size_of::<SwapOp>() == 48);
+
+/// Injected failures inside the routine (see the asm header), for tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Fail {
+    /// Step 1 (mprotect of the staging) reports EPERM.
+    Protect = 1,
+    /// Step 2 (mremap) reports ENOMEM; nothing was changed.
+    Remap = 2,
+    /// The text is really unmapped, then step 2 reports ENOMEM: the routine
+    /// must find the hole and copy the bytes back.
+    RemapHole = 3,
+}
 
 /// What the routine did with one record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,12 +126,18 @@ impl MappedTrampoline {
             return Err(TrampolineError::Unsupported);
         }
         let len = crate::plan::align_up(code.len() as u64, crate::plan::PAGE) as usize;
+        if fault::at(fault::Step::TrampolineMap) {
+            return Err(TrampolineError::Map(Errno(libc::ENOMEM)));
+        }
         let addr = sys::mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE, 0)
             .map_err(TrampolineError::Map)?;
         let mapped = MappedTrampoline { addr, len };
         // SAFETY: `addr` is a fresh private mapping of `len >= code.len()`
         // bytes, writable, not overlapping `code`.
         unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), addr, code.len()) };
+        if fault::at(fault::Step::TrampolineProtect) {
+            return Err(TrampolineError::Protect(Errno(libc::EACCES)));
+        }
         // SAFETY: the page is ours (mapped just above); from here on it is
         // only read and executed.
         unsafe { sys::mprotect(addr, len, libc::PROT_READ | libc::PROT_EXEC) }
