@@ -32,12 +32,17 @@ fn main() {
     if env::var_os("TIEXEC_INNER_BUILD").is_some() {
         // The inner build itself: nothing to embed.
         std::fs::write(&embedded, b"").expect("write placeholder");
+        std::fs::write(out_dir.join("libtiexec-static.a"), b"").expect("write placeholder");
     } else {
         println!("cargo:rerun-if-changed=src");
         println!("cargo:rerun-if-changed=Cargo.toml");
         build_preload_library(&out_dir, &embedded);
     }
     println!("cargo:rustc-env=TIEXEC_EMBEDDED_LIB={}", embedded.display());
+    println!(
+        "cargo:rustc-env=TIEXEC_EMBEDDED_STATICLIB={}",
+        out_dir.join("libtiexec-static.a").display()
+    );
 }
 
 /// Runs `cargo build --release --lib` of this same package into a private
@@ -54,6 +59,9 @@ fn build_preload_library(out_dir: &std::path::Path, embedded: &std::path::Path) 
         .arg(manifest_dir.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)
+        // The archive given to tests is the one a C program would link.
+        .arg("--features")
+        .arg("constructor")
         .env("TIEXEC_INNER_BUILD", "1")
         // Symbols stay (backtraces name functions); debug info does not.
         .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
@@ -93,4 +101,10 @@ fn build_preload_library(out_dir: &std::path::Path, embedded: &std::path::Path) 
         .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), tmp.display()));
     std::fs::rename(&tmp, embedded)
         .unwrap_or_else(|e| panic!("rename {} -> {}: {e}", tmp.display(), embedded.display()));
+    // The static archive, for the tests of programs that link tiexec in.
+    let archive = target_dir.join(&target).join("release").join("libtiexec.a");
+    let staticlib = out_dir.join("libtiexec-static.a");
+    let tmp = staticlib.with_extension("a.tmp");
+    std::fs::copy(&archive, &tmp).unwrap_or_else(|e| panic!("copy {}: {e}", archive.display()));
+    std::fs::rename(&tmp, &staticlib).unwrap_or_else(|e| panic!("rename {}: {e}", tmp.display()));
 }

@@ -89,6 +89,51 @@ impl core::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl Options {
+    /// The defaults, overridden by `TIEXEC_BACKEND` and `TIEXEC_STRATEGY`
+    /// where set (bad values are ignored).
+    pub fn from_env() -> Options {
+        let c = config::from_process_env().config;
+        Options {
+            backend: c.backend,
+            strategy: c.strategy,
+        }
+    }
+}
+
+/// C entry point for programs linked with `libtiexec.a`: moves the main
+/// program's text to huge pages now (settings from `TIEXEC_*`, defaults
+/// otherwise) and logs one line per object at `TIEXEC_LOG=info`.
+///
+/// Returns 0 when it ran (whatever it could move; see the log), -1 when it
+/// refused (more than one thread, secure-execution mode, backend off).
+/// Never panics into C.
+///
+/// ```c
+/// int tiexec_remap_text(void);
+/// ```
+#[no_mangle]
+pub extern "C" fn tiexec_remap_text() -> libc::c_int {
+    let run = || {
+        let parsed = config::from_process_env();
+        log::set_level(parsed.config.log);
+        fault::set(parsed.config.fault);
+        match remap_text(&Options::from_env()) {
+            Ok(reports) => {
+                for r in &reports {
+                    r.log();
+                }
+                0
+            }
+            Err(e) => {
+                tlog!(log::Level::Info, "text left as it is: {e}");
+                -1
+            }
+        }
+    };
+    std::panic::catch_unwind(run).unwrap_or(-1)
+}
+
 /// Moves the main program's text to huge pages, in this process, now.
 ///
 /// Safe to call at any time: it refuses (with an error) unless the calling

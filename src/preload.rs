@@ -7,8 +7,9 @@
 //! as it was, at the same addresses.
 //!
 //! Steps, each of which may end the run with one log line:
-//! 1. If tiexec is linked into the main program itself (the Rust API or
-//!    libtiexec.a), stop: that route calls the API explicitly.
+//! 1. In the copy loaded as an audit module, stop (it serves the hooks). If
+//!    tiexec is linked into the main program itself (libtiexec.a, or a Rust
+//!    dependency), go on only when built with the `constructor` feature.
 //! 2. Read the settings; report bad values, use the defaults.
 //! 3. With `TIEXEC_CHILDREN=0`, remove this library from `LD_PRELOAD`.
 //! 4. Stop if the backend is `off`, the process is in secure-execution mode,
@@ -48,7 +49,10 @@ fn run() {
     let Some(main) = objects.first() else {
         return;
     };
-    if main.contains(own_address()) {
+    // Linked into the program itself (libtiexec.a, or a Rust dependency):
+    // act only when built with the `constructor` feature.
+    let linked_in = main.contains(own_address());
+    if linked_in && !cfg!(feature = "constructor") {
         return;
     }
 
@@ -101,7 +105,10 @@ fn run() {
     let mut targets = Vec::new();
     for object in &objects {
         let path = object.path.as_bytes();
-        match select::select(path, object.text_bytes(), object.contains(me), &config) {
+        // When linked in, our code is part of the program's text: the
+        // trampoline runs from its own page, so that text is fair game.
+        let is_tiexec = object.contains(me) && !(linked_in && object.is_main);
+        match select::select(path, object.text_bytes(), is_tiexec, &config) {
             Ok(()) if remap::worth_planning(object, config.strategy) => {
                 targets.push(object.clone())
             }

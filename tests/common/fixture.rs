@@ -189,6 +189,25 @@ pub fn rewrite_in_small_pages(path: &Path) {
 
 /// Builds the fixture into `dir` (once: an existing program is reused).
 pub fn build(spec: Spec, dir: &Path) -> PathBuf {
+    build_linking(spec, dir, None)
+}
+
+/// The link line a C program uses to link tiexec in: the archive, the
+/// reference that pulls in its constructor, and its system libraries
+/// (`rustc --print native-static-libs`; libgcc_eh instead of libgcc_s for
+/// a static program).
+pub fn tiexec_link_args(archive: &Path, static_link: bool) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> =
+        vec![archive.into(), "-Wl,--undefined=tiexec_remap_text".into()];
+    args.push(if static_link { "-lgcc_eh" } else { "-lgcc_s" }.into());
+    for lib in ["-lutil", "-lrt", "-lpthread", "-lm", "-ldl"] {
+        args.push(lib.into());
+    }
+    args
+}
+
+/// As [`build`], linking `archive` (libtiexec.a) into the program when given.
+pub fn build_linking(spec: Spec, dir: &Path, archive: Option<&Path>) -> PathBuf {
     std::fs::create_dir_all(dir).expect("fixture dir");
     let exe = dir.join(spec.name);
     if exe.exists() {
@@ -222,6 +241,9 @@ pub fn build(spec: Spec, dir: &Path) -> PathBuf {
         cc.arg(format!(
             "-Wl,--section-start={SECOND_TEXT_SECTION}=0x10000000"
         ));
+    }
+    if let Some(archive) = archive {
+        cc.args(tiexec_link_args(archive, spec.static_link));
     }
     let out = cc.output().expect("run gcc");
     assert!(

@@ -108,6 +108,28 @@ pub fn dlopen_library_fixture() -> (PathBuf, PathBuf) {
     (fixture::build_host("host-dlopen", None, &dir), lib)
 }
 
+/// The archive a C program links to optimise itself (built by build.rs with
+/// the `constructor` feature).
+pub fn staticlib() -> PathBuf {
+    let lib = PathBuf::from(env!("TIEXEC_EMBEDDED_STATICLIB"));
+    assert!(
+        std::fs::metadata(&lib)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false),
+        "{} not built",
+        lib.display()
+    );
+    lib
+}
+
+/// `spec` with libtiexec.a linked in (named after it, "-linked").
+pub fn linked_fixture(spec: Spec, name: &'static str) -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = Spec { name, ..spec };
+    fixture::build_linking(spec, &scratch_dir().join("fixtures"), Some(&staticlib()))
+}
+
 /// The `tiexec` binary under test.
 pub fn tiexec_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tiexec"))

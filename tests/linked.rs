@@ -1,0 +1,181 @@
+//! Programs that link tiexec in and optimise themselves: a C program linked
+//! with libtiexec.a (dynamic and fully static), and Rust programs using the
+//! API (dynamic and static-pie). No LD_PRELOAD, no environment.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Spec, Waiting, NON_PIE, PIE};
+
+const T: Duration = Duration::from_secs(300);
+const CALLS: &str = "200000";
+
+/// Runs a fixture that links tiexec in, and checks what the kernel shows.
+fn check_linked(exe: &Path, plain_spec: Spec, env: &[(&str, &str)], expect_huge: bool) -> String {
+    let plain_exe = common::fixture(plain_spec);
+    let plain = common::run(Command::new(&plain_exe).args([CALLS, "run"]), T);
+    let mut cmd = Command::new(exe);
+    for v in ["LD_PRELOAD", "TIEXEC_BACKEND", "TIEXEC_LOG", "TIEXEC_FAULT"] {
+        cmd.env_remove(v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let w = Waiting::start(cmd.args([CALLS, "wait"]), T);
+    let pid = w.pid();
+    let segments = common::text_segments(pid, exe);
+    let interior = common::planned_interior(&segments);
+    let cov = common::coverage(pid, &segments);
+    let bytes = common::read_only_segments_match_file(pid, exe);
+    let wx = common::writable_executable_mappings(pid);
+    let first = w.first_line.clone();
+    let o = w.finish(T);
+    let what = format!("{}: interior {interior}, coverage {cov:?}", exe.display());
+    o.check(o.status.success(), &format!("{what}: status"));
+    o.check(
+        first == plain.stdout,
+        &format!("{what}: output differs from the plain build"),
+    );
+    o.check(bytes.is_ok(), &format!("{what}: bytes {bytes:?}"));
+    o.check(wx.is_empty(), &format!("{what}: W+X {wx:?}"));
+    if expect_huge {
+        o.check(
+            interior >= 20 << 20 && cov.huge() >= interior,
+            &format!("{what}: not covered"),
+        );
+    } else {
+        o.check(cov.huge() == 0, &format!("{what}: should be untouched"));
+    }
+    o.stderr
+}
+
+#[test]
+fn a_c_program_linked_with_libtiexec_a_moves_its_whole_text() {
+    let exe = common::linked_fixture(PIE, "fixture-pie-32m-linked");
+    // Silent by default; the whole text, tiexec's own code in it included.
+    let err = check_linked(&exe, PIE, &[], true);
+    assert!(!err.contains("tiexec:"), "{err}");
+    let err = check_linked(&exe, PIE, &[("TIEXEC_LOG", "info")], true);
+    assert!(err.contains("fixture-pie-32m-linked: text"), "{err}");
+}
+
+#[test]
+fn a_static_c_program_linked_with_libtiexec_a_moves_its_whole_text() {
+    let spec = Spec {
+        static_link: true,
+        ..NON_PIE
+    };
+    let exe = common::linked_fixture(spec, "fixture-static-32m-linked");
+    check_linked(&exe, NON_PIE, &[], true);
+}
+
+#[test]
+fn a_forced_failure_leaves_the_linked_program_on_its_original_text() {
+    // remap-hole unmaps the text, tiexec's own code included, and the
+    // trampoline (in its own page) must put it back before returning.
+    for (spec, name, plain) in [
+        (PIE, "fixture-pie-32m-linked", PIE),
+        (
+            Spec {
+                static_link: true,
+                ..NON_PIE
+            },
+            "fixture-static-32m-linked",
+            NON_PIE,
+        ),
+    ] {
+        let exe = common::linked_fixture(spec, name);
+        for step in ["remap-hole", "staging-populate", "protect"] {
+            let err = check_linked(&exe, plain, &[("TIEXEC_FAULT", step)], false);
+            assert!(err.contains("left on 4 KiB pages"), "{step}: {err}");
+        }
+    }
+}
+
+/// Builds the example in a target directory of its own (release, with
+/// `rustflags`), and returns its path.
+fn build_example(name: &str, rustflags: &str, features: &[&str]) -> PathBuf {
+    let target_dir = common::scratch_dir().join(name);
+    let triple = "x86_64-unknown-linux-gnu";
+    let build = common::run(
+        Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--example",
+                "self_remap",
+                "--target",
+                triple,
+            ])
+            .args(features.iter().flat_map(|f| ["--features", f]))
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("RUSTFLAGS", rustflags)
+            .env_remove("CARGO_TARGET_DIR"),
+        Duration::from_secs(1200),
+    );
+    build.check(build.status.success(), "build of the example");
+    target_dir
+        .join(triple)
+        .join("release")
+        .join("examples")
+        .join("self_remap")
+}
+
+fn check_example_output(o: &common::Outcome) {
+    o.check(o.status.success(), "example runs");
+    // "...: N bytes of text, M on 2 MiB pages (...), K swapped by tiexec"
+    let line = o.stdout.lines().next().unwrap_or_default();
+    let number_before = |word: &str| -> u64 {
+        let i = line.find(word).unwrap_or(0);
+        line[..i]
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let huge = number_before(" on 2 MiB pages");
+    o.check(
+        huge >= 6 << 20,
+        &format!("{huge} bytes on 2 MiB pages, at least 6 MiB expected"),
+    );
+}
+
+#[test]
+fn the_rust_example_optimises_itself() {
+    let exe = build_example("example-dynamic", "", &[]);
+    let o = common::run(&mut Command::new(&exe), T);
+    check_example_output(&o);
+}
+
+#[test]
+fn a_static_pie_rust_program_optimises_itself() {
+    // glibc static-pie: no loader, no LD_PRELOAD possible; the API is the way.
+    let exe = build_example("example-static", "-C target-feature=+crt-static", &[]);
+    let file = std::fs::read(&exe).unwrap();
+    let phdrs = tiexec::elf::program_headers(&file).unwrap();
+    assert!(!tiexec::elf::has_interpreter(&phdrs), "not static");
+    let o = common::run(&mut Command::new(&exe), T);
+    check_example_output(&o);
+}
+
+#[test]
+fn with_the_constructor_feature_the_text_is_huge_before_main() {
+    let exe = build_example("example-constructor", "", &["constructor"]);
+    let o = common::run(Command::new(&exe).env("TIEXEC_LOG", "info"), T);
+    check_example_output(&o);
+    // The constructor reported first; by main, nothing was left to swap.
+    o.check(
+        o.stderr.contains("self_remap: text"),
+        "the constructor reported",
+    );
+    o.check(
+        o.stdout.contains(", 0 swapped by tiexec"),
+        "main found it done",
+    );
+}
