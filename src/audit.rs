@@ -107,7 +107,7 @@ fn object_opened(bias: u64, name: &[u8]) {
     let Some(object) = object_from_mappings(&path, bias, &vmas) else {
         crate::tlog!(
             Level::Info,
-            "{path}: loaded later, but its headers are not mapped: left alone"
+            "{path}: loaded later, but not found mapped from its file: left alone"
         );
         return;
     };
@@ -137,20 +137,19 @@ fn object_opened(bias: u64, name: &[u8]) {
     }
 }
 
-/// Builds the object's description from its own program headers, read from
-/// its mapped ELF header (the file mapped at offset 0).
+/// Builds the object's description from its program headers, read from its
+/// file (the header table is not always in a mapped page), after checking
+/// that the file is the one mapped (same inode as a mapping of it).
 fn object_from_mappings(path: &str, bias: u64, vmas: &[smaps::Vma]) -> Option<LoadedObject> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::open(path).ok()?;
+    let inode = file.metadata().ok()?.ino();
     let canonical = std::fs::canonicalize(path).ok()?;
     let canonical = canonical.to_str()?;
-    let header = vmas
-        .iter()
-        .filter(|v| v.path == canonical && v.offset == 0 && v.read)
-        .min_by_key(|v| v.start)?;
-    let len = usize::try_from(header.range().len()).ok()?;
-    // SAFETY: the mapping is readable and the loader keeps it mapped during
-    // this call; its bytes are the start of the ELF file.
-    let bytes = unsafe { core::slice::from_raw_parts(header.start as *const u8, len) };
-    let segments = elf::load_segments(&elf::program_headers(bytes)?, bias);
+    if !vmas.iter().any(|v| v.path == canonical && v.inode == inode) {
+        return None;
+    }
+    let segments = elf::load_segments(&elf::read_program_headers(&file)?, bias);
     Some(LoadedObject {
         path: path.to_string(),
         bias,

@@ -30,6 +30,51 @@ pub fn program_headers(bytes: &[u8]) -> Option<Vec<ProgramHeader>> {
     .ok()
 }
 
+/// Reads the program headers of an ELF file: its header, then the header
+/// table wherever `e_phoff` puts it (not always near the start: BOLT-laid-out
+/// libraries such as librustc_driver keep it 80 MiB in).
+pub fn read_program_headers(file: &std::fs::File) -> Option<Vec<ProgramHeader>> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 64];
+    file.read_exact_at(&mut head, 0).ok()?;
+    let header = goblin::elf::Elf::parse_header(&head).ok()?;
+    let size = usize::from(header.e_phnum).checked_mul(usize::from(header.e_phentsize))?;
+    if size > 1 << 20 {
+        return None;
+    }
+    let mut table = vec![0u8; size];
+    file.read_exact_at(&mut table, header.e_phoff).ok()?;
+    let container = if header.e_ident[EI_CLASS] == ELFCLASS64 {
+        Container::Big
+    } else {
+        Container::Little
+    };
+    let endian = if header.e_ident[EI_DATA] == ELFDATA2MSB {
+        Endian::Big
+    } else {
+        Endian::Little
+    };
+    ProgramHeader::parse(
+        &table,
+        0,
+        usize::from(header.e_phnum),
+        Ctx::new(container, endian),
+    )
+    .ok()
+}
+
+/// The interpreter a program asks for (`PT_INTERP`).
+pub fn interpreter(file: &std::fs::File, phdrs: &[ProgramHeader]) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileExt;
+    let p = phdrs.iter().find(|p| p.p_type == PT_INTERP)?;
+    let len = usize::try_from(p.p_filesz).ok().filter(|&l| l <= 4096)?;
+    let mut raw = vec![0u8; len];
+    file.read_exact_at(&mut raw, p.p_offset).ok()?;
+    let raw = raw.split(|&b| b == 0).next()?;
+    Some(std::ffi::OsStr::from_bytes(raw).into())
+}
+
 /// True when the program asks for an interpreter (is dynamically linked).
 pub fn has_interpreter(phdrs: &[ProgramHeader]) -> bool {
     phdrs.iter().any(|p| p.p_type == PT_INTERP)
@@ -88,6 +133,10 @@ mod tests {
         let exe = std::fs::read("/proc/self/exe").unwrap();
         let phdrs = program_headers(&exe).unwrap();
         assert!(has_interpreter(&phdrs));
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert_eq!(read_program_headers(&file).unwrap(), phdrs);
+        let interp = interpreter(&file, &phdrs).unwrap();
+        assert!(interp.to_string_lossy().contains("ld-linux"), "{interp:?}");
         let s = load_segments(&phdrs, 0);
         assert!(!s.text.is_empty() && s.all.len() >= s.text.len());
         assert!(s.text.iter().all(|t| s.read_only.contains(t)));

@@ -33,6 +33,7 @@ pub mod fault;
 pub mod log;
 pub mod plan;
 mod preload;
+pub mod prime;
 pub mod remap;
 pub mod report;
 pub mod select;

@@ -92,9 +92,43 @@ fn already_huge(vmas: &[Vma], window: Range) -> Vec<Range> {
     }
 }
 
+/// Faults in the object's file-backed text whose address and file offset are
+/// congruent modulo 2 MiB: where the page cache holds 2 MiB folios (a primed
+/// file), the kernel then maps them with 2 MiB pages, and the plan sees them
+/// as already huge instead of copying them. (Unfaulted pages show in no page
+/// table, so nothing could tell.) Read faults only; nothing changes but
+/// which pages are present.
+fn fault_in_congruent_text(vmas: &[Vma], object: &LoadedObject) {
+    for v in vmas {
+        let congruent = v.inode != 0
+            && v.exec
+            && !v.write
+            && !v.is_hugetlb()
+            && v.start.wrapping_sub(v.offset) % HUGE_PAGE == 0;
+        if !congruent {
+            continue;
+        }
+        for seg in &object.text_segments {
+            if let Some(r) = seg.intersect(v.range()) {
+                // SAFETY: MADV_POPULATE_READ on mapped, readable text of a
+                // loaded object: it only faults pages in, without changing
+                // contents or protections.
+                let _ = unsafe {
+                    sys::madvise(
+                        r.start as *mut u8,
+                        r.len() as usize,
+                        sys::MADV_POPULATE_READ,
+                    )
+                };
+            }
+        }
+    }
+}
+
 /// Plans every executable segment of `object` against the current mappings.
 pub fn plan_object(object: &LoadedObject, vmas: &[Vma], strategy: Strategy) -> ObjectPlan {
     let window = chunk_window(object);
+    fault_in_congruent_text(vmas, object);
     plan::plan_object(
         &object.text_segments,
         &mapping_views(vmas, object, window),

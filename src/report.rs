@@ -29,7 +29,11 @@ struct InPlaceNote(Option<crate::sys::Errno>);
 impl core::fmt::Display for InPlaceNote {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self.0 {
-            Some(e) => write!(f, " after in-place collapse failed with {}", e.name()),
+            Some(e) => write!(
+                f,
+                " after in-place collapse failed with {} (tiexec prime on this file: no copy next start)",
+                e.name()
+            ),
             None => Ok(()),
         }
     }

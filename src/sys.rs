@@ -116,6 +116,8 @@ pub unsafe fn madvise(addr: *mut u8, len: usize, advice: i32) -> Result<(), Errn
 /// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in now, writable, so
 /// that a shortage shows up as ENOMEM here instead of a signal later.
 pub const MADV_POPULATE_WRITE: i32 = 23;
+/// `MADV_POPULATE_READ` (Linux 5.14): fault every page in, readable.
+pub const MADV_POPULATE_READ: i32 = 22;
 /// `MADV_COLLAPSE` (Linux 6.1): make the range huge now, synchronously.
 pub const MADV_COLLAPSE: i32 = 25;
 

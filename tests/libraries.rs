@@ -53,7 +53,7 @@ fn a_library_linked_at_start_up_is_covered() {
     let plain = common::run(Command::new(&host).args([CALLS, "run"]), T);
     let seen = observe(
         common::tiexec_cmd()
-            .args(["-v", "-b", "thp"])
+            .args(["-v", "--no-prime", "-b", "thp"])
             .arg(&host)
             .args([CALLS, "wait"]),
         &lib,
@@ -83,7 +83,7 @@ fn a_library_dlopened_while_another_thread_runs_is_covered() {
     plain.check(plain.status.success(), "plain run");
     let seen = observe(
         common::tiexec_cmd()
-            .args(["-v", "-b", "thp", "--dlopen"])
+            .args(["-v", "--no-prime", "-b", "thp", "--dlopen"])
             .arg(&host)
             .args([CALLS, "wait"])
             .arg(&lib),
@@ -112,7 +112,7 @@ fn by_default_a_dlopened_library_is_left_alone() {
     let (host, lib) = common::dlopen_library_fixture();
     let seen = observe(
         common::tiexec_cmd()
-            .args(["-b", "thp"])
+            .args(["--no-prime", "-b", "thp"])
             .arg(&host)
             .args([CALLS, "wait"])
             .arg(&lib),
@@ -129,7 +129,7 @@ fn excluded_libraries_are_left_alone() {
     let (host, lib) = common::linked_library_fixture();
     let seen = observe(
         common::tiexec_cmd()
-            .args(["-b", "thp", "--exclude", "libbig*"])
+            .args(["--no-prime", "-b", "thp", "--exclude", "libbig*"])
             .arg(&host)
             .args([CALLS, "wait"]),
         &lib,
@@ -138,7 +138,7 @@ fn excluded_libraries_are_left_alone() {
         .check(seen.cov.anon_thp == 0, &format!("{:?}", seen.cov));
     let seen = observe(
         common::tiexec_cmd()
-            .args(["-b", "thp", "--include", "no-such-lib*"])
+            .args(["--no-prime", "-b", "thp", "--include", "no-such-lib*"])
             .arg(&host)
             .args([CALLS, "wait"]),
         &lib,
@@ -153,7 +153,7 @@ fn aggressive_covers_all_text_when_its_neighbours_are_read_only() {
     let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
     let aggressive = observe(
         common::tiexec_cmd()
-            .args(["-v", "-b", "thp", "--strategy", "aggressive"])
+            .args(["-v", "--no-prime", "-b", "thp", "--strategy", "aggressive"])
             .arg(&exe)
             .args([CALLS, "wait"]),
         &exe,
@@ -169,7 +169,14 @@ fn aggressive_covers_all_text_when_its_neighbours_are_read_only() {
 
     let conservative = observe(
         common::tiexec_cmd()
-            .args(["-v", "-b", "thp", "--strategy", "conservative"])
+            .args([
+                "-v",
+                "--no-prime",
+                "-b",
+                "thp",
+                "--strategy",
+                "conservative",
+            ])
             .arg(&exe)
             .args([CALLS, "wait"]),
         &exe,
@@ -200,11 +207,14 @@ fn congruent_text_is_tried_in_place_and_copied_when_the_kernel_refuses() {
     // first asks the kernel to collapse the page cache in place (no copy).
     // Kernels without CONFIG_READ_ONLY_THP_FOR_FS refuse (EINVAL) and the
     // copy path serves; either way all of the text ends up huge.
-    let exe = common::fixture(HUGE_ALIGNED);
+    let exe = common::fresh_copy(
+        &common::fixture(HUGE_ALIGNED),
+        &common::scratch_dir().join(format!("in-place-{}", std::process::id())),
+    );
     let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
     let seen = observe(
         common::tiexec_cmd()
-            .args(["-v", "-b", "thp"])
+            .args(["-v", "--no-prime", "-b", "thp"])
             .arg(&exe)
             .args([CALLS, "wait"]),
         &exe,

@@ -130,6 +130,19 @@ pub fn linked_fixture(spec: Spec, name: &'static str) -> PathBuf {
     fixture::build_linking(spec, &scratch_dir().join("fixtures"), Some(&staticlib()))
 }
 
+/// A fresh copy of `exe` in `dir` (a new inode: nothing cached, nothing
+/// mapping it), written in 4 KiB writes so its cached pages are small: the
+/// page cache outlives processes, and an earlier run may have primed the
+/// original.
+pub fn fresh_copy(exe: &Path, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let copy = dir.join(exe.file_name().unwrap());
+    let _ = std::fs::remove_file(&copy);
+    std::fs::copy(exe, &copy).unwrap();
+    fixture::rewrite_in_small_pages(&copy);
+    copy
+}
+
 /// The `tiexec` binary under test.
 pub fn tiexec_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tiexec"))

@@ -1,11 +1,14 @@
-//! `tiexec`: run a program with its text on 2 MiB huge pages.
+//! `tiexec [run] [OPTIONS] PROGRAM...`: run a program with its text on 2 MiB
+//! huge pages.
 //!
-//! A thin wrapper: it puts libtiexec.so into `LD_PRELOAD` (keeping what is
-//! there), sets the `TIEXEC_*` variables its options stand for, and execs the
-//! program: same PID, same exit status, same signals.
+//! A thin wrapper: it primes the page cache of the program's text where that
+//! gives 2 MiB pages for free (see `tiexec::prime`), puts libtiexec.so into
+//! `LD_PRELOAD` (keeping what is there), sets the `TIEXEC_*` variables its
+//! options stand for, and execs the program: same PID, same exit status,
+//! same signals.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -17,8 +20,9 @@ use tiexec::config::{self, Backend};
 /// The preload library, built by build.rs from these same sources.
 static EMBEDDED_LIBRARY: &[u8] = include_bytes!(env!("TIEXEC_EMBEDDED_LIB"));
 
-const USAGE: &str = "\
-Usage: tiexec [OPTIONS] [--] PROGRAM [ARGS...]
+pub const USAGE: &str = "\
+Usage: tiexec [run] [OPTIONS] [--] PROGRAM [ARGS...]
+       tiexec prime FILE...    (see tiexec prime --help)
 
 Runs PROGRAM with its executable text on 2 MiB huge pages. PROGRAM keeps
 tiexec's PID, and tiexec exits with PROGRAM's status.
@@ -39,6 +43,8 @@ Options:
       --dlopen         also cover libraries loaded later with dlopen, through
                        an audit module (LD_AUDIT); costs ~0.6 ms per process
                        start, and raises glibc's static TLS surplus
+      --no-prime       do not cache PROGRAM's text (and its libraries') as
+                       2 MiB folios before starting it (see tiexec prime)
       --no-children    programs started by PROGRAM run without tiexec
                                                        [TIEXEC_CHILDREN=0]
       --library PATH   preload this libtiexec.so instead of the built-in one
@@ -57,6 +63,7 @@ struct Args {
     exclude: Option<OsString>,
     min_text: Option<u64>,
     dlopen: bool,
+    no_prime: bool,
     log: Option<tiexec::log::Level>,
     no_children: bool,
     library: Option<PathBuf>,
@@ -82,6 +89,7 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
         exclude: None,
         min_text: None,
         dlopen: false,
+        no_prime: false,
         log: None,
         no_children: false,
         library: None,
@@ -179,6 +187,7 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> Parsed {
                 Err(e) => return e,
             },
             b"--dlopen" => args.dlopen = true,
+            b"--no-prime" => args.no_prime = true,
             b"-v" | b"--verbose" => args.log = Some(tiexec::log::Level::Info),
             b"--no-children" => args.no_children = true,
             b"--library" => match value("--library") {
@@ -264,22 +273,64 @@ enum Linkage {
 }
 
 fn linkage(path: &Path) -> Linkage {
-    let mut head = Vec::new();
-    if std::fs::File::open(path)
-        .and_then(|f| f.take(64 * 1024).read_to_end(&mut head))
-        .is_err()
-    {
+    let Ok(file) = std::fs::File::open(path) else {
         return Linkage::NotElf;
+    };
+    match tiexec::elf::read_program_headers(&file) {
+        Some(phdrs) if tiexec::elf::has_interpreter(&phdrs) => Linkage::Dynamic,
+        Some(_) => Linkage::Static,
+        None => Linkage::NotElf,
     }
-    if goblin::elf::Elf::parse_header(&head).is_err() {
-        return Linkage::NotElf;
+}
+
+/// Caches the text of the program, and of the libraries the loader would give
+/// it, as 2 MiB folios where that lets the kernel map it huge for free.
+/// Says what it primed when `verbose` (log level info or more).
+fn prime_before_exec(program: &Path, verbose: bool) {
+    let mut files = vec![program.to_path_buf()];
+    if linkage(program) == Linkage::Dynamic {
+        files.extend(libraries_of(program));
     }
-    match tiexec::elf::program_headers(&head) {
-        Some(phdrs) if !tiexec::elf::has_interpreter(&phdrs) => Linkage::Static,
-        // Program headers beyond the first 64 KiB are unusual: assume the
-        // program is dynamic and let the loader decide.
-        _ => Linkage::Dynamic,
+    for f in files {
+        if let Ok(segments) = tiexec::prime::prime_file(&f, true) {
+            for s in segments
+                .iter()
+                .filter(|s| s.state == tiexec::prime::State::Primed)
+            {
+                if verbose {
+                    eprintln!(
+                        "tiexec: {}: primed {} of text as 2 MiB page-cache folios",
+                        f.display(),
+                        tiexec::log::Bytes(s.body.len())
+                    );
+                }
+            }
+        }
     }
+}
+
+/// The libraries the dynamic loader resolves for `program`, with at least
+/// 2 MiB of file: asks the loader itself (`ld.so --list`, what ldd does; it
+/// loads nothing into this process and runs none of the program's code).
+fn libraries_of(program: &Path) -> Vec<PathBuf> {
+    let Ok(file) = std::fs::File::open(program) else {
+        return Vec::new();
+    };
+    let Some(interp) = tiexec::elf::read_program_headers(&file)
+        .and_then(|phdrs| tiexec::elf::interpreter(&file, &phdrs))
+    else {
+        return Vec::new();
+    };
+    let Ok(out) = Command::new(interp).arg("--list").arg(program).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("=> ").nth(1))
+        .filter_map(|rest| rest.split(" (").next())
+        .map(PathBuf::from)
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() >= 2 << 20))
+        .collect()
 }
 
 /// FNV-1a, to name the extracted library by its content.
@@ -412,8 +463,9 @@ fn tunables_with_tls_surplus(existing: Option<OsString>) -> OsString {
     out
 }
 
-fn main() -> ExitCode {
-    let args = match parse_args(std::env::args_os().skip(1)) {
+/// Runs PROGRAM (the words after `tiexec` or `tiexec run`).
+pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
+    let args = match parse_args(argv) {
         Parsed::Run(a) => a,
         Parsed::Exit(code) => return code,
     };
@@ -431,6 +483,13 @@ fn main() -> ExitCode {
             return ExitCode::from(126);
         }
     };
+
+    if !args.no_prime && args.backend != Some(Backend::Off) {
+        let level = args.log.or_else(|| {
+            std::env::var_os(config::VAR_LOG).and_then(|v| config::parse_level(v.as_bytes()))
+        });
+        prime_before_exec(&path, level >= Some(tiexec::log::Level::Info));
+    }
 
     let mut cmd = Command::new(&path);
     cmd.arg0(&args.program).args(&args.program_args);
