@@ -127,14 +127,13 @@ fn object_opened(bias: u64, name: &[u8]) {
         backend: config.backend,
         strategy: config.strategy,
     };
+    let objects = [object];
     // SAFETY: the object was just mapped by the loader, which holds its lock
     // and will not unmap it during this call; none of its code has run or can
     // run before la_objopen returns (it is not relocated, and no other
     // thread can reach it yet).
-    let reports = unsafe { remap::remap_objects(&[object], request) };
-    for r in &reports {
-        r.log();
-    }
+    let reports = unsafe { remap::remap_objects(&objects, request) };
+    crate::preload::after_swap(&objects, &reports, &config, false);
 }
 
 /// Builds the object's description from its program headers, read from its

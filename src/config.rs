@@ -132,6 +132,12 @@ pub struct Config<'a> {
     pub min_text: u64,
     /// `TIEXEC_FAULT`: a step to make fail, for tests (see `fault`).
     pub fault: Option<crate::fault::Step>,
+    /// `TIEXEC_REPORT`: where to write a JSON report: a path (`%p` becomes
+    /// the PID), or `fd:N`.
+    pub report: Option<&'a [u8]>,
+    /// `TIEXEC_PERF_MAP`: `1` writes `/tmp/perf-PID.map` with the functions
+    /// of the ranges moved to anonymous memory, for `perf report`.
+    pub perf_map: bool,
 }
 
 impl Default for Config<'_> {
@@ -145,6 +151,8 @@ impl Default for Config<'_> {
             exclude: None,
             min_text: 0,
             fault: None,
+            report: None,
+            perf_map: false,
         }
     }
 }
@@ -169,7 +177,7 @@ struct Setting {
 }
 
 /// Every variable, in the order they are reported.
-const SETTINGS: [Setting; 8] = [
+const SETTINGS: [Setting; 10] = [
     Setting {
         var: "TIEXEC_BACKEND",
         expected: "auto|hugetlb|thp|off",
@@ -221,6 +229,19 @@ const SETTINGS: [Setting; 8] = [
                 .map(|s| c.fault = Some(s))
                 .is_some()
         },
+    },
+    Setting {
+        var: "TIEXEC_REPORT",
+        expected: "a file path (%p for the PID) or fd:N",
+        apply: |c, v| {
+            c.report = Some(v);
+            true
+        },
+    },
+    Setting {
+        var: "TIEXEC_PERF_MAP",
+        expected: "1|0",
+        apply: |c, v| parse_switch(v).map(|b| c.perf_map = b).is_some(),
     },
 ];
 
@@ -349,6 +370,8 @@ mod tests {
                 exclude: Some(b"libc.so.6"),
                 min_text: 8 << 20,
                 fault: None,
+                report: None,
+                perf_map: false,
             }
         );
         assert!(p.bad.iter().all(Option::is_none));

@@ -140,8 +140,38 @@ fn run() {
     // SAFETY: one thread (checked above, and nothing here starts one); the
     // objects stay loaded: nothing can dlclose them while we run.
     let reports = unsafe { remap::remap_objects(&targets, request) };
-    for r in &reports {
+    after_swap(&targets, &reports, &config, true);
+}
+
+/// What follows a swap, for the constructor and the audit hook alike: one
+/// line per object, names for the anonymous ranges, the perf map and the JSON
+/// report when asked (the report only from the constructor: one per process).
+pub(crate) fn after_swap(
+    objects: &[discover::LoadedObject],
+    reports: &[crate::report::ObjectReport],
+    config: &config::Config<'_>,
+    write_report: bool,
+) {
+    for (object, r) in objects.iter().zip(reports) {
         r.log();
+        crate::profiling::name_swapped_ranges(&object.path, &r.swapped);
+        if config.perf_map {
+            match crate::profiling::append_perf_map(&object.path, object.bias, &r.swapped) {
+                Ok(0) => {}
+                Ok(n) => crate::tlog!(
+                    Level::Info,
+                    "{}: {n} functions written to /tmp/perf-{}.map",
+                    object.path,
+                    std::process::id()
+                ),
+                Err(e) => crate::tlog!(Level::Warn, "perf map not written: {e}"),
+            }
+        }
+    }
+    if let (true, Some(target)) = (write_report, config.report) {
+        if let Err(e) = crate::report::write_json(target, reports) {
+            crate::tlog!(Level::Warn, "report not written: {e}");
+        }
     }
 }
 

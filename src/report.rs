@@ -5,6 +5,69 @@ use crate::plan::{Range, Skip, Source, HUGE_PAGE, PAGE};
 use crate::smaps::Coverage;
 use crate::swap::SwapError;
 
+/// Writes `reports` as one JSON document to `target`: `fd:N`, or a path in
+/// which `%p` stands for the PID. A file is created new, never following a
+/// symlink and never replacing an existing file (mode 0600).
+pub fn write_json(target: &[u8], reports: &[ObjectReport]) -> Result<(), String> {
+    let mut j = crate::json::Json::new();
+    j.begin_object(None)
+        .uint("pid", u64::from(std::process::id()))
+        .begin_array(Some("objects"));
+    for r in reports {
+        r.to_json(&mut j);
+    }
+    j.end_array().end_object();
+    let mut text = j.finish();
+    text.push('\n');
+    write_target(target, text.as_bytes())
+}
+
+/// Writes `bytes` to `fd:N` or to a new file (see [`write_json`]).
+pub fn write_target(target: &[u8], bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(fd) = target.strip_prefix(b"fd:") {
+        let fd: i32 = std::str::from_utf8(fd)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or("fd:N needs a number")?;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            // SAFETY: writes from a valid buffer to a descriptor the user
+            // named; a bad descriptor only makes the call fail.
+            let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+            if n <= 0 {
+                return Err(format!("write to fd {fd}: {}", crate::sys::Errno::last()));
+            }
+            rest = rest.get(n as usize..).unwrap_or(&[]);
+        }
+        return Ok(());
+    }
+    let pid = std::process::id().to_string();
+    let mut path = Vec::with_capacity(target.len() + pid.len());
+    let mut rest = target;
+    while let Some(&b) = rest.first() {
+        if rest.starts_with(b"%p") {
+            path.extend_from_slice(pid.as_bytes());
+            rest = rest.get(2..).unwrap_or(&[]);
+        } else {
+            path.push(b);
+            rest = rest.get(1..).unwrap_or(&[]);
+        }
+    }
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&path));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// " (1.2 MiB head/tail, ...)" for the kept bytes that are not already huge.
 struct KeptReasons<'a>(&'a [(Skip, u64)]);
 
@@ -99,6 +162,64 @@ pub struct ObjectReport {
 }
 
 impl ObjectReport {
+    /// Writes this report as a JSON object.
+    pub fn to_json(&self, j: &mut crate::json::Json) {
+        j.begin_object(None)
+            .str("path", &self.path)
+            .uint("text_bytes", self.text_bytes)
+            .uint("planned_bytes", self.planned_bytes)
+            .uint("swapped_bytes", self.swapped_bytes())
+            .uint("already_huge_bytes", self.already_huge_bytes);
+        j.begin_object(Some("swapped_by_source"));
+        for (source, key) in [
+            (Source::Hugetlb, "hugetlb"),
+            (Source::Thp, "thp"),
+            (Source::PageCache, "page_cache"),
+        ] {
+            let n: u64 = self
+                .swapped
+                .iter()
+                .filter(|(_, s)| *s == source)
+                .map(|(r, _)| r.len())
+                .sum();
+            j.uint(key, n);
+        }
+        j.end_object();
+        j.begin_object(Some("after"))
+            .uint("huge_bytes", self.after.huge())
+            .uint("hugetlb_bytes", self.after.hugetlb)
+            .uint("anon_thp_bytes", self.after.anon_thp)
+            .uint("file_thp_bytes", self.after.file_thp)
+            .uint("small_bytes", self.after.small())
+            .end_object();
+        j.begin_array(Some("kept"));
+        for (reason, bytes) in &self.kept {
+            j.begin_object(None)
+                .str("reason", reason.describe())
+                .uint("bytes", *bytes)
+                .end_object();
+        }
+        j.end_array();
+        j.begin_array(Some("failed"));
+        for (range, e) in &self.failed {
+            j.begin_object(None)
+                .uint("start", range.start)
+                .uint("end", range.end)
+                .str("error", &e.to_string())
+                .end_object();
+        }
+        j.end_array();
+        match self.not_attempted {
+            Some(why) => j.str("not_attempted", why.describe()),
+            None => j.null("not_attempted"),
+        };
+        match self.in_place_error {
+            Some(e) => j.str("in_place_error", e.name()),
+            None => j.null("in_place_error"),
+        };
+        j.uint("elapsed_ns", self.elapsed_ns).end_object();
+    }
+
     /// Bytes swapped by us.
     pub fn swapped_bytes(&self) -> u64 {
         self.swapped.iter().map(|(r, _)| r.len()).sum()

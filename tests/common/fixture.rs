@@ -123,9 +123,11 @@ pub fn assembly_named(prefix: &str, functions: u64, split: bool, rodata_mib: u64
         if offset > 0 {
             let _ = writeln!(s, "    .skip {offset}, 0x90");
         }
+        // Typed and sized like a compiler's functions, so symbol tools
+        // (perf maps, debuggers) see them.
         let _ = write!(
             s,
-            "{prefix}_fn_{i}:\n    imul ${mul}, %rdi, %rax\n    xor ${add}, %rax\n    ret\n"
+            "    .type {prefix}_fn_{i}, @function\n{prefix}_fn_{i}:\n    imul ${mul}, %rdi, %rax\n    xor ${add}, %rax\n    ret\n    .size {prefix}_fn_{i}, .-{prefix}_fn_{i}\n"
         );
     }
     // Types and sizes matter: an executable that uses a library's data gets

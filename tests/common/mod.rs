@@ -358,7 +358,7 @@ impl Waiting {
 }
 
 /// The load bias of `exe` in process `pid` (0 for non-PIE).
-fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
+pub fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
     if elf.header.e_type != goblin::elf::header::ET_DYN {
         return 0;
     }

@@ -1,0 +1,222 @@
+//! Seeing what happened: the JSON report (TIEXEC_REPORT), perf maps, names
+//! in /proc/PID/maps, and a debugger that still names functions in text
+//! that moved to anonymous huge pages.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Waiting, PIE};
+
+const T: Duration = Duration::from_secs(120);
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = common::scratch_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn preloaded(exe: &Path) -> Command {
+    let mut c = Command::new(exe);
+    c.env("LD_PRELOAD", common::preload_lib())
+        .env("TIEXEC_BACKEND", "thp");
+    c
+}
+
+#[test]
+fn the_json_report_says_per_object_what_happened() {
+    let exe = common::fixture(PIE);
+    let dir = scratch("report");
+    let target = dir.join("report-%p.json");
+    let w = Waiting::start(
+        preloaded(&exe)
+            .env("TIEXEC_REPORT", &target)
+            .args(["1000", "wait"]),
+        T,
+    );
+    let pid = w.pid();
+    let o = w.finish(T);
+    o.check(
+        o.status.success() && o.stderr.lines().count() == 1,
+        "runs, silent",
+    );
+    let path = dir.join(format!("report-{pid}.json"));
+    let text = std::fs::read_to_string(&path).expect("report written, %p = pid");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(v["pid"], pid);
+    let objects = v["objects"].as_array().unwrap();
+    let me = objects
+        .iter()
+        .find(|o| o["path"].as_str().unwrap().ends_with("fixture-pie-32m"))
+        .expect("the fixture's record");
+    assert!(
+        me["swapped_by_source"]["thp"].as_u64().unwrap() >= 30 << 20,
+        "{me}"
+    );
+    assert!(
+        me["after"]["anon_thp_bytes"].as_u64().unwrap() >= 30 << 20,
+        "{me}"
+    );
+    assert!(me["not_attempted"].is_null() && me["failed"].as_array().unwrap().is_empty());
+    assert!(me["elapsed_ns"].as_u64().unwrap() > 0);
+    let kept = me["kept"].as_array().unwrap();
+    assert!(kept
+        .iter()
+        .all(|k| k["reason"].is_string() && k["bytes"].as_u64().is_some()));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn reports_never_clobber_or_follow_symlinks() {
+    let exe = common::fixture(PIE);
+    let dir = scratch("report-safe");
+    let existing = dir.join("existing.json");
+    std::fs::write(&existing, "mine").unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let link = dir.join("link.json");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    for target in [&existing, &link] {
+        let o = common::run(
+            preloaded(&exe)
+                .env("TIEXEC_REPORT", target)
+                .args(["1000", "run"]),
+            T,
+        );
+        o.check(o.status.success(), "the program runs");
+        o.check(o.stderr.contains("report not written"), "says so");
+    }
+    assert_eq!(std::fs::read_to_string(&existing).unwrap(), "mine");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Function symbols of `exe`: name -> (value, size).
+fn functions(exe: &Path) -> HashMap<String, (u64, u64)> {
+    let bytes = std::fs::read(exe).unwrap();
+    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
+    elf.syms
+        .iter()
+        .filter(|s| s.is_function() && s.st_size > 0)
+        .filter_map(|s| {
+            Some((
+                elf.strtab.get_at(s.st_name)?.to_string(),
+                (s.st_value, s.st_size),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn the_perf_map_matches_the_binarys_symbols() {
+    let exe = common::fixture(PIE);
+    let w = Waiting::start(
+        preloaded(&exe)
+            .env("TIEXEC_PERF_MAP", "1")
+            .env("TIEXEC_LOG", "info")
+            .args(["1000", "wait"]),
+        T,
+    );
+    let pid = w.pid();
+    let bytes = std::fs::read(&exe).unwrap();
+    let bias = common::load_bias(pid, &exe, &goblin::elf::Elf::parse(&bytes).unwrap());
+    let o = w.finish(T);
+    let map_path = format!("/tmp/perf-{pid}.map");
+    let map = std::fs::read_to_string(&map_path).expect("perf map written");
+    let _ = std::fs::remove_file(&map_path);
+    o.check(o.stderr.contains("functions written to"), "says so");
+    let symbols = functions(&exe);
+    let mut checked = 0;
+    for line in map.lines() {
+        let mut f = line.splitn(3, ' ');
+        let addr = u64::from_str_radix(f.next().unwrap(), 16).unwrap();
+        let size = u64::from_str_radix(f.next().unwrap(), 16).unwrap();
+        let name = f.next().unwrap();
+        let (value, sym_size) = symbols
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not in binary"));
+        assert_eq!(addr - bias, *value, "{line}");
+        assert_eq!(size, *sym_size, "{line}");
+        checked += 1;
+    }
+    // One function per 4 KiB page of the swapped 32 MiB, less the edges.
+    assert!(checked >= 7000, "{checked} lines");
+}
+
+#[test]
+fn gdb_still_names_functions_in_swapped_text() {
+    if Command::new("gdb").arg("--version").output().is_err() {
+        eprintln!("note: no gdb: test skipped");
+        return;
+    }
+    let exe = common::fixture(PIE);
+    let w = Waiting::start(preloaded(&exe).args(["1000", "wait"]), T);
+    let pid = w.pid();
+    let bytes = std::fs::read(&exe).unwrap();
+    let bias = common::load_bias(pid, &exe, &goblin::elf::Elf::parse(&bytes).unwrap());
+    let segments = common::text_segments(pid, &exe);
+    let cov = common::coverage(pid, &segments);
+    let symbols = functions(&exe);
+    let (value, _) = symbols["fixture_fn_4000"];
+    let addr = bias + value;
+    let gdb = common::run(
+        Command::new("gdb")
+            .args(["-batch", "-nx", "-p", &pid.to_string()])
+            .args(["-ex", "bt", "-ex"])
+            .arg(format!("info symbol {addr:#x}")),
+        T,
+    );
+    let o = w.finish(T);
+    o.check(o.status.success(), "fixture survives the debugger");
+    o.check(
+        cov.anon_thp >= 30 << 20,
+        &format!("text was swapped: {cov:?}"),
+    );
+    gdb.check(gdb.stdout.contains(" main "), "backtrace names main");
+    gdb.check(
+        gdb.stdout.contains("fixture_fn_4000 in section"),
+        "names a function mid-text",
+    );
+}
+
+#[test]
+fn swapped_ranges_are_named_in_maps_where_the_kernel_allows() {
+    // PR_SET_VMA_ANON_NAME needs CONFIG_ANON_VMA_NAME; probe first.
+    let probe = std::ffi::CString::new("tiexec:probe").unwrap();
+    // SAFETY: a fresh private page of our own, named and unmapped.
+    let supported = unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        let ok = libc::prctl(
+            0x5356_4d41,
+            0,
+            p as libc::c_ulong,
+            4096 as libc::c_ulong,
+            probe.as_ptr(),
+        ) == 0;
+        libc::munmap(p, 4096);
+        ok
+    };
+    if !supported {
+        eprintln!("note: kernel without CONFIG_ANON_VMA_NAME: test skipped");
+        return;
+    }
+    let exe = common::fixture(PIE);
+    let w = Waiting::start(preloaded(&exe).args(["1000", "wait"]), T);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", w.pid())).unwrap();
+    let o = w.finish(T);
+    o.check(maps.contains("[anon:tiexec:fixture-pie-32m]"), &maps);
+}
