@@ -63,6 +63,14 @@ pub fn read_program_headers(file: &std::fs::File) -> Option<Vec<ProgramHeader>> 
     .ok()
 }
 
+/// The ELF type (`ET_EXEC`, `ET_DYN`, ...) of a file.
+pub fn read_type(file: &std::fs::File) -> Option<u16> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 64];
+    file.read_exact_at(&mut head, 0).ok()?;
+    Some(goblin::elf::Elf::parse_header(&head).ok()?.e_type)
+}
+
 /// The interpreter a program asks for (`PT_INTERP`).
 pub fn interpreter(file: &std::fs::File, phdrs: &[ProgramHeader]) -> Option<std::path::PathBuf> {
     use std::os::unix::ffi::OsStrExt;

@@ -30,6 +30,7 @@ pub mod config;
 pub mod discover;
 pub mod elf;
 pub mod fault;
+pub mod inspect;
 pub mod json;
 pub mod log;
 pub mod plan;

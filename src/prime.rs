@@ -89,18 +89,27 @@ impl core::fmt::Display for PrimeError {
     }
 }
 
-/// The file ranges of the executable segments, and their congruence: a
-/// segment can be mapped huge from the page cache only when its address and
-/// its file offset agree modulo 2 MiB (for a PIE or library: when loaded at
-/// a 2 MiB-aligned base, which the kernel and loader do for big objects).
-pub fn text_file_ranges(phdrs: &[goblin::elf::ProgramHeader]) -> Vec<(Range, bool)> {
+/// The file ranges of the executable segments, and whether each will be
+/// congruent at run time: its address and file offset must agree modulo
+/// 2 MiB, and the base it is loaded at must be 2 MiB aligned. A non-PIE
+/// executable sits at a fixed address. A PIE executable's base is random,
+/// aligned to its largest `p_align` only (4 KiB unless linked with
+/// `-z max-page-size=0x200000`). A library's big mapping is placed 2 MiB
+/// aligned by the kernel.
+pub fn text_file_ranges(e_type: u16, phdrs: &[goblin::elf::ProgramHeader]) -> Vec<(Range, bool)> {
     use goblin::elf::program_header::{PF_X, PT_LOAD};
+    let is_pie_executable = e_type == goblin::elf::header::ET_DYN && elf::has_interpreter(phdrs);
+    let base_aligned = !is_pie_executable
+        || phdrs
+            .iter()
+            .filter(|p| p.p_type == PT_LOAD)
+            .any(|p| p.p_align >= HUGE_PAGE);
     phdrs
         .iter()
         .filter(|p| p.p_type == PT_LOAD && p.p_flags & PF_X != 0)
         .map(|p| {
             let file = Range::new(p.p_offset, p.p_offset.saturating_add(p.p_filesz));
-            let congruent = p.p_vaddr.wrapping_sub(p.p_offset) % HUGE_PAGE == 0;
+            let congruent = base_aligned && p.p_vaddr.wrapping_sub(p.p_offset) % HUGE_PAGE == 0;
             (file, congruent)
         })
         .collect()
@@ -153,12 +162,15 @@ impl AlignedFileMap {
         Ok(map)
     }
 
-    /// Faults every page in through a `MADV_HUGEPAGE` mapping, and returns
+    /// Faults every page in (through a `MADV_HUGEPAGE` mapping when
+    /// `advise`: pages read from disk then come as 2 MiB folios), and returns
     /// how many bytes the kernel then maps with 2 MiB pages.
-    fn populate_huge(&self) -> u64 {
+    fn populate_huge(&self, advise: bool) -> u64 {
         // SAFETY: our own read-only file mapping; advice and read faults only.
         unsafe {
-            let _ = sys::madvise(self.addr, self.len, libc::MADV_HUGEPAGE);
+            if advise {
+                let _ = sys::madvise(self.addr, self.len, libc::MADV_HUGEPAGE);
+            }
             let _ = sys::madvise(self.addr, self.len, sys::MADV_POPULATE_READ);
         }
         let start = self.addr as u64;
@@ -180,7 +192,8 @@ impl Drop for AlignedFileMap {
 pub fn prime_file(path: &Path, prime: bool) -> Result<Vec<SegmentState>, PrimeError> {
     let file = File::open(path).map_err(PrimeError::Io)?;
     let phdrs = elf::read_program_headers(&file).ok_or(PrimeError::NotElf)?;
-    let ranges = text_file_ranges(&phdrs);
+    let e_type = elf::read_type(&file).ok_or(PrimeError::NotElf)?;
+    let ranges = text_file_ranges(e_type, &phdrs);
     let mut out = Vec::new();
     for (file_range, congruent) in ranges {
         let body = huge_body(file_range);
@@ -194,7 +207,8 @@ pub fn prime_file(path: &Path, prime: bool) -> Result<Vec<SegmentState>, PrimeEr
             s.state = State::NotCongruent;
         } else if !body.is_empty() {
             let map = AlignedFileMap::new(&file, body).map_err(PrimeError::Map)?;
-            s.huge_bytes = map.populate_huge();
+            // Checking only: no advice, so that looking does not prime.
+            s.huge_bytes = map.populate_huge(prime);
             drop(map);
             if s.huge_bytes >= body.len() {
                 s.state = State::Huge;
@@ -212,7 +226,7 @@ pub fn prime_file(path: &Path, prime: bool) -> Result<Vec<SegmentState>, PrimeEr
                     )
                 };
                 let map = AlignedFileMap::new(&file, body).map_err(PrimeError::Map)?;
-                s.huge_bytes = map.populate_huge();
+                s.huge_bytes = map.populate_huge(true);
                 s.state = if s.huge_bytes >= body.len() {
                     State::Primed
                 } else {
@@ -243,6 +257,12 @@ mod tests {
     fn this_test_binary_has_text_ranges() {
         let file = File::open("/proc/self/exe").unwrap();
         let phdrs = elf::read_program_headers(&file).unwrap();
-        assert!(!text_file_ranges(&phdrs).is_empty());
+        let e_type = elf::read_type(&file).unwrap();
+        let ranges = text_file_ranges(e_type, &phdrs);
+        assert!(!ranges.is_empty());
+        // A PIE test binary with 4 KiB alignment: never congruent.
+        if e_type == goblin::elf::header::ET_DYN {
+            assert!(ranges.iter().all(|(_, congruent)| !congruent));
+        }
     }
 }

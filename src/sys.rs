@@ -217,7 +217,16 @@ const PAGEMAP_SCAN: libc::c_ulong = (3 << 30) | (96 << 16) | ((b'f' as libc::c_u
 /// order. Reads page tables only; changes nothing. `Err(ENOTTY)` or
 /// `Err(EINVAL)` on kernels older than 6.7.
 pub fn huge_mapped_ranges(start: u64, end: u64) -> Result<Vec<(u64, u64)>, Errno> {
-    let path = c"/proc/self/pagemap";
+    huge_mapped_ranges_in(c"/proc/self/pagemap", start, end)
+}
+
+/// As [`huge_mapped_ranges`], for the process whose pagemap is `path`
+/// (`/proc/PID/pagemap`; reading another process's needs ptrace access).
+pub fn huge_mapped_ranges_in(
+    path: &core::ffi::CStr,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, u64)>, Errno> {
     // SAFETY: the path is NUL-terminated.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if fd < 0 {

@@ -220,3 +220,125 @@ fn swapped_ranges_are_named_in_maps_where_the_kernel_allows() {
     let o = w.finish(T);
     o.check(maps.contains("[anon:tiexec:fixture-pie-32m]"), &maps);
 }
+
+#[test]
+fn stat_shows_coverage_pages_and_a_picture_matching_smaps() {
+    let exe = common::fixture(PIE);
+    let w = Waiting::start(preloaded(&exe).args(["1000", "wait"]), T);
+    let pid = w.pid();
+    let segments = common::text_segments(pid, &exe);
+    let cov = common::coverage(pid, &segments);
+    let text = common::run(common::tiexec_cmd().args(["stat", &pid.to_string()]), T);
+    let json = common::run(
+        common::tiexec_cmd().args(["stat", "--json", &pid.to_string()]),
+        T,
+    );
+    w.finish(T);
+    text.check(text.status.success(), "stat runs");
+    text.check(text.stdout.contains("fixture-pie-32m"), "names the object");
+    text.check(
+        text.stdout.contains("% on 2 MiB pages") && text.stdout.contains("[#"),
+        "figures and picture",
+    );
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("valid JSON");
+    let objects = v[0]["objects"].as_array().unwrap();
+    let o = objects
+        .iter()
+        .find(|o| o["path"].as_str().unwrap().ends_with("fixture-pie-32m"))
+        .expect("the fixture");
+    let n = |k: &str| o[k].as_u64().unwrap();
+    assert_eq!(n("huge_bytes"), cov.huge(), "same as smaps read here");
+    assert_eq!(n("anon_thp_bytes"), cov.anon_thp);
+    assert_eq!(
+        n("text_bytes"),
+        segments.iter().map(|s| s.len()).sum::<u64>()
+    );
+    assert_eq!(n("entries_small_only"), n("text_bytes") / 4096);
+    assert_eq!(
+        n("entries_now"),
+        n("huge_bytes").div_ceil(2 << 20) + n("small_bytes") / 4096
+    );
+    let picture = o["picture"].as_str().unwrap();
+    assert_eq!(picture.len() as u64, n("entries_all_huge"));
+    assert!(
+        picture.chars().filter(|&c| c == '#').count() >= 15,
+        "{picture}"
+    );
+}
+
+#[test]
+fn stat_tree_follows_children() {
+    let exe = common::fixture(PIE);
+    // A shell that starts the fixture: --tree on the shell finds it.
+    let w = Waiting::start(
+        common::tiexec_cmd()
+            .args(["-b", "thp", "sh", "-c"])
+            .arg(format!("'{}' 1000 wait; true", exe.display())),
+        T,
+    );
+    let out = common::run(
+        common::tiexec_cmd().args(["stat", "--tree", &w.pid().to_string()]),
+        T,
+    );
+    w.finish(T);
+    out.check(
+        out.stdout.contains("fixture-pie-32m"),
+        "the child is listed",
+    );
+}
+
+#[test]
+fn check_describes_the_machine_and_plans_a_program() {
+    let Some(_pool) = common::PoolGuard::set(0) else {
+        return;
+    };
+    let exe = common::fixture(PIE);
+    let o = common::run(common::tiexec_cmd().args(["check", "--json"]).arg(&exe), T);
+    o.check(o.status.success(), "ready: THP is available");
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("valid JSON");
+    let pool = &v["machine"]["hugetlb_pool"];
+    assert_eq!(pool["total"], 0);
+    assert!(v["machine"]["kernel"].as_str().unwrap().starts_with(
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap()
+            .trim()
+    ));
+    assert_eq!(v["program"]["dynamic"], true);
+    assert_eq!(v["program"]["pie"], true);
+    let plan = &v["plan"];
+    let pages = plan["pages_to_copy"].as_u64().unwrap();
+    assert!((16..=18).contains(&pages), "{plan}");
+    assert_eq!(plan["backend"], "thp");
+    assert_eq!(
+        plan["reserve_command"],
+        format!("echo {pages} > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+    );
+    let text = common::run(common::tiexec_cmd().arg("check").arg(&exe), T);
+    text.check(
+        text.stdout
+            .contains("not congruent: relink with -Wl,-z,max-page-size=0x200000"),
+        "PIE advice",
+    );
+}
+
+#[test]
+fn check_says_a_static_program_is_ready_once_primed() {
+    let spec = common::Spec {
+        name: "obs-static-nopie-24m",
+        text_mib: 24,
+        static_link: true,
+        ..common::NON_PIE
+    };
+    let exe = common::fresh_copy(&common::fixture(spec), &scratch("check-static"));
+    let before = common::run(common::tiexec_cmd().arg("check").arg(&exe), T);
+    before.check(before.status.code() == Some(1), "not ready before priming");
+    before.check(before.stdout.contains("statically linked"), "says why");
+    let p = common::run(common::tiexec_cmd().arg("prime").arg(&exe), T);
+    p.check(p.status.success(), "primed");
+    let after = common::run(common::tiexec_cmd().arg("check").arg(&exe), T);
+    after.check(
+        after.status.success() && after.stdout.contains("cached as 2 MiB folios"),
+        "ready",
+    );
+    let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+}

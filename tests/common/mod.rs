@@ -357,43 +357,19 @@ impl Waiting {
     }
 }
 
-/// The load bias of `exe` in process `pid` (0 for non-PIE).
+/// The load bias of `exe` in process `pid` (0 for non-PIE), from any of its
+/// mappings still backed by the file (swapped ranges are anonymous; the data
+/// segment always stays).
 pub fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
     if elf.header.e_type != goblin::elf::header::ET_DYN {
         return 0;
     }
-    // Any mapping still backed by the file tells the load bias: the one at
-    // file offset O and address S belongs to the PT_LOAD holding O, whose
-    // byte O sits at vaddr p_vaddr - p_offset + O. (Swapped ranges are
-    // anonymous now; the data segment always stays.)
-    let loads: Vec<_> = elf
-        .program_headers
-        .iter()
-        .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
-        .collect();
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     let canon = std::fs::canonicalize(exe).expect("canon");
-    let canon = canon.to_str().unwrap();
-    let (start, offset) = maps
-        .lines()
-        .filter(|l| l.ends_with(canon))
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let start = u64::from_str_radix(f.next()?.split('-').next()?, 16).ok()?;
-            let offset = u64::from_str_radix(f.nth(1)?, 16).ok()?;
-            Some((start, offset))
-        })
-        .unwrap_or_else(|| panic!("{} not mapped in {pid}:\n{maps}", exe.display()));
-    let load = loads
-        .iter()
-        .find(|p| p.p_offset <= offset && offset < p.p_offset + p.p_filesz.max(1))
-        .or_else(|| {
-            loads
-                .iter()
-                .find(|p| plan::align_down(p.p_offset, plan::PAGE) == offset)
-        })
-        .expect("a PT_LOAD holds the mapped offset");
-    start - (load.p_vaddr - load.p_offset + offset)
+    let vmas = smaps::read(Some(pid)).expect("smaps");
+    vmas.iter()
+        .filter(|v| Path::new(&v.path) == canon)
+        .find_map(|v| tiexec::inspect::bias_from_mapping(&elf.program_headers, v.start, v.offset))
+        .unwrap_or_else(|| panic!("{} not mapped in {pid}", exe.display()))
 }
 
 /// The executable segments of `exe` as mapped in process `pid` (page-rounded),

@@ -23,6 +23,8 @@ static EMBEDDED_LIBRARY: &[u8] = include_bytes!(env!("TIEXEC_EMBEDDED_LIB"));
 pub const USAGE: &str = "\
 Usage: tiexec [run] [OPTIONS] [--] PROGRAM [ARGS...]
        tiexec prime FILE...    (see tiexec prime --help)
+       tiexec stat PID...      (see tiexec stat --help)
+       tiexec check [PROGRAM]  (see tiexec check --help)
 
 Runs PROGRAM with its executable text on 2 MiB huge pages. PROGRAM keeps
 tiexec's PID, and tiexec exits with PROGRAM's status.
@@ -228,6 +230,14 @@ fn is_executable_file(path: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
 }
 
+/// PROGRAM's path when it can be run (see [`find_program`]).
+pub fn resolve(program: &OsStr) -> Option<PathBuf> {
+    match find_program(program) {
+        Lookup::Found(p) => Some(p),
+        _ => None,
+    }
+}
+
 /// Finds PROGRAM the way a shell does: as a path if it holds a '/', else in
 /// each directory of PATH in turn (an empty entry is the current directory).
 fn find_program(program: &OsStr) -> Lookup {
@@ -266,13 +276,13 @@ fn find_program(program: &OsStr) -> Lookup {
 
 /// What the ELF headers say about how PROGRAM will be loaded.
 #[derive(Debug, PartialEq, Eq)]
-enum Linkage {
+pub enum Linkage {
     Dynamic,
     Static,
     NotElf,
 }
 
-fn linkage(path: &Path) -> Linkage {
+pub fn linkage(path: &Path) -> Linkage {
     let Ok(file) = std::fs::File::open(path) else {
         return Linkage::NotElf;
     };
@@ -312,7 +322,7 @@ fn prime_before_exec(program: &Path, verbose: bool) {
 /// The libraries the dynamic loader resolves for `program`, with at least
 /// 2 MiB of file: asks the loader itself (`ld.so --list`, what ldd does; it
 /// loads nothing into this process and runs none of the program's code).
-fn libraries_of(program: &Path) -> Vec<PathBuf> {
+pub fn libraries_of(program: &Path) -> Vec<PathBuf> {
     let Ok(file) = std::fs::File::open(program) else {
         return Vec::new();
     };

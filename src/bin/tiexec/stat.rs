@@ -1,0 +1,191 @@
+//! `tiexec stat PID...`: how much of each object's text in a running process
+//! is on 2 MiB pages, of which kind, and what that saves in page-table (TLB)
+//! entries; a picture per 2 MiB for people who would rather look than read;
+//! JSON for machines.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use tiexec::inspect::{self, ObjectStat};
+use tiexec::json::Json;
+use tiexec::log::Bytes;
+
+const USAGE: &str = "\
+Usage: tiexec stat [--json] [--tree] [--all] PID...
+
+For each object of each process with at least 2 MiB of text: text size,
+bytes on 2 MiB pages by kind (hugetlb, anonymous THP, file THP from the page
+cache), bytes left on 4 KiB pages, coverage, the page-table entries the text
+needs (4 KiB only -> now -> all huge), and one character per 2 MiB of text:
+'#' huge, '+' partly, '.' 4 KiB pages (or not yet faulted in).
+
+  --json   one JSON document on stdout
+  --tree   also the descendants of each PID
+  --all    every object with text, not only those with 2 MiB or more
+";
+
+/// Runs `tiexec stat`.
+pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
+    let (mut json, mut tree, mut all) = (false, false, false);
+    let mut pids = Vec::new();
+    for arg in argv {
+        match arg.to_str() {
+            Some("-h" | "--help") => {
+                print!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            Some("--json") => json = true,
+            Some("--tree") => tree = true,
+            Some("--all") => all = true,
+            Some(s) => match s.parse::<u32>() {
+                Ok(p) => pids.push(p),
+                Err(_) => {
+                    eprintln!("tiexec stat: {s}: not a PID\nTry 'tiexec stat --help'.");
+                    return ExitCode::from(2);
+                }
+            },
+            None => {
+                eprintln!("tiexec stat: bad argument\nTry 'tiexec stat --help'.");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if pids.is_empty() {
+        eprintln!("tiexec stat: missing PID\nTry 'tiexec stat --help'.");
+        return ExitCode::from(2);
+    }
+    if tree {
+        pids = with_descendants(&pids);
+    }
+    let min_text = if all { 1 } else { 2 << 20 };
+    let mut failed = false;
+    let mut results = Vec::new();
+    for pid in pids {
+        match inspect::process_objects(pid, min_text) {
+            Ok(objects) => results.push((pid, command_name(pid), objects)),
+            Err(e) => {
+                eprintln!("tiexec stat: {pid}: {e}");
+                failed = true;
+            }
+        }
+    }
+    if json {
+        println!("{}", to_json(&results));
+    } else {
+        for (pid, name, objects) in &results {
+            print_process(*pid, name, objects);
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn command_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `pids` followed by all their descendants (from /proc/*/stat).
+fn with_descendants(pids: &[u32]) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // The command name may hold spaces and parentheses: the fields
+            // after the last ')' are "state ppid ...".
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut out = pids.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        for &(child, ppid) in &parent_of {
+            if ppid == parent && !out.contains(&child) {
+                out.push(child);
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+fn print_process(pid: u32, name: &str, objects: &[ObjectStat]) {
+    println!("{pid} ({name})");
+    if objects.is_empty() {
+        println!("  no object with 2 MiB of text or more (--all lists every one)");
+    }
+    for o in objects {
+        let c = &o.coverage;
+        println!("  {}", o.path);
+        println!(
+            "    text {}: {:.1} % on 2 MiB pages ({} hugetlb, {} anonymous THP, {} file THP), {} on 4 KiB pages",
+            Bytes(o.text_bytes()),
+            o.percent_huge(),
+            Bytes(c.hugetlb),
+            Bytes(c.anon_thp),
+            Bytes(c.file_thp),
+            Bytes(c.small())
+        );
+        println!(
+            "    page-table entries for the text: {} on 4 KiB pages only -> {} now -> {} with all of it huge",
+            o.pages_if_small(),
+            o.pages_now(),
+            o.pages_if_all_huge()
+        );
+        println!("    [{}]", o.picture());
+    }
+}
+
+fn to_json(results: &[(u32, String, Vec<ObjectStat>)]) -> String {
+    let mut j = Json::new();
+    j.begin_array(None);
+    for (pid, name, objects) in results {
+        j.begin_object(None)
+            .uint("pid", u64::from(*pid))
+            .str("command", name)
+            .begin_array(Some("objects"));
+        for o in objects {
+            let c = &o.coverage;
+            j.begin_object(None)
+                .str("path", &o.path)
+                .uint("text_bytes", o.text_bytes())
+                .uint("huge_bytes", c.huge())
+                .uint("hugetlb_bytes", c.hugetlb)
+                .uint("anon_thp_bytes", c.anon_thp)
+                .uint("file_thp_bytes", c.file_thp)
+                .uint("small_bytes", c.small())
+                .float("percent_huge", o.percent_huge())
+                .uint("entries_small_only", o.pages_if_small())
+                .uint("entries_now", o.pages_now())
+                .uint("entries_all_huge", o.pages_if_all_huge())
+                .str("picture", &o.picture());
+            j.begin_array(Some("text"));
+            for t in &o.text {
+                j.begin_object(None)
+                    .uint("start", t.start)
+                    .uint("end", t.end)
+                    .end_object();
+            }
+            j.end_array().end_object();
+        }
+        j.end_array().end_object();
+    }
+    j.end_array();
+    j.finish()
+}

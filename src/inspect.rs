@@ -1,0 +1,231 @@
+//! What a running process's text looks like now, from outside: its objects,
+//! their executable segments, how much of each is on 2 MiB pages and of
+//! which kind (smaps), and a picture per 2 MiB (page tables, through
+//! PAGEMAP_SCAN). For `tiexec stat`; reads only.
+
+use crate::elf;
+use crate::plan::{align_down, align_up, Range, HUGE_PAGE, PAGE};
+use crate::smaps::{self, Coverage, Vma};
+use crate::sys;
+
+/// The load bias of an object from one of its file-backed mappings: the
+/// mapping at file offset `offset` and address `start` belongs to the
+/// `PT_LOAD` holding that offset, whose byte `offset` sits at
+/// `p_vaddr - p_offset + offset` before relocation.
+pub fn bias_from_mapping(
+    phdrs: &[goblin::elf::ProgramHeader],
+    start: u64,
+    offset: u64,
+) -> Option<u64> {
+    use goblin::elf::program_header::PT_LOAD;
+    let loads = || phdrs.iter().filter(|p| p.p_type == PT_LOAD);
+    let load = loads()
+        .find(|p| p.p_offset <= offset && offset < p.p_offset + p.p_filesz.max(1))
+        .or_else(|| loads().find(|p| align_down(p.p_offset, PAGE) == offset))?;
+    let vaddr_of_offset = load
+        .p_vaddr
+        .wrapping_sub(load.p_offset)
+        .wrapping_add(offset);
+    Some(start.wrapping_sub(vaddr_of_offset))
+}
+
+/// What one 2 MiB page of text is mapped with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunk {
+    /// All of it on a 2 MiB page.
+    Huge,
+    /// Some of it.
+    Mixed,
+    /// None of it (4 KiB pages, or not faulted in).
+    Small,
+}
+
+impl Chunk {
+    /// `#` huge, `+` mixed, `.` small.
+    pub fn symbol(self) -> char {
+        match self {
+            Chunk::Huge => '#',
+            Chunk::Mixed => '+',
+            Chunk::Small => '.',
+        }
+    }
+}
+
+/// One object of a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectStat {
+    /// Its file.
+    pub path: String,
+    /// Its executable segments, as mapped.
+    pub text: Vec<Range>,
+    /// How they are mapped now.
+    pub coverage: Coverage,
+    /// One entry per 2 MiB page the text touches, in address order.
+    pub chunks: Vec<Chunk>,
+}
+
+impl ObjectStat {
+    /// Bytes of text.
+    pub fn text_bytes(&self) -> u64 {
+        self.text.iter().map(Range::len).sum()
+    }
+
+    /// Page-table entries (TLB entries) the text needs on 4 KiB pages only.
+    pub fn pages_if_small(&self) -> u64 {
+        self.text_bytes() / PAGE
+    }
+
+    /// Entries it needs now: one per 2 MiB page, plus the 4 KiB pages left.
+    pub fn pages_now(&self) -> u64 {
+        self.coverage.huge().div_ceil(HUGE_PAGE) + self.coverage.small() / PAGE
+    }
+
+    /// Entries with every 2 MiB page it touches huge.
+    pub fn pages_if_all_huge(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
+    /// Percentage of the text on 2 MiB pages.
+    pub fn percent_huge(&self) -> f64 {
+        match self.text_bytes() {
+            0 => 0.0,
+            t => self.coverage.huge() as f64 * 100.0 / t as f64,
+        }
+    }
+
+    /// The picture: one symbol per 2 MiB page.
+    pub fn picture(&self) -> String {
+        self.chunks.iter().map(|c| c.symbol()).collect()
+    }
+}
+
+fn chunk_kinds(pid: u32, text: &[Range], vmas: &[Vma]) -> Vec<Chunk> {
+    let mut starts: Vec<u64> = Vec::new();
+    for seg in text {
+        let mut c = align_down(seg.start, HUGE_PAGE);
+        while c < seg.end {
+            starts.push(c);
+            c += HUGE_PAGE;
+        }
+    }
+    starts.sort_unstable();
+    starts.dedup();
+    let (Some(&lo), Some(&hi)) = (starts.first(), starts.last()) else {
+        return Vec::new();
+    };
+    let path = std::ffi::CString::new(format!("/proc/{pid}/pagemap")).unwrap_or_default();
+    let huge: Vec<Range> = match sys::huge_mapped_ranges_in(&path, lo, hi + HUGE_PAGE) {
+        Ok(r) => r.into_iter().map(|(s, e)| Range::new(s, e)).collect(),
+        // Without PAGEMAP_SCAN: a mapping counts as huge when smaps says all
+        // of it is.
+        Err(_) => vmas
+            .iter()
+            .filter(|v| !v.range().is_empty() && v.huge_bytes() >= v.range().len())
+            .map(Vma::range)
+            .collect(),
+    };
+    starts
+        .into_iter()
+        .map(|s| {
+            let chunk = Range::new(s, s + HUGE_PAGE);
+            // Only the text's part of the chunk counts.
+            let parts: Vec<Range> = text.iter().filter_map(|t| t.intersect(chunk)).collect();
+            let total: u64 = parts.iter().map(Range::len).sum();
+            let on_huge: u64 = parts
+                .iter()
+                .map(|p| {
+                    huge.iter()
+                        .filter_map(|h| h.intersect(*p))
+                        .map(|r| r.len())
+                        .sum::<u64>()
+                })
+                .sum();
+            if on_huge >= total {
+                Chunk::Huge
+            } else if on_huge > 0 {
+                Chunk::Mixed
+            } else {
+                Chunk::Small
+            }
+        })
+        .collect()
+}
+
+/// The objects of process `pid` that have executable segments, with at
+/// least `min_text` bytes of text.
+pub fn process_objects(pid: u32, min_text: u64) -> std::io::Result<Vec<ObjectStat>> {
+    let vmas = smaps::read(Some(pid))?;
+    let mut seen: Vec<(String, u64)> = Vec::new();
+    let mut out = Vec::new();
+    for v in vmas
+        .iter()
+        .filter(|v| v.inode != 0 && v.path.starts_with('/'))
+    {
+        if seen.iter().any(|(p, i)| *p == v.path && *i == v.inode) {
+            continue;
+        }
+        seen.push((v.path.clone(), v.inode));
+        let Ok(file) = std::fs::File::open(&v.path) else {
+            continue;
+        };
+        let Some(phdrs) = elf::read_program_headers(&file) else {
+            continue;
+        };
+        let Some(bias) = bias_from_mapping(&phdrs, v.start, v.offset) else {
+            continue;
+        };
+        let text = elf::load_segments(&phdrs, bias).text;
+        let bytes: u64 = text.iter().map(Range::len).sum();
+        if text.is_empty() || bytes < min_text {
+            continue;
+        }
+        let mut coverage = Coverage::default();
+        for s in &text {
+            coverage.add(smaps::coverage(&vmas, *s));
+        }
+        let chunks = chunk_kinds(pid, &text, &vmas);
+        out.push(ObjectStat {
+            path: v.path.clone(),
+            text,
+            coverage,
+            chunks,
+        });
+    }
+    Ok(out)
+}
+
+/// The number of 2 MiB pages `range` touches.
+pub fn chunks_touched(range: Range) -> u64 {
+    if range.is_empty() {
+        return 0;
+    }
+    (align_up(range.end, HUGE_PAGE) - align_down(range.start, HUGE_PAGE)) / HUGE_PAGE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_described() {
+        let objects = process_objects(std::process::id(), 0).unwrap();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let me = objects
+            .iter()
+            .find(|o| std::path::Path::new(&o.path) == exe)
+            .expect("the test binary");
+        assert!(me.text_bytes() > 0);
+        let here = this_process_is_described as *const () as u64;
+        assert!(me.text.iter().any(|r| r.start <= here && here < r.end));
+        assert_eq!(me.picture().len(), me.chunks.len());
+        assert!(me.pages_if_small() >= me.pages_now() || me.coverage.huge() == 0);
+    }
+
+    #[test]
+    fn chunk_arithmetic() {
+        const M: u64 = HUGE_PAGE;
+        assert_eq!(chunks_touched(Range::new(M + 1, 3 * M)), 2);
+        assert_eq!(chunks_touched(Range::new(M, M)), 0);
+        assert_eq!(chunks_touched(Range::new(0x1000, 0x2000)), 1);
+    }
+}
