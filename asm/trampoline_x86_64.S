@@ -20,6 +20,10 @@
  *       32  u64 outcome   out: what happened (OUTCOME_* below)
  *       40  u64 fail      in:  0 normally; a FAIL_* code makes one step fail
  *                              on purpose (tests of every failure path)
+ *       48  u64 probe     in:  a page of the text range that was mapped
+ *                              before (the range may also hold unmapped
+ *                              holes, which a check of the whole range
+ *                              would take for damage)
  *     rsi = count
  *   returns 0 when every record was processed, or the -errno of the first
  *   rt_sigprocmask, in which case no record was touched.
@@ -29,9 +33,10 @@
  *     2. mremap(staging, len, len, MAYMOVE|FIXED, text)    the swap itself:
  *        the kernel replaces the old pages by the new ones in one call, so
  *        there is no moment without code at `text`.
- *     3. only if 2 failed: msync(text, len, MS_ASYNC) tells whether the old
- *        range is still fully mapped (ENOMEM if the kernel unmapped it before
- *        failing). Any other answer (0, or EINVAL for an address mremap
+ *     3. only if 2 failed: msync(probe, 4096, MS_ASYNC) tells whether the
+ *        text is still mapped (ENOMEM if the kernel unmapped the target range
+ *        before failing: it unmaps all of it at once, so one page that was
+ *        mapped tells). Any other answer (0, or EINVAL for an address mremap
  *        refused outright) means nothing changed: OUTCOME_REMAP_FAILED.
  *     4. only if the old range has a hole: map anonymous memory read-write
  *        over it, copy the bytes back from the staging copy (still at its
@@ -84,7 +89,8 @@
 #define OP_STATUS   24
 #define OP_OUTCOME  32
 #define OP_FAIL     40
-#define OP_SIZE     48
+#define OP_PROBE    48
+#define OP_SIZE     56
 
 #define FAIL_PROTECT     1
 #define FAIL_REMAP       2
@@ -171,10 +177,10 @@ tiexec_trampoline_start:
     mov     %rax, %rbx                  /* keep -errno of mremap */
     mov     %rax, OP_STATUS(%r12)
 
-    /* Step 3: is the text range still fully mapped? */
+    /* Step 3: is the text still mapped? Ask about one page that was. */
     mov     $SYS_msync, %eax
-    mov     OP_TEXT(%r12), %rdi         /* addr */
-    mov     OP_LEN(%r12), %rsi          /* len */
+    mov     OP_PROBE(%r12), %rdi        /* addr: a page mapped before */
+    mov     $4096, %esi                 /* len: that page */
     mov     $MS_ASYNC, %edx             /* flags: a no-op that still checks the range */
     syscall
     cmp     $-ENOMEM, %rax              /* only ENOMEM means a hole where the */

@@ -367,6 +367,32 @@ pub fn plan_object(
     plan
 }
 
+/// Splits `swaps` so that the first `budget` 2 MiB pages form ranges of
+/// their own: with a hugetlb pool smaller than the plan, those get huge pages
+/// and the rest is tried (and reported) on its own.
+pub fn split_at_budget(swaps: Vec<SwapRange>, budget: u64) -> Vec<SwapRange> {
+    let mut out = Vec::with_capacity(swaps.len() + 1);
+    let mut left = budget;
+    for s in swaps {
+        let pages = s.range.len() / HUGE_PAGE;
+        if left == 0 || pages <= left {
+            left = left.saturating_sub(pages);
+            out.push(s);
+            continue;
+        }
+        let cut = s.range.start + left * HUGE_PAGE;
+        let part = |r: Range| SwapRange {
+            range: r,
+            pieces: s.pieces.iter().filter_map(|p| p.intersect(r)).collect(),
+            in_place: s.in_place,
+        };
+        out.push(part(Range::new(s.range.start, cut)));
+        out.push(part(Range::new(cut, s.range.end)));
+        left = 0;
+    }
+    out
+}
+
 /// What the machine offers, as far as choosing a backend goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Machine {
@@ -682,6 +708,27 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn a_small_pool_gets_a_range_of_its_own() {
+        let whole = SwapRange {
+            range: Range::new(2 * M, 12 * M),
+            pieces: vec![Range::new(2 * M + 0x1000, 12 * M)],
+            in_place: false,
+        };
+        let split = split_at_budget(vec![whole.clone()], 3);
+        assert_eq!(
+            split.iter().map(|s| s.range).collect::<Vec<_>>(),
+            vec![Range::new(2 * M, 5 * M), Range::new(5 * M, 12 * M)]
+        );
+        assert_eq!(split[0].pieces, vec![Range::new(2 * M + 0x1000, 5 * M)]);
+        assert_eq!(split[1].pieces, vec![Range::new(5 * M, 12 * M)]);
+        assert_eq!(
+            split_at_budget(vec![whole.clone()], 10),
+            vec![whole.clone()]
+        );
+        assert_eq!(split_at_budget(vec![whole.clone()], 0), vec![whole]);
     }
 
     #[test]

@@ -213,12 +213,18 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], request: Request) -> Vec<O
                     vmas = Some(current);
                 }
                 Ok(sources) => {
+                    // Only the pool: use what it has, report the rest.
+                    let swaps = if sources == [plan::Source::Hugetlb] {
+                        plan::split_at_budget(plan.swap, discover::hugetlb_pool().available())
+                    } else {
+                        plan.swap
+                    };
                     // SAFETY: the ranges come from the plan: 2 MiB aligned,
                     // made of r-x private text of a loaded object and, when
                     // aggressive, read-only pages of the same object or
                     // unmapped space; they do not overlap. The caller
                     // guarantees no thread runs this text meanwhile.
-                    let results = unsafe { swap::swap_ranges(&plan.swap, sources) };
+                    let results = unsafe { swap::swap_ranges(&swaps, sources) };
                     for r in results {
                         if report.in_place_error.is_none() {
                             report.in_place_error = r.in_place_error;

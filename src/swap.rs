@@ -36,6 +36,12 @@ pub enum SwapError {
     StagingAdvise(Errno),
     /// Step 1: populating the staging area failed (no memory).
     StagingPopulate(Errno),
+    /// Step 1: the memory cgroup's limit leaves too little room for a THP copy
+    /// (going over it would mean reclaim, or an OOM kill).
+    CgroupLimit {
+        /// Bytes the cgroup could still charge.
+        headroom: u64,
+    },
     /// Step 1: the kernel gave THP staging only `huge` bytes of 2 MiB pages.
     StagingNotHuge {
         /// Bytes that were huge.
@@ -77,6 +83,11 @@ impl core::fmt::Display for SwapError {
             SwapError::StagingTrim(e) => write!(f, "trimming staging failed: {e}"),
             SwapError::StagingAdvise(e) => write!(f, "madvise(MADV_HUGEPAGE) failed: {e}"),
             SwapError::StagingPopulate(e) => write!(f, "populating huge pages failed: {e}"),
+            SwapError::CgroupLimit { headroom } => write!(
+                f,
+                "memory cgroup limit leaves only {} for the copy",
+                crate::log::Bytes(*headroom)
+            ),
             SwapError::StagingNotHuge { huge } => {
                 write!(
                     f,
@@ -163,7 +174,15 @@ fn huge_bytes_in(start: u64, len: u64) -> u64 {
     }
 }
 
+/// Room kept free in a limited memory cgroup, beyond the copy itself.
+const CGROUP_MARGIN: u64 = 64 << 20;
+
 fn stage_thp(len: usize) -> Result<Staging, SwapError> {
+    if let Some(headroom) = crate::discover::memory_cgroup_headroom() {
+        if headroom < len as u64 + CGROUP_MARGIN {
+            return Err(SwapError::CgroupLimit { headroom });
+        }
+    }
     // Over-allocate by 2 MiB, then trim head and tail so the rest is aligned.
     let reserve = len + HUGE_PAGE as usize;
     if fault::at(Step::StagingMap) {
@@ -331,11 +350,17 @@ pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<Ran
                     } else {
                         0
                     };
+                    // A page that is mapped now (the first piece's): the
+                    // routine's check for damage after a failed mremap.
+                    let probe = req.pieces.first().map_or(r.range.start, |p| {
+                        crate::plan::align_down(p.start, crate::plan::PAGE)
+                    });
                     ops.push(SwapOp {
                         staging: staging.addr as u64,
                         text: r.range.start,
                         len: len as u64,
                         fail,
+                        probe,
                         ..SwapOp::default()
                     });
                     staged.push((i, staging));

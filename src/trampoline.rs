@@ -9,7 +9,7 @@
 use crate::fault;
 use crate::sys::{self, Errno};
 
-/// One record of the routine's input and output (48 bytes, see the asm).
+/// One record of the routine's input and output (56 bytes, see the asm).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SwapOp {
@@ -25,9 +25,12 @@ pub struct SwapOp {
     pub outcome: u64,
     /// In: 0, or a `Fail` code to make one step fail on purpose (tests).
     pub fail: u64,
+    /// In: a page of the text range that was mapped before the swap (the
+    /// range may hold unmapped holes).
+    pub probe: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SwapOp>() == 48);
+const _: () = assert!(core::mem::size_of::<SwapOp>() == 56);
 
 /// Injected failures inside the routine (see the asm header), for tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +215,7 @@ mod tests {
             staging: 0x1000, // never mapped in a user process
             text: text as u64,
             len: 4096,
+            probe: text as u64,
             ..SwapOp::default()
         }];
         // SAFETY: the record violates the contract only in ways the routine
@@ -239,6 +243,7 @@ mod tests {
             staging: staging as u64,
             text: text as u64 + 1, // unaligned: EINVAL
             len: 4096,
+            probe: text as u64,
             ..SwapOp::default()
         }];
         // SAFETY: every address in the record is our own mapping; the

@@ -206,8 +206,14 @@ fn hugetlb_with_a_pool_smaller_than_the_text_covers_part_and_runs() {
     let o = w.finish(T);
     o.check(o.status.success() && first == plain.stdout, "output");
     o.check(text_check.is_ok(), &format!("{text_check:?}"));
-    // The pool's 4 pages hold one range of the plan at most; nothing breaks.
-    o.check(cov.hugetlb <= 4 << 21, &format!("{cov:?}"));
+    // The pool's 4 pages are used, the rest stays as it was.
+    o.check(cov.hugetlb == 4 << 21, &format!("{cov:?}"));
+    o.check(cov.anon_thp == 0, &format!("{cov:?}"));
+    o.check(
+        o.stderr
+            .contains("left on 4 KiB pages: mmap of huge pages failed"),
+        "says so",
+    );
 }
 
 #[test]

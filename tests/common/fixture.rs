@@ -53,6 +53,7 @@ const DRIVER_C: &str = r#"
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/wait.h>
 
 typedef unsigned long (*fixture_fn)(unsigned long);
 extern const fixture_fn fixture_table[];
@@ -63,9 +64,11 @@ extern const unsigned long fixture_rodata_len;
 static const char rodata_message[] = "tiexec-fixture-rodata";
 static unsigned long writable_counter = 7;
 
-/* usage: fixture [CALLS [wait|run [EXIT_CODE]]]
+/* usage: fixture [CALLS [wait|run|fork [EXIT_CODE]]]
  * Calls CALLS functions chosen by xorshift, prints the checksum; with "wait",
- * prints "ready" and its pid (stderr), then blocks until stdin closes. */
+ * prints "ready" and its pid (stderr), then blocks until stdin closes; with
+ * "fork", a child calls every function once and the parent reports how the
+ * child ended. */
 int main(int argc, char **argv) {
     unsigned long calls = argc > 1 ? strtoul(argv[1], 0, 10) : 1000000;
     int wait = argc > 2 && strcmp(argv[2], "wait") == 0;
@@ -82,6 +85,18 @@ int main(int argc, char **argv) {
     printf("functions %lu calls %lu checksum %016lx rodata %s %016lx counter %lu\n",
            fixture_count, calls, acc, rodata_message, rodata_sum, writable_counter);
     fflush(stdout);
+    if (argc > 2 && strcmp(argv[2], "fork") == 0) {
+        fflush(stdout);
+        pid_t child = fork();
+        if (child == 0) {
+            for (unsigned long i = 0; i < fixture_count; i++) acc = fixture_table[i](acc);
+            _exit((int)(acc & 0x3f));
+        }
+        int status = 0;
+        waitpid(child, &status, 0);
+        printf("child %s %d\n", WIFEXITED(status) ? "exited" : "killed",
+               WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+    }
     if (wait) {
         fprintf(stderr, "pid %d\n", (int)getpid());
         puts("ready");
@@ -381,4 +396,163 @@ pub fn build_host(name: &str, linked_lib: Option<&Path>, dir: &Path) -> PathBuf 
     gcc(&refs, name);
     std::fs::rename(&tmp, &exe).expect("rename host");
     exe
+}
+
+const HOSTILE_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* usage: hostile MODE PROGRAM ARGS...
+ * Sets up a hostile environment, then execs PROGRAM:
+ *   seccomp-mremap    mremap fails with EPERM
+ *   seccomp-hugetlb   mmap with MAP_HUGETLB fails with EPERM
+ *   seccomp-madvise   madvise fails with EPERM
+ *   thp-off           PR_SET_THP_DISABLE
+ *   rlimit-as=BYTES   RLIMIT_AS
+ *   cgroup=DIR        joins the cgroup DIR (writes cgroup.procs) */
+#define ALLOW BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)
+#define EPERM_RET BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM)
+#define LOAD(field) BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, field))
+
+static int filter(struct sock_filter *f, unsigned short n) {
+    struct sock_fprog prog = { .len = n, .filter = f };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return -1;
+    return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog);
+}
+
+static int deny_call(int nr) {
+    struct sock_filter f[] = {
+        LOAD(arch),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        ALLOW,
+        LOAD(nr),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, nr, 0, 1),
+        EPERM_RET,
+        ALLOW,
+    };
+    return filter(f, sizeof f / sizeof f[0]);
+}
+
+static int deny_hugetlb_mmap(void) {
+    struct sock_filter f[] = {
+        LOAD(arch),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        ALLOW,
+        LOAD(nr),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mmap, 1, 0),
+        ALLOW,
+        LOAD(args[3]),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, MAP_HUGETLB, 0, 1),
+        EPERM_RET,
+        ALLOW,
+    };
+    return filter(f, sizeof f / sizeof f[0]);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: hostile MODE PROGRAM ARGS...\n"); return 2; }
+    const char *m = argv[1];
+    int r = 0;
+    if (!strcmp(m, "seccomp-mremap")) r = deny_call(SYS_mremap);
+    else if (!strcmp(m, "seccomp-madvise")) r = deny_call(SYS_madvise);
+    else if (!strcmp(m, "seccomp-hugetlb")) r = deny_hugetlb_mmap();
+    else if (!strcmp(m, "thp-off")) r = prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    else if (!strncmp(m, "rlimit-as=", 10)) {
+        struct rlimit l = { strtoull(m + 10, 0, 10), strtoull(m + 10, 0, 10) };
+        r = setrlimit(RLIMIT_AS, &l);
+    } else if (!strncmp(m, "cgroup=", 7)) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/cgroup.procs", m + 7);
+        FILE *f = fopen(path, "w");
+        if (!f) { perror(path); return 2; }
+        r = fprintf(f, "%d\n", (int)getpid()) < 0;
+        r |= fclose(f);
+    } else { fprintf(stderr, "hostile: unknown mode %s\n", m); return 2; }
+    if (r) { perror(m); return 2; }
+    execv(argv[2], argv + 2);
+    perror(argv[2]);
+    return 127;
+}
+"#;
+
+const SIGNALS_C: &str = r#"
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+static volatile sig_atomic_t seen;
+static void count(int sig) { (void)sig; seen++; }
+/* Runs before tiexec's constructor (see the tests): from here on the
+ * program survives SIGALRM and SIGUSR1. It says so on stderr, then waits for
+ * one byte on stdin, so the test can start spraying signals before tiexec's
+ * constructor begins. */
+__attribute__((constructor)) static void install(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = count;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGALRM, &sa, 0);
+    sigaction(SIGUSR1, &sa, 0);
+    write(2, "handlers installed\n", 19);
+    char c;
+    while (read(0, &c, 1) < 0) {}
+}
+"#;
+
+/// Builds the hostile-environment launcher into `dir` (once).
+pub fn build_hostile(dir: &Path) -> PathBuf {
+    let exe = dir.join("hostile");
+    if exe.exists() {
+        return exe;
+    }
+    std::fs::create_dir_all(dir).expect("fixture dir");
+    let src = dir.join("hostile.c");
+    std::fs::write(&src, HOSTILE_C).expect("write");
+    let tmp = dir.join(format!("hostile.tmp{}", std::process::id()));
+    gcc(
+        &[
+            "-O2".as_ref(),
+            src.as_os_str(),
+            "-o".as_ref(),
+            tmp.as_os_str(),
+        ],
+        "hostile",
+    );
+    std::fs::rename(&tmp, &exe).expect("rename");
+    exe
+}
+
+/// Builds the signal-handler library into `dir` (once).
+pub fn build_signal_handlers(dir: &Path) -> PathBuf {
+    let lib = dir.join("libsignals.so");
+    if lib.exists() {
+        return lib;
+    }
+    std::fs::create_dir_all(dir).expect("fixture dir");
+    let src = dir.join("signals.c");
+    std::fs::write(&src, SIGNALS_C).expect("write");
+    let tmp = dir.join(format!("libsignals.so.tmp{}", std::process::id()));
+    gcc(
+        &[
+            "-shared".as_ref(),
+            "-fPIC".as_ref(),
+            src.as_os_str(),
+            "-o".as_ref(),
+            tmp.as_os_str(),
+        ],
+        "signals",
+    );
+    std::fs::rename(&tmp, &lib).expect("rename");
+    lib
 }
