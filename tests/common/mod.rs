@@ -245,6 +245,50 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Outcome {
     run_with_stdin(cmd, Stdio::null(), timeout)
 }
 
+/// Runs `cmd` to completion (stdin closed); `None` when it did not finish
+/// within `timeout` (it is killed).
+pub fn run_limited(cmd: &mut Command, timeout: Duration) -> Option<Outcome> {
+    let command = describe(cmd);
+    let mut child = spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        &command,
+    );
+    let mut out_pipe = child.stdout.take().expect("stdout");
+    let mut err_pipe = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out_pipe.read_to_end(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err_pipe.read_to_end(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    status.map(|status| Outcome {
+        command,
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
+}
+
 /// Runs `cmd` to completion reading `stdin`, with a timeout.
 pub fn run_with_stdin(cmd: &mut Command, stdin: Stdio, timeout: Duration) -> Outcome {
     let command = describe(cmd);
