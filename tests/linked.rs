@@ -179,3 +179,48 @@ fn with_the_constructor_feature_the_text_is_huge_before_main() {
         "main found it done",
     );
 }
+
+#[test]
+fn a_setuid_program_is_never_touched() {
+    // The linked-in constructor runs whatever the loader does with
+    // LD_PRELOAD: a setuid-root copy run by another user is in
+    // secure-execution mode, and tiexec must keep its hands off.
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 || Command::new("runuser").arg("--help").output().is_err() {
+        eprintln!("note: needs root and runuser: test skipped");
+        return;
+    }
+    let linked = common::linked_fixture(PIE, "fixture-pie-32m-linked");
+    let dir = std::env::temp_dir().join(format!("tiexec-setuid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.join("setuid-fixture");
+    std::fs::copy(&linked, &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let w = Waiting::start(
+        Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(&exe)
+            .args(["1000", "wait"])
+            .env("TIEXEC_LOG", "info"),
+        T,
+    );
+    // The program runs as root (setuid), started by nobody.
+    let pid = w.pid();
+    let fixture_pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| {
+            c.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+        })
+        .unwrap_or(pid);
+    let segments = common::text_segments(fixture_pid, &exe);
+    let cov = common::coverage(fixture_pid, &segments);
+    let o = w.finish(T);
+    let _ = std::fs::remove_dir_all(&dir);
+    o.check(o.status.success(), "runs");
+    o.check(cov.huge() == 0, &format!("untouched: {cov:?}"));
+    o.check(o.stderr.contains("secure-execution process"), "says why");
+}
