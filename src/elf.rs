@@ -7,10 +7,9 @@ use goblin::elf::program_header::{ProgramHeader, PF_W, PF_X, PT_INTERP, PT_LOAD}
 
 use crate::plan::{segment_pages, Range};
 
-/// The program headers, when `bytes` starts with an ELF header and holds
-/// the headers it points to.
-pub fn program_headers(bytes: &[u8]) -> Option<Vec<ProgramHeader>> {
-    let header = goblin::elf::Elf::parse_header(bytes).ok()?;
+/// How to read the rest of the file: its class (32 or 64 bits) and byte
+/// order, from its header.
+fn parse_context(header: &goblin::elf::Header) -> Ctx {
     let container = if header.e_ident[EI_CLASS] == ELFCLASS64 {
         Container::Big
     } else {
@@ -21,11 +20,18 @@ pub fn program_headers(bytes: &[u8]) -> Option<Vec<ProgramHeader>> {
     } else {
         Endian::Little
     };
+    Ctx::new(container, endian)
+}
+
+/// The program headers, when `bytes` starts with an ELF header and holds
+/// the headers it points to.
+pub fn program_headers(bytes: &[u8]) -> Option<Vec<ProgramHeader>> {
+    let header = goblin::elf::Elf::parse_header(bytes).ok()?;
     ProgramHeader::parse(
         bytes,
         usize::try_from(header.e_phoff).ok()?,
         usize::from(header.e_phnum),
-        Ctx::new(container, endian),
+        parse_context(&header),
     )
     .ok()
 }
@@ -44,21 +50,11 @@ pub fn read_program_headers(file: &std::fs::File) -> Option<Vec<ProgramHeader>> 
     }
     let mut table = vec![0u8; size];
     file.read_exact_at(&mut table, header.e_phoff).ok()?;
-    let container = if header.e_ident[EI_CLASS] == ELFCLASS64 {
-        Container::Big
-    } else {
-        Container::Little
-    };
-    let endian = if header.e_ident[EI_DATA] == ELFDATA2MSB {
-        Endian::Big
-    } else {
-        Endian::Little
-    };
     ProgramHeader::parse(
         &table,
         0,
         usize::from(header.e_phnum),
-        Ctx::new(container, endian),
+        parse_context(&header),
     )
     .ok()
 }

@@ -510,49 +510,35 @@ __attribute__((constructor)) static void install(void) {
 }
 "#;
 
-/// Builds the hostile-environment launcher into `dir` (once).
-pub fn build_hostile(dir: &Path) -> PathBuf {
-    let exe = dir.join("hostile");
-    if exe.exists() {
-        return exe;
+/// Builds C `source` into `dir/name` once (`shared`: a library).
+fn build_c_once(dir: &Path, name: &str, source: &str, shared: bool) -> PathBuf {
+    let out = dir.join(name);
+    if out.exists() {
+        return out;
     }
     std::fs::create_dir_all(dir).expect("fixture dir");
-    let src = dir.join("hostile.c");
-    std::fs::write(&src, HOSTILE_C).expect("write");
-    let tmp = dir.join(format!("hostile.tmp{}", std::process::id()));
-    gcc(
-        &[
-            "-O2".as_ref(),
-            src.as_os_str(),
-            "-o".as_ref(),
-            tmp.as_os_str(),
-        ],
-        "hostile",
-    );
-    std::fs::rename(&tmp, &exe).expect("rename");
-    exe
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).expect("write");
+    let tmp = dir.join(format!("{name}.tmp{}", std::process::id()));
+    let mut args: Vec<&std::ffi::OsStr> = vec!["-O2".as_ref()];
+    if shared {
+        args.extend([
+            std::ffi::OsStr::new("-shared"),
+            std::ffi::OsStr::new("-fPIC"),
+        ]);
+    }
+    args.extend([src.as_os_str(), "-o".as_ref(), tmp.as_os_str()]);
+    gcc(&args, name);
+    std::fs::rename(&tmp, &out).expect("rename");
+    out
+}
+
+/// Builds the hostile-environment launcher into `dir` (once).
+pub fn build_hostile(dir: &Path) -> PathBuf {
+    build_c_once(dir, "hostile", HOSTILE_C, false)
 }
 
 /// Builds the signal-handler library into `dir` (once).
 pub fn build_signal_handlers(dir: &Path) -> PathBuf {
-    let lib = dir.join("libsignals.so");
-    if lib.exists() {
-        return lib;
-    }
-    std::fs::create_dir_all(dir).expect("fixture dir");
-    let src = dir.join("signals.c");
-    std::fs::write(&src, SIGNALS_C).expect("write");
-    let tmp = dir.join(format!("libsignals.so.tmp{}", std::process::id()));
-    gcc(
-        &[
-            "-shared".as_ref(),
-            "-fPIC".as_ref(),
-            src.as_os_str(),
-            "-o".as_ref(),
-            tmp.as_os_str(),
-        ],
-        "signals",
-    );
-    std::fs::rename(&tmp, &lib).expect("rename");
-    lib
+    build_c_once(dir, "libsignals.so", SIGNALS_C, true)
 }

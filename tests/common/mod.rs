@@ -248,9 +248,15 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Outcome {
 /// Runs `cmd` to completion (stdin closed); `None` when it did not finish
 /// within `timeout` (it is killed).
 pub fn run_limited(cmd: &mut Command, timeout: Duration) -> Option<Outcome> {
+    run_bounded(cmd, Stdio::null(), timeout)
+}
+
+/// Runs `cmd` reading `stdin`, collecting stdout and stderr; `None` when it
+/// did not finish within `timeout` (it is killed).
+fn run_bounded(cmd: &mut Command, stdin: Stdio, timeout: Duration) -> Option<Outcome> {
     let command = describe(cmd);
     let mut child = spawn(
-        cmd.stdin(Stdio::null())
+        cmd.stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
         &command,
@@ -292,31 +298,8 @@ pub fn run_limited(cmd: &mut Command, timeout: Duration) -> Option<Outcome> {
 /// Runs `cmd` to completion reading `stdin`, with a timeout.
 pub fn run_with_stdin(cmd: &mut Command, stdin: Stdio, timeout: Duration) -> Outcome {
     let command = describe(cmd);
-    let mut child = spawn(
-        cmd.stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-        &command,
-    );
-    let mut out_pipe = child.stdout.take().expect("stdout");
-    let mut err_pipe = child.stderr.take().expect("stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out_pipe.read_to_end(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err_pipe.read_to_end(&mut s);
-        s
-    });
-    let status = wait_with_deadline(&mut child, timeout, &command);
-    Outcome {
-        command,
-        status,
-        stdout: String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned(),
-        stderr: String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned(),
-    }
+    run_bounded(cmd, stdin, timeout)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?}: {command}"))
 }
 
 /// A fixture started with `wait`: it has run its calls, printed its
