@@ -12,11 +12,11 @@
 //!    dependency), go on only when built with the `constructor` feature.
 //! 2. Read the settings; report bad values, use the defaults.
 //! 3. With `TIEXEC_CHILDREN=0`, remove this library from `LD_PRELOAD`.
-//! 4. Stop if the backend is `off`, the process is in secure-execution mode,
-//!    or more than one thread runs.
-//! 5. Select the objects (the main program and its libraries, less the vDSO,
-//!    tiexec itself and what the filters leave out), run the pipeline on
-//!    their text and log one line per object.
+//! 4. Stop if the backend is `off`. Select the objects (the main program and
+//!    its libraries, less the vDSO, tiexec itself and what the filters leave
+//!    out) that hold text worth moving; most processes stop here.
+//! 5. Stop if the process is in secure-execution mode or more than one
+//!    thread runs; else run the pipeline and log one line per object.
 
 use crate::config::{self, Backend};
 use crate::discover;
@@ -76,31 +76,12 @@ fn run() {
         remove_self_from_ld_preload();
     }
 
-    // Step 4: refusals.
     if config.backend == Backend::Off {
         crate::tlog!(Level::Debug, "backend off: nothing done");
         return;
     }
-    if sys::secure_execution() {
-        crate::tlog!(
-            Level::Info,
-            "secure-execution process (setuid, setgid or capabilities): left alone"
-        );
-        return;
-    }
-    match discover::thread_count() {
-        Some(1) => {}
-        Some(n) => {
-            crate::tlog!(Level::Info, "{n} threads already running: text left alone");
-            return;
-        }
-        None => {
-            crate::tlog!(Level::Info, "cannot count threads: text left alone");
-            return;
-        }
-    }
 
-    // Step 5: the text of every selected object.
+    // Step 4: the objects with text worth moving.
     let me = own_address();
     let mut targets = Vec::new();
     for object in &objects {
@@ -133,6 +114,28 @@ fn run() {
     if targets.is_empty() {
         return;
     }
+
+    // Step 5: refusals (after the selection: most processes have nothing
+    // to move and stop there, without reading /proc).
+    if sys::secure_execution() {
+        crate::tlog!(
+            Level::Info,
+            "secure-execution process (setuid, setgid or capabilities): left alone"
+        );
+        return;
+    }
+    match discover::thread_count() {
+        Some(1) => {}
+        Some(n) => {
+            crate::tlog!(Level::Info, "{n} threads already running: text left alone");
+            return;
+        }
+        None => {
+            crate::tlog!(Level::Info, "cannot count threads: text left alone");
+            return;
+        }
+    }
+
     let request = remap::Request {
         backend: config.backend,
         strategy: config.strategy,

@@ -111,15 +111,15 @@ pub fn dlopen_library_fixture() -> (PathBuf, PathBuf) {
 /// The archive a C program links to optimise itself (built by build.rs with
 /// the `constructor` feature).
 pub fn staticlib() -> PathBuf {
-    let lib = PathBuf::from(env!("TIEXEC_EMBEDDED_STATICLIB"));
-    assert!(
-        std::fs::metadata(&lib)
-            .map(|m| m.len() > 0)
-            .unwrap_or(false),
-        "{} not built",
-        lib.display()
-    );
-    lib
+    built_by_build_rs(env!("TIEXEC_EMBEDDED_STATICLIB"))
+}
+
+/// A file build.rs made (an empty placeholder means it did not).
+fn built_by_build_rs(path: &str) -> PathBuf {
+    let file = PathBuf::from(path);
+    let built = std::fs::metadata(&file).is_ok_and(|m| m.len() > 0);
+    assert!(built, "{} not built", file.display());
+    file
 }
 
 /// `spec` with libtiexec.a linked in (named after it, "-linked").
@@ -167,15 +167,7 @@ pub fn tiexec_cmd() -> Command {
 /// The freshly built `libtiexec.so`: the release build that build.rs makes
 /// and the CLI embeds (`cargo test` does not emit the cdylib itself).
 pub fn preload_lib() -> PathBuf {
-    let lib = PathBuf::from(env!("TIEXEC_EMBEDDED_LIB"));
-    assert!(
-        std::fs::metadata(&lib)
-            .map(|m| m.len() > 0)
-            .unwrap_or(false),
-        "{} not built",
-        lib.display()
-    );
-    lib
+    built_by_build_rs(env!("TIEXEC_EMBEDDED_LIB"))
 }
 
 /// A finished child: what it printed and how it ended.
