@@ -215,6 +215,26 @@ pub fn thp_mode() -> ThpMode {
     }
 }
 
+/// Bytes of address space this process can still map under `RLIMIT_AS`
+/// (the limit less `VmSize`), or `None` without a limit. Reads without
+/// allocating, so it can run before anything else.
+pub fn address_space_headroom() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `limit`, a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let mut buf = [0u8; 4096];
+    let n = sys::read_small_file(c"/proc/self/status", &mut buf).ok()?;
+    let vm_kib = field_value(buf.get(..n)?, b"VmSize:")?;
+    Some(limit.rlim_cur.saturating_sub(vm_kib.saturating_mul(1024)))
+}
+
 /// Bytes this process's memory cgroup can still charge before its limit
 /// (cgroup v2 `memory.max - memory.current`, or v1 `memory.limit_in_bytes -
 /// memory.usage_in_bytes`); `None` when there is no limit or it cannot be

@@ -10,11 +10,13 @@
 //! 1. In the copy loaded as an audit module, stop (it serves the hooks). If
 //!    tiexec is linked into the main program itself (libtiexec.a, or a Rust
 //!    dependency), go on only when built with the `constructor` feature.
-//! 2. Read the settings; report bad values, use the defaults.
-//! 3. With `TIEXEC_CHILDREN=0`, remove this library from `LD_PRELOAD`.
-//! 4. Stop if the backend is `off`. Select the objects (the main program and
-//!    its libraries, less the vDSO, tiexec itself and what the filters leave
-//!    out) that hold text worth moving; most processes stop here.
+//! 2. Read the settings; report bad values, use the defaults; stop if `off`.
+//! 3. Stop if `RLIMIT_AS` leaves too little room to work. (Steps 1 to 3
+//!    allocate nothing: an allocation failure would abort the program.)
+//! 4. With `TIEXEC_CHILDREN=0`, remove this library from `LD_PRELOAD`.
+//!    Select the objects (the main program and its libraries, less the vDSO,
+//!    tiexec itself and what the filters leave out) that hold text worth
+//!    moving; most processes stop here.
 //! 5. Stop if the process is in secure-execution mode or more than one
 //!    thread runs; else run the pipeline and log one line per object.
 
@@ -39,19 +41,17 @@ fn own_address() -> u64 {
 }
 
 fn run() {
+    // Steps 1 to 3 allocate nothing: under a tight address-space limit even
+    // a small allocation could fail, and in Rust that aborts.
+
     // Step 1: the copy loaded as an audit module (its own namespace) only
-    // serves the audit hooks; a copy linked into the program itself waits for
-    // the program to call the API.
+    // serves the audit hooks. A copy linked into the program itself
+    // (libtiexec.a, or a Rust dependency) acts only when built with the
+    // `constructor` feature.
     if !in_base_namespace() {
         return;
     }
-    let objects = discover::loaded_objects();
-    let Some(main) = objects.first() else {
-        return;
-    };
-    // Linked into the program itself (libtiexec.a, or a Rust dependency):
-    // act only when built with the `constructor` feature.
-    let linked_in = main.contains(own_address());
+    let linked_in = linked_into_main_program();
     if linked_in && !cfg!(feature = "constructor") {
         return;
     }
@@ -70,16 +70,32 @@ fn run() {
         );
     }
     let config = parsed.config;
-
-    // Step 3: children.
-    if !config.children {
-        remove_self_from_ld_preload();
-    }
-
     if config.backend == Backend::Off {
         crate::tlog!(Level::Debug, "backend off: nothing done");
         return;
     }
+
+    // Step 3: room to work at all.
+    if let Some(headroom) = discover::address_space_headroom() {
+        if headroom < crate::swap::ADDRESS_SPACE_MARGIN {
+            crate::tlog!(
+                if config.backend == Backend::Auto {
+                    Level::Info
+                } else {
+                    Level::Warn
+                },
+                "address-space limit (RLIMIT_AS) leaves only {}: left alone",
+                log::Bytes(headroom)
+            );
+            return;
+        }
+    }
+
+    // Children (allocates: after the check above).
+    if !config.children {
+        remove_self_from_ld_preload();
+    }
+    let objects = discover::loaded_objects();
 
     // Step 4: the objects with text worth moving.
     let me = own_address();
@@ -180,6 +196,30 @@ pub(crate) fn after_swap(
 
 /// `RTLD_DL_LINKMAP` from <dlfcn.h> (not in the libc crate).
 const RTLD_DL_LINKMAP: libc::c_int = 2;
+
+/// True when this code is part of the main program itself (statically
+/// linked in), not of a shared object: the object holding our code is the one
+/// holding the program's headers (`AT_PHDR`). Allocates nothing.
+fn linked_into_main_program() -> bool {
+    let base_of = |addr: *const libc::c_void| {
+        let mut info = libc::Dl_info {
+            dli_fname: core::ptr::null(),
+            dli_fbase: core::ptr::null_mut(),
+            dli_sname: core::ptr::null(),
+            dli_saddr: core::ptr::null_mut(),
+        };
+        // SAFETY: dladdr only reads the loader's tables and writes `info`.
+        let found = unsafe { libc::dladdr(addr, &mut info) };
+        (found != 0).then_some(info.dli_fbase)
+    };
+    // SAFETY: getauxval has no preconditions.
+    let phdr = unsafe { libc::getauxval(libc::AT_PHDR) } as *const libc::c_void;
+    match (base_of(own_address() as *const libc::c_void), base_of(phdr)) {
+        (Some(ours), Some(main)) => ours == main,
+        // No loader tables: a static program, which we are part of.
+        _ => true,
+    }
+}
 
 /// True when this copy of the library lives in the program's own link-map
 /// namespace (not in the one the loader makes for audit modules).
@@ -320,6 +360,7 @@ mod tests {
         // The library is linked into this test program: step 1 stops there.
         let objects = discover::loaded_objects();
         assert!(objects[0].contains(own_address()));
+        assert!(linked_into_main_program());
     }
 
     #[test]

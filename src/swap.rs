@@ -36,6 +36,11 @@ pub enum SwapError {
     StagingAdvise(Errno),
     /// Step 1: populating the staging area failed (no memory).
     StagingPopulate(Errno),
+    /// Step 1: `RLIMIT_AS` leaves too little address space for a copy.
+    AddressSpaceLimit {
+        /// Bytes the process could still map.
+        headroom: u64,
+    },
     /// Step 1: the memory cgroup's limit leaves too little room for a THP copy
     /// (going over it would mean reclaim, or an OOM kill).
     CgroupLimit {
@@ -83,6 +88,11 @@ impl core::fmt::Display for SwapError {
             SwapError::StagingTrim(e) => write!(f, "trimming staging failed: {e}"),
             SwapError::StagingAdvise(e) => write!(f, "madvise(MADV_HUGEPAGE) failed: {e}"),
             SwapError::StagingPopulate(e) => write!(f, "populating huge pages failed: {e}"),
+            SwapError::AddressSpaceLimit { headroom } => write!(
+                f,
+                "address-space limit (RLIMIT_AS) leaves only {} for the copy",
+                crate::log::Bytes(*headroom)
+            ),
             SwapError::CgroupLimit { headroom } => write!(
                 f,
                 "memory cgroup limit leaves only {} for the copy",
@@ -240,7 +250,17 @@ fn stage_thp(len: usize) -> Result<Staging, SwapError> {
     Ok(staging)
 }
 
+/// Address space kept free under RLIMIT_AS, beyond the copy itself, for
+/// the program and for tiexec's own small allocations (which must not fail:
+/// an allocation failure aborts).
+pub const ADDRESS_SPACE_MARGIN: u64 = 64 << 20;
+
 fn stage(source: Source, len: usize) -> Result<Staging, SwapError> {
+    if let Some(headroom) = crate::discover::address_space_headroom() {
+        if headroom < len as u64 + HUGE_PAGE + ADDRESS_SPACE_MARGIN {
+            return Err(SwapError::AddressSpaceLimit { headroom });
+        }
+    }
     match source {
         Source::Hugetlb => stage_hugetlb(len),
         Source::Thp => stage_thp(len),
