@@ -36,6 +36,9 @@ pub enum SwapError {
     StagingAdvise(Errno),
     /// Step 1: populating the staging area failed (no memory).
     StagingPopulate(Errno),
+    /// Step 1: an unmapped hole inside the range (the aggressive strategy
+    /// spans them) could not be reserved: something is mapped there now.
+    HoleTaken(Errno),
     /// Step 1: `RLIMIT_AS` leaves too little address space for a copy.
     AddressSpaceLimit {
         /// Bytes the process could still map.
@@ -88,6 +91,9 @@ impl core::fmt::Display for SwapError {
             SwapError::StagingTrim(e) => write!(f, "trimming staging failed: {e}"),
             SwapError::StagingAdvise(e) => write!(f, "madvise(MADV_HUGEPAGE) failed: {e}"),
             SwapError::StagingPopulate(e) => write!(f, "populating huge pages failed: {e}"),
+            SwapError::HoleTaken(e) => {
+                write!(f, "a hole in its 2 MiB page could not be reserved: {e}")
+            }
             SwapError::AddressSpaceLimit { headroom } => write!(
                 f,
                 "address-space limit (RLIMIT_AS) leaves only {} for the copy",
@@ -292,6 +298,78 @@ unsafe fn collapse_in_place(range: Range) -> Result<(), Errno> {
     }
 }
 
+/// A `PROT_NONE` placeholder over an unmapped hole inside a range to swap,
+/// unmapped on drop. While it stands, no other mapping (our trampoline page,
+/// a large allocation, another thread's mmap) can land in the hole, where the
+/// swap's `MREMAP_FIXED` would silently replace it.
+struct HoleReservation {
+    addr: *mut u8,
+    len: usize,
+}
+
+impl HoleReservation {
+    /// Reserves `hole`, which must be unmapped; fails if anything is there.
+    fn take(hole: Range) -> Result<HoleReservation, Errno> {
+        let want = hole.start as *mut libc::c_void;
+        let len = hole.len() as usize;
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping: it
+        // fails with EEXIST instead. Kernels before 4.17 ignore the flag and
+        // may place the mapping elsewhere, which is checked below.
+        let got = unsafe {
+            libc::mmap(
+                want,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let reservation = HoleReservation {
+            addr: got.cast(),
+            len,
+        };
+        if got != want {
+            return Err(Errno(libc::EEXIST)); // dropped: unmapped again
+        }
+        Ok(reservation)
+    }
+
+    /// The swap replaced it with the new text: nothing left to unmap.
+    fn replaced(self) {
+        core::mem::forget(self);
+    }
+}
+
+impl Drop for HoleReservation {
+    fn drop(&mut self) {
+        // SAFETY: our own placeholder (or the part of a restored copy over
+        // it, which held zeros): unmapping gives the hole back.
+        let _ = unsafe { sys::munmap(self.addr, self.len) };
+    }
+}
+
+/// The parts of `range` that none of `pieces` covers.
+fn holes(range: Range, pieces: &[Range]) -> Vec<Range> {
+    let mut out = Vec::new();
+    let mut cursor = range.start;
+    let mut sorted: Vec<Range> = pieces.iter().filter_map(|p| p.intersect(range)).collect();
+    sorted.sort();
+    for p in sorted {
+        if p.start > cursor {
+            out.push(Range::new(cursor, p.start));
+        }
+        cursor = cursor.max(p.end);
+    }
+    if cursor < range.end {
+        out.push(Range::new(cursor, range.end));
+    }
+    out
+}
+
 /// The result for one range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RangeResult {
@@ -327,9 +405,31 @@ pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<Ran
         .collect();
     let mut staged: Vec<(usize, Staging)> = Vec::new();
     let mut ops: Vec<SwapOp> = Vec::new();
+    // Placeholders over the holes of each range, taken before anything else
+    // is mapped (staging, trampoline), so nothing new can land in them.
+    let mut reserved: Vec<Vec<HoleReservation>> = Vec::with_capacity(requests.len());
+    for (r, req) in results.iter_mut().zip(requests) {
+        let mut mine = Vec::new();
+        if !req.in_place {
+            for hole in holes(req.range, &req.pieces) {
+                match HoleReservation::take(hole) {
+                    Ok(h) => mine.push(h),
+                    Err(e) => {
+                        r.result = Err(SwapError::HoleTaken(e));
+                        mine.clear(); // gives back what this range reserved
+                        break;
+                    }
+                }
+            }
+        }
+        reserved.push(mine);
+    }
 
     // Steps 1 and 2: build every replacement first.
     for (i, (r, req)) in results.iter_mut().zip(requests).enumerate() {
+        if matches!(r.result, Err(SwapError::HoleTaken(_))) {
+            continue;
+        }
         let len = r.range.len() as usize;
         if req.in_place {
             // SAFETY: the range is file-backed text (caller); collapsing keeps
@@ -434,6 +534,9 @@ pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<Ran
         let result = match op.outcome() {
             Outcome::Swapped => {
                 staging.moved();
+                for h in reserved.get_mut(i).map(std::mem::take).unwrap_or_default() {
+                    h.replaced();
+                }
                 Ok(())
             }
             Outcome::ProtectFailed(e) => Err(SwapError::StagingProtect(e)),
@@ -447,4 +550,49 @@ pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<Ran
         }
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_are_what_the_pieces_leave() {
+        let r = Range::new(0x200000, 0x400000);
+        assert_eq!(holes(r, &[r]), vec![]);
+        assert_eq!(
+            holes(
+                r,
+                &[
+                    Range::new(0x201000, 0x300000),
+                    Range::new(0x300000, 0x3ff000)
+                ]
+            ),
+            vec![
+                Range::new(0x200000, 0x201000),
+                Range::new(0x3ff000, 0x400000)
+            ]
+        );
+        assert_eq!(holes(r, &[]), vec![r]);
+    }
+
+    #[test]
+    fn a_hole_that_is_in_use_cannot_be_reserved() {
+        let page = sys::mmap_anonymous(4096, libc::PROT_READ, 0).expect("map");
+        let taken = Range::new(page as u64, page as u64 + 4096);
+        assert!(matches!(
+            HoleReservation::take(taken),
+            Err(Errno(libc::EEXIST))
+        ));
+        // SAFETY: our own page.
+        unsafe { sys::munmap(page, 4096) }.expect("unmap");
+        // A free hole (1 TiB up: far below where mmap, brk and the program
+        // live) is reserved, and given back on drop.
+        let free = Range::new(1 << 40, (1 << 40) + 8192);
+        let h = HoleReservation::take(free).expect("reserve");
+        assert_eq!(h.addr as u64, free.start);
+        drop(h);
+        let again = HoleReservation::take(free).expect("given back");
+        drop(again);
+    }
 }
