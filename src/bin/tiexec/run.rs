@@ -275,7 +275,7 @@ fn find_program(program: &OsStr) -> Lookup {
 }
 
 /// What the ELF headers say about how PROGRAM will be loaded.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Linkage {
     Dynamic,
     Static,
@@ -296,9 +296,9 @@ pub fn linkage(path: &Path) -> Linkage {
 /// Caches the text of the program, and of the libraries the loader would give
 /// it, as 2 MiB folios where that lets the kernel map it huge for free.
 /// Says what it primed when `verbose` (log level info or more).
-fn prime_before_exec(program: &Path, verbose: bool) {
+fn prime_before_exec(program: &Path, linked: Linkage, verbose: bool) {
     let mut files = vec![program.to_path_buf()];
-    if linkage(program) == Linkage::Dynamic {
+    if linked == Linkage::Dynamic {
         files.extend(libraries_of(program));
     }
     for f in files {
@@ -479,8 +479,14 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         Parsed::Run(a) => a,
         Parsed::Exit(code) => return code,
     };
-    let quiet = args.log == Some(tiexec::log::Level::Off)
-        || std::env::var_os("TIEXEC_LOG").is_some_and(|v| v == "off" || v == "error");
+    // The level the program will log at: the option, else TIEXEC_LOG.
+    let level = args.log.or_else(|| {
+        std::env::var_os(config::VAR_LOG).and_then(|v| config::parse_level(v.as_bytes()))
+    });
+    let quiet = matches!(
+        level,
+        Some(tiexec::log::Level::Off | tiexec::log::Level::Error)
+    );
     let shown = args.program.to_string_lossy().into_owned();
     let path = match find_program(&args.program) {
         Lookup::Found(p) => p,
@@ -494,24 +500,22 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         }
     };
 
+    let linked = linkage(&path);
     if !args.no_prime && args.backend != Some(Backend::Off) {
-        let level = args.log.or_else(|| {
-            std::env::var_os(config::VAR_LOG).and_then(|v| config::parse_level(v.as_bytes()))
-        });
-        prime_before_exec(&path, level >= Some(tiexec::log::Level::Info));
+        prime_before_exec(&path, linked, level >= Some(tiexec::log::Level::Info));
     }
 
     let mut cmd = Command::new(&path);
     cmd.arg0(&args.program).args(&args.program_args);
 
-    let mut preload = true;
+    // LD_PRELOAD cannot reach a static program: do not offer it one.
+    let preload = linked != Linkage::Static;
     if !quiet {
-        if linkage(&path) == Linkage::Static {
+        if !preload {
             eprintln!(
                 "tiexec: note: {shown} is statically linked: LD_PRELOAD cannot reach it, \
                  so it runs unchanged (link it with libtiexec.a to optimise it)"
             );
-            preload = false;
         }
         if let Ok(meta) = std::fs::metadata(&path) {
             if meta.permissions().mode() & 0o6000 != 0 {
@@ -521,8 +525,6 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                 );
             }
         }
-    } else if linkage(&path) == Linkage::Static {
-        preload = false;
     }
 
     if preload {
