@@ -20,23 +20,13 @@ const CALLS: &str = "200000";
 const STATIC_ZC: Spec = Spec {
     name: "zc-static-nopie-24m",
     text_mib: 24,
-    pie: false,
-    merged_rx: false,
     static_link: true,
-    two_text_segments: false,
-    rodata_mib: 0,
-    huge_aligned: false,
+    ..common::NON_PIE
 };
 
 const ALIGNED_ZC: Spec = Spec {
     name: "zc-pie-aligned-24m",
-    text_mib: 24,
-    pie: true,
-    merged_rx: false,
-    static_link: false,
-    two_text_segments: false,
-    rodata_mib: 0,
-    huge_aligned: true,
+    ..common::HUGE_ALIGNED
 };
 
 fn prime(args: &[&str], file: &Path) -> common::Outcome {

@@ -23,59 +23,29 @@ pub const PIE: Spec = Spec::new("fixture-pie-32m", 32, true);
 pub const NON_PIE: Spec = Spec::new("fixture-nopie-32m", 32, false);
 /// Non-PIE with headers and rodata in its r-x segment.
 pub const MERGED_RX: Spec = Spec {
-    name: "fixture-nopie-merged-24m",
-    text_mib: 24,
-    pie: false,
     merged_rx: true,
-    static_link: false,
-    two_text_segments: false,
-    rodata_mib: 0,
-    huge_aligned: false,
+    ..Spec::new("fixture-nopie-merged-24m", 24, false)
 };
 /// PIE with two executable segments of 16 MiB each.
 pub const TWO_SEGMENTS: Spec = Spec {
-    name: "fixture-pie-two-segments-32m",
-    text_mib: 32,
-    pie: true,
-    merged_rx: false,
-    static_link: false,
     two_text_segments: true,
-    rodata_mib: 0,
-    huge_aligned: false,
+    ..Spec::new("fixture-pie-two-segments-32m", 32, true)
 };
 /// PIE whose text is followed by 3 MiB of rodata: its last 2 MiB page holds
 /// no writable data, so the aggressive strategy can cover all of its text.
 pub const BIG_RODATA: Spec = Spec {
-    name: "fixture-pie-rodata-24m",
-    text_mib: 24,
-    pie: true,
-    merged_rx: false,
-    static_link: false,
-    two_text_segments: false,
     rodata_mib: 3,
-    huge_aligned: false,
+    ..Spec::new("fixture-pie-rodata-24m", 24, true)
 };
 /// PIE linked with 2 MiB segment alignment: text congruent with its file.
 pub const HUGE_ALIGNED: Spec = Spec {
-    name: "fixture-pie-aligned-24m",
-    text_mib: 24,
-    pie: true,
-    merged_rx: false,
-    static_link: false,
-    two_text_segments: false,
-    rodata_mib: 0,
     huge_aligned: true,
+    ..Spec::new("fixture-pie-aligned-24m", 24, true)
 };
 /// A small static program.
 pub const STATIC_SMALL: Spec = Spec {
-    name: "fixture-static-1m",
-    text_mib: 1,
-    pie: false,
-    merged_rx: false,
     static_link: true,
-    two_text_segments: false,
-    rodata_mib: 0,
-    huge_aligned: false,
+    ..Spec::new("fixture-static-1m", 1, false)
 };
 
 /// Where fixtures and scratch files go.
