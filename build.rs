@@ -1,31 +1,21 @@
 //! Build script.
 //!
-//! 1. Assembles the swap trampoline (asm/) into a static archive linked into
-//!    every crate type.
-//! 2. Builds `libtiexec.so` once more, in release mode, into `OUT_DIR`, so that
-//!    the `tiexec` binary can carry the preload library inside itself
-//!    (`include_bytes!`). `cargo install --path .` installs only binaries; with
-//!    the library embedded, an installed `tiexec` needs no other file.
-//!    The inner build sets `TIEXEC_INNER_BUILD`, which skips this step there.
+//! Builds `libtiexec.so` once more, in release mode, into `OUT_DIR`, so that
+//! the `tiexec` binary can carry the preload library inside itself
+//! (`include_bytes!`). `cargo install --path .` installs only binaries; with
+//! the library embedded, an installed `tiexec` needs no other file. The
+//! inner build sets `TIEXEC_INNER_BUILD`, which skips this step there.
+//!
+//! (The swap routine in asm/ is assembled by `global_asm!` in
+//! src/trampoline.rs, with its constants from Rust: nothing to do here.)
 
 use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=asm");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=TIEXEC_INNER_BUILD");
-
-    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
-    let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
-    if arch == "x86_64" && os == "linux" {
-        cc::Build::new()
-            .file("asm/trampoline_x86_64.S")
-            .compile("tiexec_trampoline");
-        println!("cargo:rustc-cfg=tiexec_trampoline");
-    }
-    println!("cargo::rustc-check-cfg=cfg(tiexec_trampoline)");
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let embedded = out_dir.join("libtiexec-embedded.so");
@@ -35,6 +25,7 @@ fn main() {
         std::fs::write(out_dir.join("libtiexec-static.a"), b"").expect("write placeholder");
     } else {
         println!("cargo:rerun-if-changed=src");
+        println!("cargo:rerun-if-changed=asm");
         println!("cargo:rerun-if-changed=Cargo.toml");
         build_preload_library(&out_dir, &embedded);
     }

@@ -100,28 +100,20 @@ fn time_memcpy(src: *const u8, dst: &mut [u8]) -> f64 {
 }
 
 fn time_fresh_fault(source: Source, len: usize) -> Option<f64> {
+    use sys::{Mapping, Prot};
     let t = Instant::now();
-    let (base, map_len, addr) = match source {
-        Source::Hugetlb => {
-            let a = sys::mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_HUGETLB)
-                .ok()?;
-            (a, len, a)
-        }
+    let mut fresh = match source {
+        Source::Hugetlb => Mapping::anonymous(len, Prot::READ_WRITE, libc::MAP_HUGETLB).ok()?,
         Source::Thp => {
-            let map_len = len + HUGE_PAGE as usize;
-            let a = sys::mmap_anonymous(map_len, libc::PROT_READ | libc::PROT_WRITE, 0).ok()?;
-            let aligned = tiexec::plan::align_up(a as u64, HUGE_PAGE) as *mut u8;
-            // SAFETY: our fresh mapping.
-            unsafe { sys::madvise(aligned, len, libc::MADV_HUGEPAGE) }.ok()?;
-            (a, map_len, aligned)
+            let mut m = Mapping::anonymous_aligned(len, HUGE_PAGE as usize, Prot::READ_WRITE).ok()?;
+            m.advise(libc::MADV_HUGEPAGE).ok()?;
+            m
         }
-        Source::PageCache => return None,
+        _ => return None,
     };
-    // SAFETY: our fresh mapping.
-    let populated = unsafe { sys::madvise(addr, len, sys::MADV_POPULATE_WRITE) };
+    let populated = fresh.advise(sys::MADV_POPULATE_WRITE);
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    // SAFETY: our mapping, unused from here on.
-    unsafe { sys::munmap(base, map_len) }.ok()?;
+    drop(fresh);
     populated.ok().map(|()| ms)
 }
 
@@ -160,8 +152,13 @@ fn bench(file: &std::fs::File, mib: usize, source: Source) -> Option<Row> {
             range,
             pieces: vec![range],
             in_place: false,
+            names_program: false,
         };
-        let results = unsafe { tiexec::swap::swap_ranges(&[request], &[source]) };
+        let mut supply = |req: &tiexec::plan::SwapRange| match source {
+            Source::Hugetlb => tiexec::swap::pool_copy(req),
+            _ => tiexec::swap::thp_copy(req),
+        };
+        let results = unsafe { tiexec::swap::swap_ranges(&[request], &mut supply, false) };
         s.push(t.elapsed().as_secs_f64() * 1e3);
         let hwm_extra = status_kib("VmHWM:").saturating_sub(rss_before);
         let pool_taken = pool_before.saturating_sub(hugetlb_free()) * 2048;

@@ -26,7 +26,18 @@ extern "C" {
 fn main() {
     // Refer to the padding so the linker keeps it (taking an address only).
     std::hint::black_box(std::ptr::addr_of!(self_remap_padding));
-    match tiexec::remap_text(&tiexec::Options::default()) {
+    // This program knows it is worth it: it asks for THP copies outright.
+    // (`Options::default()`, the `auto` backend, would use the image cache
+    // where `tiexec --setup` made one, and otherwise copy only once past runs
+    // of the program show that a copy pays off.) `TIEXEC_BACKEND` overrides.
+    let options = match std::env::var_os("TIEXEC_BACKEND") {
+        Some(_) => tiexec::Options::from_env(),
+        None => tiexec::Options {
+            backend: tiexec::Backend::Thp,
+            ..tiexec::Options::default()
+        },
+    };
+    match tiexec::remap_text(&options) {
         Ok(reports) => {
             for r in &reports {
                 println!(

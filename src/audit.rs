@@ -123,16 +123,26 @@ fn object_opened(bias: u64, name: &[u8]) {
         );
         return;
     }
+    if object.text_relocations {
+        // The loader is about to write into its text: it must stay the
+        // file's private pages, writable for that moment.
+        crate::tlog!(Level::Info, "{path}: has text relocations: left alone");
+        return;
+    }
     let request = remap::Request {
         backend: config.backend,
         strategy: config.strategy,
     };
+    let program = std::fs::read_link("/proc/self/exe")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ctx = crate::preload::context(request, &config, program, false);
     let objects = [object];
     // SAFETY: the object was just mapped by the loader, which holds its lock
     // and will not unmap it during this call; none of its code has run or can
     // run before la_objopen returns (it is not relocated, and no other
     // thread can reach it yet).
-    let reports = unsafe { remap::remap_objects(&objects, request) };
+    let reports = unsafe { remap::remap_objects(&objects, &ctx) };
     crate::preload::after_swap(&objects, &reports, &config, false);
 }
 
@@ -148,7 +158,9 @@ fn object_from_mappings(path: &str, bias: u64, vmas: &[smaps::Vma]) -> Option<Lo
     if !vmas.iter().any(|v| v.path == canonical && v.inode == inode) {
         return None;
     }
-    let segments = elf::load_segments(&elf::read_program_headers(&file)?, bias);
+    let phdrs = elf::read_program_headers(&file)?;
+    let segments = elf::load_segments(&phdrs, bias);
+    let (build_id, text_relocations) = elf::read_identity_notes(&file, &phdrs);
     Some(LoadedObject {
         path: path.to_string(),
         bias,
@@ -156,5 +168,7 @@ fn object_from_mappings(path: &str, bias: u64, vmas: &[smaps::Vma]) -> Option<Lo
         text_segments: segments.text,
         read_only_segments: segments.read_only,
         load_segments: segments.all,
+        build_id,
+        text_relocations,
     })
 }

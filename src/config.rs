@@ -7,8 +7,11 @@ use crate::log::Level;
 /// Where the huge pages come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// hugetlb when the pool has enough free pages, else THP, else nothing.
+    /// The image cache where it is set up; private THP copies only where
+    /// they pay off; never the hugetlb pool (see `plan::supplies`).
     Auto,
+    /// Only images from the cache (shared hugetlbfs files).
+    Cache,
     /// Only the hugetlb pool (`MAP_HUGETLB`).
     Hugetlb,
     /// Only transparent huge pages (anonymous, `MADV_HUGEPAGE`).
@@ -22,6 +25,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Auto => "auto",
+            Backend::Cache => "cache",
             Backend::Hugetlb => "hugetlb",
             Backend::Thp => "thp",
             Backend::Off => "off",
@@ -32,6 +36,7 @@ impl Backend {
     pub fn parse(value: &[u8]) -> Option<Backend> {
         match value {
             b"auto" => Some(Backend::Auto),
+            b"cache" => Some(Backend::Cache),
             b"hugetlb" => Some(Backend::Hugetlb),
             b"thp" => Some(Backend::Thp),
             b"off" => Some(Backend::Off),
@@ -110,6 +115,28 @@ pub fn parse_size(value: &[u8]) -> Option<u64> {
     n.checked_mul(unit)
 }
 
+/// Where the image cache is (`TIEXEC_CACHE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CachePath<'a> {
+    /// [`crate::cache::DEFAULT_ROOT`].
+    Default,
+    /// No cache.
+    Off,
+    /// A hugetlbfs mount at this absolute path.
+    At(&'a [u8]),
+}
+
+impl CachePath<'_> {
+    /// Parses `off` or an absolute path.
+    pub fn parse(value: &[u8]) -> Option<CachePath<'_>> {
+        match value {
+            b"off" => Some(CachePath::Off),
+            v if v.first() == Some(&b'/') && !v.contains(&0) => Some(CachePath::At(v)),
+            _ => None,
+        }
+    }
+}
+
 /// Everything the preload library reads from the environment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config<'a> {
@@ -138,6 +165,8 @@ pub struct Config<'a> {
     /// `TIEXEC_PERF_MAP`: `1` writes `/tmp/perf-PID.map` with the functions
     /// of the ranges moved to anonymous memory, for `perf report`.
     pub perf_map: bool,
+    /// `TIEXEC_CACHE`: where the image cache is, or `off`.
+    pub cache: CachePath<'a>,
 }
 
 impl Default for Config<'_> {
@@ -153,6 +182,7 @@ impl Default for Config<'_> {
             fault: None,
             report: None,
             perf_map: false,
+            cache: CachePath::Default,
         }
     }
 }
@@ -177,10 +207,10 @@ struct Setting {
 }
 
 /// Every variable, in the order they are reported.
-const SETTINGS: [Setting; 10] = [
+const SETTINGS: [Setting; 11] = [
     Setting {
         var: "TIEXEC_BACKEND",
-        expected: "auto|hugetlb|thp|off",
+        expected: "auto|cache|hugetlb|thp|off",
         apply: |c, v| Backend::parse(v).map(|b| c.backend = b).is_some(),
     },
     Setting {
@@ -242,6 +272,11 @@ const SETTINGS: [Setting; 10] = [
         var: "TIEXEC_PERF_MAP",
         expected: "1|0",
         apply: |c, v| parse_switch(v).map(|b| c.perf_map = b).is_some(),
+    },
+    Setting {
+        var: "TIEXEC_CACHE",
+        expected: "an absolute path of a hugetlbfs mount, or off",
+        apply: |c, v| CachePath::parse(v).map(|p| c.cache = p).is_some(),
     },
 ];
 
@@ -334,6 +369,7 @@ mod tests {
     fn every_documented_value_parses() {
         for (v, b) in [
             ("auto", Backend::Auto),
+            ("cache", Backend::Cache),
             ("hugetlb", Backend::Hugetlb),
             ("thp", Backend::Thp),
             ("off", Backend::Off),
@@ -358,6 +394,7 @@ mod tests {
             ("TIEXEC_INCLUDE", b"*/libLLVM*:cc1plus"),
             ("TIEXEC_EXCLUDE", b"libc.so.6"),
             ("TIEXEC_MIN_TEXT", b"8M"),
+            ("TIEXEC_CACHE", b"/mnt/huge"),
         ]);
         assert_eq!(
             p.config,
@@ -372,8 +409,11 @@ mod tests {
                 fault: None,
                 report: None,
                 perf_map: false,
+                cache: CachePath::At(b"/mnt/huge"),
             }
         );
+        assert_eq!(CachePath::parse(b"off"), Some(CachePath::Off));
+        assert_eq!(CachePath::parse(b"relative/dir"), None);
         assert!(p.bad.iter().all(Option::is_none));
     }
 

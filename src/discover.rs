@@ -2,7 +2,7 @@
 //! of objects (`dl_iterate_phdr`), /proc and /sys.
 
 use crate::elf;
-use crate::plan::{Machine, Range};
+use crate::plan::{Offer, Range};
 use crate::sys;
 
 /// One loaded ELF object and its executable segments.
@@ -20,6 +20,11 @@ pub struct LoadedObject {
     pub read_only_segments: Vec<Range>,
     /// All `PT_LOAD` segments as mapped, for telling whose pages are whose.
     pub load_segments: Vec<Range>,
+    /// Its ELF build ID (empty when it has none).
+    pub build_id: Vec<u8>,
+    /// Its dynamic section asks for text relocations (`DT_TEXTREL`): the
+    /// loader writes into its text, which then differs from its file.
+    pub text_relocations: bool,
 }
 
 impl LoadedObject {
@@ -85,6 +90,7 @@ unsafe extern "C" fn collect_object(
     } else {
         String::from_utf8_lossy(name).into_owned()
     };
+    let (build_id, text_relocations) = identity_from_memory(phdrs, bias);
     collector.objects.push(LoadedObject {
         path,
         bias,
@@ -92,8 +98,53 @@ unsafe extern "C" fn collect_object(
         text_segments: segments.text,
         read_only_segments: segments.read_only,
         load_segments: segments.all,
+        build_id,
+        text_relocations,
     });
     0
+}
+
+/// The build ID and the text-relocation flag of a loaded object, read from
+/// its note and dynamic segments in memory. A segment is read only when it
+/// lies inside one of the object's `PT_LOAD` segments (so it is mapped).
+fn identity_from_memory(phdrs: &[libc::Elf64_Phdr], bias: u64) -> (Vec<u8>, bool) {
+    let loaded = |ph: &libc::Elf64_Phdr| -> Option<&'static [u8]> {
+        let start = bias.wrapping_add(ph.p_vaddr);
+        let len = ph.p_memsz.min(1 << 20);
+        let inside = phdrs.iter().any(|l| {
+            l.p_type == libc::PT_LOAD
+                && l.p_vaddr <= ph.p_vaddr
+                && ph.p_vaddr.saturating_add(len) <= l.p_vaddr.saturating_add(l.p_filesz)
+        });
+        if !inside || len == 0 {
+            return None;
+        }
+        // SAFETY: the range lies inside a PT_LOAD segment of a loaded object
+        // (checked above), which the loader mapped readable and keeps mapped
+        // while the object is loaded.
+        Some(unsafe { core::slice::from_raw_parts(start as *const u8, len as usize) })
+    };
+    let build_id = phdrs
+        .iter()
+        .filter(|ph| ph.p_type == libc::PT_NOTE)
+        .filter_map(loaded)
+        .find_map(elf::build_id_in_notes)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    let text_relocations = phdrs
+        .iter()
+        .filter(|ph| ph.p_type == libc::PT_DYNAMIC)
+        .filter_map(loaded)
+        .any(|d| {
+            elf::has_text_relocations(d.chunks_exact(16).map(|e| {
+                let (t, v) = e.split_at(8);
+                (
+                    u64::from_ne_bytes(t.try_into().unwrap_or([0; 8])),
+                    u64::from_ne_bytes(v.try_into().unwrap_or([0; 8])),
+                )
+            }))
+        });
+    (build_id, text_relocations)
 }
 
 /// Every object the loader knows about, the main program first.
@@ -272,12 +323,37 @@ pub fn memory_cgroup_headroom() -> Option<u64> {
     None
 }
 
-/// What the machine offers this process now.
-pub fn machine() -> Machine {
-    Machine {
-        hugetlb_available: hugetlb_pool().available(),
+/// What the machine offers this process now (`cache`: whether the image
+/// cache opened).
+pub fn offer(cache: bool) -> Offer {
+    Offer {
+        pool_available: hugetlb_pool().available(),
         thp_usable: thp_mode() != ThpMode::Never && !sys::thp_disabled_for_process(),
+        cache,
+        mdwe: sys::mdwe_refuses_exec_gain(),
     }
+}
+
+/// How long this process has existed, in milliseconds (from its start time
+/// in /proc/self/stat and the boot-time clock).
+pub fn process_age_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold anything): state is
+    // field 3, starttime field 22.
+    let rest = stat.rsplit_once(')')?.1;
+    let start_ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    let now_ms = (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000;
+    Some(now_ms.saturating_sub(start_ticks * 1000 / hz.max(1)))
 }
 
 #[cfg(test)]
@@ -319,5 +395,7 @@ mod tests {
             .iter()
             .any(|r| r.start <= here && here < r.end));
         assert!(thread_count().unwrap_or(0) >= 1);
+        assert!(!main.text_relocations);
+        assert!(process_age_ms().is_some_and(|ms| ms < 24 * 3600 * 1000));
     }
 }

@@ -128,6 +128,86 @@ pub fn load_segments(phdrs: &[ProgramHeader], bias: u64) -> Segments {
     )
 }
 
+/// `NT_GNU_BUILD_ID`.
+const NT_GNU_BUILD_ID: u32 = 3;
+
+/// The GNU build ID in the bytes of a note segment (`PT_NOTE`), if any.
+pub fn build_id_in_notes(notes: &[u8]) -> Option<&[u8]> {
+    let word = |at: usize| -> Option<u32> {
+        let b = notes.get(at..at + 4)?;
+        Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
+    let mut at = 0usize;
+    while at + 12 <= notes.len() {
+        let namesz = word(at)? as usize;
+        let descsz = word(at + 4)? as usize;
+        let kind = word(at + 8)?;
+        let name_at = at + 12;
+        let desc_at = name_at.checked_add(align4(namesz)?)?;
+        let next = desc_at.checked_add(align4(descsz)?)?;
+        if kind == NT_GNU_BUILD_ID && notes.get(name_at..name_at + namesz) == Some(b"GNU\0") {
+            return notes.get(desc_at..desc_at.checked_add(descsz)?);
+        }
+        at = next;
+    }
+    None
+}
+
+/// `DT_TEXTREL`, `DT_FLAGS` and its `DF_TEXTREL` bit.
+const DT_TEXTREL: u64 = 22;
+const DT_FLAGS: u64 = 30;
+const DF_TEXTREL: u64 = 4;
+
+/// True when a dynamic section's `(tag, value)` entries ask for text
+/// relocations: the loader writes into the object's text, which then differs
+/// from its file.
+pub fn has_text_relocations(entries: impl Iterator<Item = (u64, u64)>) -> bool {
+    for (tag, value) in entries {
+        match tag {
+            0 => break, // DT_NULL
+            DT_TEXTREL => return true,
+            DT_FLAGS if value & DF_TEXTREL != 0 => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// What the loader-independent parts of an object's file say: its build ID
+/// and whether it has text relocations (read with `pread`, headers and
+/// small segments only).
+pub fn read_identity_notes(file: &std::fs::File, phdrs: &[ProgramHeader]) -> (Vec<u8>, bool) {
+    use goblin::elf::program_header::{PT_DYNAMIC, PT_NOTE};
+    use std::os::unix::fs::FileExt;
+    let read = |p: &ProgramHeader| -> Option<Vec<u8>> {
+        let len = usize::try_from(p.p_filesz).ok().filter(|&l| l <= 1 << 20)?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, p.p_offset).ok()?;
+        Some(buf)
+    };
+    let build_id = phdrs
+        .iter()
+        .filter(|p| p.p_type == PT_NOTE)
+        .filter_map(read)
+        .find_map(|n| build_id_in_notes(&n).map(<[u8]>::to_vec))
+        .unwrap_or_default();
+    let textrel = phdrs
+        .iter()
+        .filter(|p| p.p_type == PT_DYNAMIC)
+        .filter_map(read)
+        .any(|d| {
+            has_text_relocations(d.chunks_exact(16).map(|e| {
+                let (t, v) = e.split_at(8);
+                (
+                    u64::from_ne_bytes(t.try_into().unwrap_or([0; 8])),
+                    u64::from_ne_bytes(v.try_into().unwrap_or([0; 8])),
+                )
+            }))
+        });
+    (build_id, textrel)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +226,34 @@ mod tests {
         assert!(s.text.iter().all(|t| s.read_only.contains(t)));
         assert!(s.read_only.len() < s.all.len(), "a writable segment exists");
         assert!(program_headers(b"not an elf file at all, really").is_none());
+        let (id, textrel) = read_identity_notes(&file, &phdrs);
+        assert!(!textrel);
+        // Rust's linker invocation asks for a build ID on this target.
+        assert!(id.is_empty() || id.len() >= 8, "{id:?}");
         assert!(program_headers(&exe[..40]).is_none());
+    }
+
+    #[test]
+    fn notes_and_dynamic_entries() {
+        let mut notes = Vec::new();
+        // An ABI tag note first, then the build ID.
+        for (kind, name, desc) in [
+            (1u32, &b"GNU\0"[..], &[0u8; 16][..]),
+            (3, b"GNU\0", &[0xab; 20]),
+        ] {
+            notes.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+            notes.extend_from_slice(&(desc.len() as u32).to_ne_bytes());
+            notes.extend_from_slice(&kind.to_ne_bytes());
+            notes.extend_from_slice(name);
+            notes.extend_from_slice(desc);
+        }
+        assert_eq!(build_id_in_notes(&notes), Some(&[0xab; 20][..]));
+        assert_eq!(build_id_in_notes(&notes[..30]), None);
+        assert_eq!(build_id_in_notes(&[0xff; 64]), None);
+        assert!(has_text_relocations([(1, 0), (22, 0)].into_iter()));
+        assert!(has_text_relocations([(30, 4)].into_iter()));
+        assert!(!has_text_relocations(
+            [(30, 8), (0, 0), (22, 0)].into_iter()
+        ));
     }
 }

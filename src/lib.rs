@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod cache;
 pub mod config;
 pub mod discover;
 pub mod elf;
@@ -41,6 +42,7 @@ pub mod remap;
 pub mod report;
 pub mod select;
 pub mod smaps;
+pub mod state;
 pub mod swap;
 pub mod sys;
 pub mod trampoline;
@@ -170,12 +172,15 @@ pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
     }
     let objects = discover::loaded_objects();
     let main = objects.get(..1).unwrap_or(&[]);
-    // SAFETY: one thread (checked above; only this thread could start
-    // another, and it is busy here); the main program stays loaded.
     let request = remap::Request {
         backend: options.backend,
         strategy: options.strategy,
     };
-    // SAFETY: as above.
-    Ok(unsafe { remap::remap_objects(main, request) })
+    let parsed = config::from_process_env();
+    let program = main.first().map(|o| o.path.clone()).unwrap_or_default();
+    // The caller reads the reports: their coverage comes from smaps.
+    let ctx = preload::context(request, &parsed.config, program, true);
+    // SAFETY: one thread (checked above; only this thread could start
+    // another, and it is busy here); the main program stays loaded.
+    Ok(unsafe { remap::remap_objects(main, &ctx) })
 }

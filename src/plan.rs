@@ -208,6 +208,12 @@ pub struct SwapRange {
     /// All of it is file-backed text congruent with its file: try to get the
     /// huge pages from the page cache in place before copying.
     pub in_place: bool,
+    /// It holds the main program's ELF header, at its load address:
+    /// symbolizers (Rust's backtraces among them) find the program's file by
+    /// the name of the mapping there. Only the page cache (the file's name
+    /// kept) or anonymous memory (no name: they look elsewhere) may replace
+    /// it; never a hugetlb mapping or an image, whose names would mislead.
+    pub names_program: bool,
 }
 
 /// The plan for one object.
@@ -282,11 +288,12 @@ fn decide_chunk(
             return Some(Skip::PartialHugePage);
         }
         // Everything else in the chunk must be unmapped or read-only bytes
-        // of the same object.
+        // of the same object (its own text included; never another
+        // object's, not even its text).
         let neighbours_ok = mappings
             .iter()
             .filter(|m| m.range.intersect(chunk).is_some())
-            .all(|m| m.plain_text() || m.read_only_same_object());
+            .all(MappingView::read_only_same_object);
         if !neighbours_ok {
             return Some(Skip::SharedPage);
         }
@@ -304,10 +311,13 @@ fn decide_chunk(
 ///   `read_only_segment` set for those inside the object's non-writable segments.
 /// - `huge`: ranges the kernel already maps with 2 MiB pages; a 2 MiB page
 ///   counts as already huge only when it lies entirely inside one of them.
+/// - `pinned`: addresses whose 2 MiB page must keep the name of its mapping
+///   (the main program's ELF header: see [`SwapRange::names_program`]).
 pub fn plan_object(
     segments: &[Range],
     mappings: &[MappingView],
     huge: &[Range],
+    pinned: &[u64],
     strategy: Strategy,
 ) -> ObjectPlan {
     // One decision per chunk, keyed by its start: two segments can share a
@@ -327,15 +337,16 @@ pub fn plan_object(
         }
     }
     // Runs of chunks to swap, merged only with chunks of the same kind
-    // (in place from the page cache, or copied).
-    let mut swap: Vec<(Range, bool)> = Vec::new();
+    // (in place from the page cache, or copied; naming the program or not).
+    let mut swap: Vec<(Range, (bool, bool))> = Vec::new();
     let mut keep: Vec<(Range, Skip)> = Vec::new();
     for (&start, (decision, insides)) in &decisions {
         match decision {
             None => {
                 let chunk = Range::new(start, start + HUGE_PAGE);
                 let in_place = covered_by(chunk, mappings, |m| m.plain_text() && m.file_congruent);
-                push_merged(&mut swap, chunk, in_place);
+                let names_program = pinned.iter().any(|&a| chunk.start <= a && a < chunk.end);
+                push_merged(&mut swap, chunk, (in_place, names_program));
             }
             Some(reason) => {
                 for inside in insides {
@@ -346,7 +357,7 @@ pub fn plan_object(
     }
     let swap = swap
         .into_iter()
-        .map(|(range, in_place)| {
+        .map(|(range, (in_place, names_program))| {
             let mut pieces: Vec<Range> = mappings
                 .iter()
                 .filter_map(|m| m.range.intersect(range))
@@ -356,6 +367,7 @@ pub fn plan_object(
                 range,
                 pieces,
                 in_place,
+                names_program,
             }
         })
         .collect();
@@ -369,12 +381,18 @@ pub fn plan_object(
 
 /// Splits `swaps` so that the first `budget` 2 MiB pages form ranges of
 /// their own: with a hugetlb pool smaller than the plan, those get huge pages
-/// and the rest is tried (and reported) on its own.
+/// and the rest is tried (and reported) on its own. A range that names the
+/// program takes no pool pages (see [`SwapRange::names_program`]), so it
+/// spends none of the budget.
 pub fn split_at_budget(swaps: Vec<SwapRange>, budget: u64) -> Vec<SwapRange> {
     let mut out = Vec::with_capacity(swaps.len() + 1);
     let mut left = budget;
     for s in swaps {
         let pages = s.range.len() / HUGE_PAGE;
+        if s.names_program {
+            out.push(s);
+            continue;
+        }
         if left == 0 || pages <= left {
             left = left.saturating_sub(pages);
             out.push(s);
@@ -385,6 +403,7 @@ pub fn split_at_budget(swaps: Vec<SwapRange>, budget: u64) -> Vec<SwapRange> {
             range: r,
             pieces: s.pieces.iter().filter_map(|p| p.intersect(r)).collect(),
             in_place: s.in_place,
+            names_program: s.names_program,
         };
         out.push(part(Range::new(s.range.start, cut)));
         out.push(part(Range::new(cut, s.range.end)));
@@ -393,71 +412,285 @@ pub fn split_at_budget(swaps: Vec<SwapRange>, budget: u64) -> Vec<SwapRange> {
     out
 }
 
-/// What the machine offers, as far as choosing a backend goes.
+/// What this process may use for copies, as far as choosing goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Machine {
+pub struct Offer {
     /// Free 2 MiB pages in the hugetlb pool not already promised to others
-    /// (`free_hugepages - resv_hugepages`).
-    pub hugetlb_available: u64,
+    /// (`free_hugepages - resv_hugepages`). Only an explicit `hugetlb`
+    /// backend takes them: the pool belongs to the machine's applications.
+    pub pool_available: u64,
     /// THP usable here: not `never` system-wide, not disabled for this
     /// process.
     pub thp_usable: bool,
+    /// The image cache is set up and usable by this user.
+    pub cache: bool,
+    /// Memory-deny-write-execute is on: no copy written in place can become
+    /// executable; only mappings executable from the start (images) work.
+    pub mdwe: bool,
 }
 
-/// The backend actually used for a range.
+/// Where the pages for a range came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// `MAP_HUGETLB` from the pool.
-    Hugetlb,
-    /// Anonymous transparent huge pages.
-    Thp,
     /// The file's own page cache, collapsed in place (no copy).
     PageCache,
+    /// A shared image from the cache, built by an earlier process (a hit).
+    CacheHit,
+    /// A shared image from the cache, built by this process (a miss).
+    CacheBuilt,
+    /// A private copy on hugetlb pages: from the pool (explicit `hugetlb`),
+    /// or from the cache's pages for text whose load address is random.
+    Hugetlb,
+    /// A private copy on anonymous transparent huge pages.
+    Thp,
 }
 
 impl Source {
     /// Its name in logs and reports.
     pub fn name(self) -> &'static str {
         match self {
+            Source::PageCache => "page cache",
+            Source::CacheHit => "cache (hit)",
+            Source::CacheBuilt => "cache (built)",
             Source::Hugetlb => "hugetlb",
             Source::Thp => "thp",
-            Source::PageCache => "page cache",
+        }
+    }
+
+    /// Every source, in report order.
+    pub const ALL: [Source; 5] = [
+        Source::PageCache,
+        Source::CacheHit,
+        Source::CacheBuilt,
+        Source::Hugetlb,
+        Source::Thp,
+    ];
+}
+
+/// A way to get huge pages for a range that is not served in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Supply {
+    /// The range's image in the cache: found, or built and published.
+    SharedImage,
+    /// An unnamed image on the cache's pages, private to this process.
+    PrivateImage,
+    /// A private copy on pages of the hugetlb pool.
+    Pool,
+    /// A private copy on anonymous THP.
+    Thp,
+}
+
+/// What is known about one range's bytes, for the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeFacts {
+    /// An image built from the file would hold exactly the range's bytes
+    /// (else why not).
+    pub cacheable: Result<(), NotCacheable>,
+    /// The object's load address modulo 2 MiB is the same in every process
+    /// (libraries and non-PIE programs; PIE programs linked 2 MiB aligned):
+    /// an image can serve other processes.
+    pub phase_stable: bool,
+}
+
+/// Why a range's bytes cannot come from a cache image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotCacheable {
+    /// Its object's file could not be opened, or is not the file mapped
+    /// (replaced or deleted since it was loaded).
+    FileNotMapped,
+    /// Its object has text relocations: its text differs from its file.
+    TextRelocations,
+    /// Some of its pages were written (a breakpoint, a hot patch): they
+    /// differ from the file.
+    Modified,
+    /// Part of it is not mapped from the object's file.
+    NotFromFile,
+}
+
+impl NotCacheable {
+    /// The reason in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NotCacheable::FileNotMapped => "its file is not the one mapped (replaced or deleted?)",
+            NotCacheable::TextRelocations => "it has text relocations",
+            NotCacheable::Modified => "some of its text pages were written",
+            NotCacheable::NotFromFile => "part of it is not mapped from its file",
         }
     }
 }
 
-/// The order in which to try sources for `pages_needed` 2 MiB pages, or why
-/// there is none.
-pub fn choose_sources(
+/// Whether a private copy can pay for itself in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payoff {
+    /// The program lives long enough, as far as its past runs tell (or the
+    /// process already has).
+    Pays,
+    /// Nothing is known yet about how long this program runs: this run is
+    /// measured instead.
+    Unknown,
+    /// Its processes live too briefly for the copy to pay off.
+    TooShort {
+        /// Median lifetime of its last runs, in milliseconds.
+        median_ms: u64,
+        /// Runs on record.
+        runs: usize,
+        /// What the copy would cost, in milliseconds (estimated).
+        copy_ms: u64,
+    },
+}
+
+/// Estimated cost of a private copy: milliseconds per MiB. The copy writes
+/// fresh memory: at least the kernel zeroing it plus one memcpy (about
+/// 0.2 ms/MiB on bare metal); in a VM whose host takes freed memory back,
+/// up to 2.5 ms/MiB. The estimate leans to the slow side.
+pub const COPY_MS_PER_MIB: u64 = 1;
+
+/// A copy must cost at most this share of the program's lifetime
+/// (1/50 = 2 %): gains from huge pages are a few percent at best, so a
+/// copy costing more could make the program slower.
+pub const PAYOFF_FACTOR: u64 = 50;
+
+/// Decides whether copying `copy_bytes` privately can pay off, from the
+/// lifetimes of the program's last runs (milliseconds) and the age of this
+/// process when the copy would be made (libraries loaded late).
+pub fn payoff(runs: &[u32], copy_bytes: u64, age_ms: u64) -> Payoff {
+    let copy_ms = (copy_bytes >> 20).saturating_mul(COPY_MS_PER_MIB).max(1);
+    let needed = copy_ms.saturating_mul(PAYOFF_FACTOR);
+    if age_ms >= needed {
+        return Payoff::Pays;
+    }
+    if runs.is_empty() {
+        return Payoff::Unknown;
+    }
+    let mut sorted = runs.to_vec();
+    sorted.sort_unstable();
+    let median_ms = u64::from(sorted.get(sorted.len() / 2).copied().unwrap_or(0));
+    if median_ms >= needed {
+        Payoff::Pays
+    } else {
+        Payoff::TooShort {
+            median_ms,
+            runs: runs.len(),
+            copy_ms,
+        }
+    }
+}
+
+/// Why no huge pages can be had for a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoSupply {
+    /// The backend is `off`.
+    Off,
+    /// `hugetlb` was asked for and the pool has no free page.
+    PoolEmpty,
+    /// `thp` was asked for and THP is `never` or disabled for the process.
+    ThpUnusable,
+    /// `cache` was asked for and there is no usable cache.
+    NoCache,
+    /// Memory-deny-write-execute forbids making a private copy executable,
+    /// and no cache image can serve.
+    Mdwe,
+    /// THP unusable and no cache: nothing to copy to.
+    Nothing,
+    /// A private copy would not pay off (see [`Payoff`]).
+    WouldNotPay(Payoff),
+    /// It names the program (see [`SwapRange::names_program`]) and no
+    /// anonymous copy is allowed.
+    NamesProgram,
+}
+
+impl core::fmt::Display for NoSupply {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            NoSupply::Off => write!(f, "backend off"),
+            NoSupply::PoolEmpty => write!(f, "hugetlb pool has no free pages"),
+            NoSupply::ThpUnusable => write!(f, "transparent huge pages are disabled"),
+            NoSupply::NoCache => write!(f, "no usable cache"),
+            NoSupply::Mdwe => write!(
+                f,
+                "memory-deny-write-execute forbids private copies, and no cache image serves"
+            ),
+            NoSupply::Nothing => write!(
+                f,
+                "transparent huge pages are disabled and no cache is set up"
+            ),
+            NoSupply::WouldNotPay(Payoff::Unknown) => write!(
+                f,
+                "a private copy pays off only for long runs; this first run is measured (--backend thp copies now)"
+            ),
+            NoSupply::WouldNotPay(Payoff::TooShort {
+                median_ms,
+                runs,
+                copy_ms,
+            }) => write!(
+                f,
+                "a private copy (~{copy_ms} ms) would not pay off: median run {median_ms} ms over {runs} runs"
+            ),
+            NoSupply::WouldNotPay(Payoff::Pays) => write!(f, "a private copy pays off"),
+            NoSupply::NamesProgram => write!(
+                f,
+                "holds the program's ELF header, by whose mapping symbolizers name the program: only the page cache or THP may replace it"
+            ),
+        }
+    }
+}
+
+/// True when a private THP copy can be made at all here.
+pub fn supplies_thp(offer: Offer) -> bool {
+    offer.thp_usable && !offer.mdwe
+}
+
+/// The ways to get huge pages for one range, in the order to try them, or
+/// why there is none.
+///
+/// - `auto`: a cache image when the cache is set up and the range's bytes
+///   are its file's (shared when the load phase is stable, paid once per
+///   machine; else private, like any copy); private copies (THP) only when
+///   they pay off, never under memory-deny-write-execute; never the pool.
+/// - `cache`: cache images only, whatever the payoff.
+/// - `hugetlb`: private copies from the pool, whatever the payoff.
+/// - `thp`: private THP copies, whatever the payoff.
+pub fn supplies(
     backend: Backend,
-    machine: Machine,
-    pages_needed: u64,
-) -> Result<&'static [Source], &'static str> {
+    offer: Offer,
+    facts: RangeFacts,
+    payoff: Payoff,
+) -> Result<Vec<Supply>, NoSupply> {
+    let image = if facts.phase_stable {
+        Supply::SharedImage
+    } else {
+        Supply::PrivateImage
+    };
+    let cache_serves = offer.cache && facts.cacheable.is_ok();
     match backend {
-        Backend::Off => Err("backend off"),
-        Backend::Hugetlb => {
-            if machine.hugetlb_available == 0 {
-                Err("hugetlb pool has no free pages")
-            } else {
-                // Even a pool smaller than the text covers what it can.
-                Ok(&[Source::Hugetlb])
-            }
-        }
-        Backend::Thp => {
-            if machine.thp_usable {
-                Ok(&[Source::Thp])
-            } else {
-                Err("transparent huge pages are disabled")
-            }
-        }
+        Backend::Off => Err(NoSupply::Off),
+        Backend::Cache if cache_serves => Ok(vec![image]),
+        Backend::Cache => Err(NoSupply::NoCache),
+        Backend::Hugetlb if offer.pool_available == 0 => Err(NoSupply::PoolEmpty),
+        Backend::Hugetlb => Ok(vec![Supply::Pool]),
+        Backend::Thp if offer.mdwe => Err(NoSupply::Mdwe),
+        Backend::Thp if !offer.thp_usable => Err(NoSupply::ThpUnusable),
+        Backend::Thp => Ok(vec![Supply::Thp]),
         Backend::Auto => {
-            let pool_enough = machine.hugetlb_available >= pages_needed && pages_needed > 0;
-            match (pool_enough, machine.thp_usable) {
-                // The pool is preferred; THP covers what a race takes from it.
-                (true, true) => Ok(&[Source::Hugetlb, Source::Thp]),
-                (true, false) => Ok(&[Source::Hugetlb]),
-                (false, true) => Ok(&[Source::Thp]),
-                (false, false) => Err("hugetlb pool too small and transparent huge pages disabled"),
+            let pays = payoff == Payoff::Pays;
+            let thp = supplies_thp(offer);
+            let mut out = Vec::with_capacity(2);
+            if cache_serves && (facts.phase_stable || pays) {
+                out.push(image);
+            }
+            if thp && pays {
+                out.push(Supply::Thp);
+            }
+            if !out.is_empty() {
+                Ok(out)
+            } else if !thp && !cache_serves {
+                Err(if offer.mdwe {
+                    NoSupply::Mdwe
+                } else {
+                    NoSupply::Nothing
+                })
+            } else {
+                Err(NoSupply::WouldNotPay(payoff))
             }
         }
     }
@@ -550,6 +783,7 @@ mod tests {
             &[seg],
             &[text(seg.start, seg.end)],
             &[],
+            &[],
             Strategy::Conservative,
         );
         assert_eq!(ranges(&p), vec![Range::new(2 * M, 6 * M)]);
@@ -567,7 +801,7 @@ mod tests {
             file_congruent: true,
             ..text(seg.start, seg.end)
         };
-        let p = plan_object(&[seg], &[congruent], &[], Strategy::Aggressive);
+        let p = plan_object(&[seg], &[congruent], &[], &[], Strategy::Aggressive);
         assert!(p.swap[0].in_place);
         // A chunk that also holds rodata or a hole is copied.
         let seg = Range::new(2 * M + 0x1000, 6 * M);
@@ -578,7 +812,7 @@ mod tests {
                 ..text(seg.start, seg.end)
             },
         ];
-        let p = plan_object(&[seg], &mappings, &[], Strategy::Aggressive);
+        let p = plan_object(&[seg], &mappings, &[], &[], Strategy::Aggressive);
         assert_eq!(
             ranges(&p),
             vec![Range::new(2 * M, 3 * M), Range::new(3 * M, 6 * M)]
@@ -597,7 +831,7 @@ mod tests {
             view(6 * M + 0x5000, 6 * M + 0x9000, "r--p", true),
             view(7 * M, 7 * M + 0x4000, "rw-p", true),
         ];
-        let p = plan_object(&[seg], &mappings, &[], Strategy::Aggressive);
+        let p = plan_object(&[seg], &mappings, &[], &[], Strategy::Aggressive);
         assert_eq!(ranges(&p), vec![Range::new(M, 7 * M)]);
         assert!(p.keep.is_empty(), "{:?}", p.keep);
         // The hole from 6M+0x9000 to 7M is not copied.
@@ -621,7 +855,7 @@ mod tests {
             view(6 * M + 0x5000, 6 * M + 0x7000, "r--p", false),
             view(6 * M + 0x7000, 6 * M + 0x9000, "rw-p", false), // .data
         ];
-        let p = plan_object(&[seg], &mappings, &[], Strategy::Aggressive);
+        let p = plan_object(&[seg], &mappings, &[], &[], Strategy::Aggressive);
         assert_eq!(ranges(&p), vec![Range::new(2 * M, 6 * M)]);
         assert_eq!(
             p.keep,
@@ -637,9 +871,9 @@ mod tests {
         let a = Range::new(2 * M, 3 * M + 0x3000);
         let b = Range::new(3 * M + 0x3000, 6 * M);
         let mappings = [text(a.start, a.end), view(b.start, b.end, "r-xp", true)];
-        let p = plan_object(&[a, b], &mappings, &[], Strategy::Aggressive);
+        let p = plan_object(&[a, b], &mappings, &[], &[], Strategy::Aggressive);
         assert_eq!(ranges(&p), vec![Range::new(2 * M, 6 * M)]);
-        let p = plan_object(&[a, b], &mappings, &[], Strategy::Conservative);
+        let p = plan_object(&[a, b], &mappings, &[], &[], Strategy::Conservative);
         assert_eq!(
             ranges(&p),
             vec![Range::new(2 * M, 3 * M), Range::new(4 * M, 6 * M)]
@@ -655,6 +889,7 @@ mod tests {
             &[seg],
             &[text(seg.start, seg.end)],
             &huge,
+            &[],
             Strategy::Aggressive,
         );
         assert_eq!(
@@ -672,6 +907,7 @@ mod tests {
             &[seg],
             &[text(seg.start, seg.end)],
             &[Range::new(0x400000, 0x400000 + 20 * M)],
+            &[],
             Strategy::Conservative,
         );
         assert!(p.swap.is_empty());
@@ -690,7 +926,7 @@ mod tests {
             text(8 * M, 10 * M),
         ];
         for strategy in [Strategy::Conservative, Strategy::Aggressive] {
-            let p = plan_object(&[seg], &mappings, &[], strategy);
+            let p = plan_object(&[seg], &mappings, &[], &[], strategy);
             // Chunk 5 holds a writable page, chunk 7 is a hole.
             assert_eq!(
                 ranges(&p),
@@ -716,6 +952,7 @@ mod tests {
             range: Range::new(2 * M, 12 * M),
             pieces: vec![Range::new(2 * M + 0x1000, 12 * M)],
             in_place: false,
+            names_program: false,
         };
         let split = split_at_budget(vec![whole.clone()], 3);
         assert_eq!(
@@ -732,39 +969,154 @@ mod tests {
     }
 
     #[test]
-    fn backend_choice() {
-        let both = Machine {
-            hugetlb_available: 16,
-            thp_usable: true,
+    fn supplies_by_backend_and_offer() {
+        let stable = RangeFacts {
+            cacheable: Ok(()),
+            phase_stable: true,
         };
-        let empty_pool = Machine {
-            hugetlb_available: 0,
-            thp_usable: true,
+        let random = RangeFacts {
+            phase_stable: false,
+            ..stable
         };
-        let nothing = Machine {
-            hugetlb_available: 0,
+        let modified = RangeFacts {
+            cacheable: Err(NotCacheable::Modified),
+            ..stable
+        };
+        let laptop = Offer {
+            pool_available: 0,
+            thp_usable: true,
+            cache: false,
+            mdwe: false,
+        };
+        let server = Offer {
+            pool_available: 64,
+            cache: true,
+            ..laptop
+        };
+        let hardened = Offer {
+            mdwe: true,
+            ..server
+        };
+        let auto = |offer, facts, payoff| supplies(Backend::Auto, offer, facts, payoff);
+        // auto never takes the pool; THP only when it pays off.
+        assert_eq!(auto(laptop, stable, Payoff::Pays), Ok(vec![Supply::Thp]));
+        assert_eq!(
+            auto(laptop, stable, Payoff::Unknown),
+            Err(NoSupply::WouldNotPay(Payoff::Unknown))
+        );
+        // A set-up cache serves stable text whatever the payoff...
+        assert_eq!(
+            auto(server, stable, Payoff::Unknown),
+            Ok(vec![Supply::SharedImage])
+        );
+        assert_eq!(
+            auto(server, stable, Payoff::Pays),
+            Ok(vec![Supply::SharedImage, Supply::Thp])
+        );
+        // ... random-phase text like any private copy...
+        assert!(auto(server, random, Payoff::Unknown).is_err());
+        assert_eq!(
+            auto(server, random, Payoff::Pays),
+            Ok(vec![Supply::PrivateImage, Supply::Thp])
+        );
+        // ... and never text that differs from its file.
+        assert_eq!(auto(server, modified, Payoff::Pays), Ok(vec![Supply::Thp]));
+        // MDWE: images only.
+        assert_eq!(
+            auto(hardened, stable, Payoff::Pays),
+            Ok(vec![Supply::SharedImage])
+        );
+        assert_eq!(auto(hardened, modified, Payoff::Pays), Err(NoSupply::Mdwe));
+        assert_eq!(
+            supplies(Backend::Thp, hardened, stable, Payoff::Pays),
+            Err(NoSupply::Mdwe)
+        );
+        // Explicit backends do as told.
+        assert_eq!(
+            supplies(Backend::Hugetlb, server, stable, Payoff::Unknown),
+            Ok(vec![Supply::Pool])
+        );
+        assert_eq!(
+            supplies(Backend::Hugetlb, laptop, stable, Payoff::Pays),
+            Err(NoSupply::PoolEmpty)
+        );
+        assert_eq!(
+            supplies(Backend::Thp, laptop, stable, Payoff::Unknown),
+            Ok(vec![Supply::Thp])
+        );
+        assert_eq!(
+            supplies(Backend::Cache, server, random, Payoff::Unknown),
+            Ok(vec![Supply::PrivateImage])
+        );
+        assert_eq!(
+            supplies(Backend::Cache, laptop, stable, Payoff::Pays),
+            Err(NoSupply::NoCache)
+        );
+        let nothing = Offer {
             thp_usable: false,
+            ..laptop
         };
+        assert_eq!(auto(nothing, stable, Payoff::Pays), Err(NoSupply::Nothing));
         assert_eq!(
-            choose_sources(Backend::Auto, both, 16),
-            Ok(&[Source::Hugetlb, Source::Thp][..])
+            supplies(Backend::Off, server, stable, Payoff::Pays),
+            Err(NoSupply::Off)
         );
+    }
+
+    #[test]
+    fn copies_pay_off_for_long_runs_only() {
+        const MIB: u64 = 1 << 20;
+        // 100 MiB: ~100 ms to copy, worth it from 5 s on.
+        assert_eq!(payoff(&[], 100 * MIB, 0), Payoff::Unknown);
         assert_eq!(
-            choose_sources(Backend::Auto, both, 17),
-            Ok(&[Source::Thp][..])
+            payoff(&[66, 70, 64], 100 * MIB, 0),
+            Payoff::TooShort {
+                median_ms: 66,
+                runs: 3,
+                copy_ms: 100
+            }
         );
+        assert_eq!(payoff(&[60_000, 5_000, 4_000], 100 * MIB, 0), Payoff::Pays);
+        // A process already old enough (a library loaded late) pays off.
+        assert_eq!(payoff(&[], 100 * MIB, 6_000), Payoff::Pays);
+        // The median, not the mean: one long outlier does not decide.
+        assert!(matches!(
+            payoff(&[10, 10, 1_000_000], 100 * MIB, 0),
+            Payoff::TooShort { .. }
+        ));
+    }
+
+    #[test]
+    fn the_chunk_naming_the_program_is_a_range_of_its_own() {
+        // A PIE's first chunk holds its headers (read-only, same object) and
+        // the start of its text: aggressive would take it, unless pinned.
+        let base = 4 * M + 0x1000;
+        let mappings = [
+            view(base, base + 0x3000, "r--p", true),
+            text(base + 0x3000, 9 * M),
+        ];
+        let seg = Range::new(base + 0x3000, 9 * M);
+        let p = plan_object(&[seg], &mappings, &[], &[], Strategy::Aggressive);
+        assert_eq!(ranges(&p), vec![Range::new(4 * M, 9 * M)]);
+        assert!(p.swap.iter().all(|s| !s.names_program));
+        let p = plan_object(&[seg], &mappings, &[], &[base], Strategy::Aggressive);
         assert_eq!(
-            choose_sources(Backend::Auto, empty_pool, 1),
-            Ok(&[Source::Thp][..])
+            ranges(&p),
+            vec![Range::new(4 * M, 5 * M), Range::new(5 * M, 9 * M)]
         );
-        assert!(choose_sources(Backend::Auto, nothing, 1).is_err());
-        assert!(choose_sources(Backend::Hugetlb, empty_pool, 1).is_err());
-        assert_eq!(
-            choose_sources(Backend::Hugetlb, both, 40),
-            Ok(&[Source::Hugetlb][..])
-        );
-        assert!(choose_sources(Backend::Thp, nothing, 1).is_err());
-        assert!(choose_sources(Backend::Off, both, 1).is_err());
+        assert!(p.swap[0].names_program && !p.swap[1].names_program);
+    }
+
+    #[test]
+    fn another_objects_text_is_never_taken_along() {
+        // The tail chunk of our text also holds another library's text.
+        let seg = Range::new(2 * M, 4 * M + M / 2);
+        let mut theirs = text(4 * M + M / 2, 5 * M);
+        theirs.read_only_segment = false;
+        let mappings = [text(seg.start, seg.end), theirs];
+        let p = plan_object(&[seg], &mappings, &[], &[], Strategy::Aggressive);
+        assert_eq!(ranges(&p), vec![Range::new(2 * M, 4 * M)]);
+        assert_eq!(p.kept_bytes(Skip::SharedPage), M / 2);
     }
 
     #[test]

@@ -41,6 +41,7 @@ fn own_address() -> u64 {
 }
 
 fn run() {
+    let started = crate::sys::monotonic_ns();
     // Steps 1 to 3 allocate nothing: under a tight address-space limit even
     // a small allocation could fail, and in Rust that aborts.
 
@@ -156,10 +157,85 @@ fn run() {
         backend: config.backend,
         strategy: config.strategy,
     };
+    let program = objects.first().map(|o| o.path.clone()).unwrap_or_default();
+    let ctx = context(request, &config, program, false);
     // SAFETY: one thread (checked above, and nothing here starts one); the
     // objects stay loaded: nothing can dlclose them while we run.
-    let reports = unsafe { remap::remap_objects(&targets, request) };
+    let reports = unsafe { remap::remap_objects(&targets, &ctx) };
     after_swap(&targets, &reports, &config, true);
+    if ctx.payoff_weighed.get() {
+        // A private copy was weighed against how long this program runs:
+        // record how long this run lasts, for the next one.
+        lifetime::record_at_exit(&ctx.program, started);
+    }
+}
+
+/// The pipeline's context for this process: the cache named by the settings
+/// (one line at info when it is there but cannot be used), what the machine
+/// offers.
+pub(crate) fn context(
+    request: remap::Request,
+    config: &config::Config<'_>,
+    program: String,
+    verify: bool,
+) -> remap::Context {
+    use std::os::unix::ffi::OsStrExt;
+    let root = match config.cache {
+        config::CachePath::Default => Some(std::path::Path::new(crate::cache::DEFAULT_ROOT)),
+        config::CachePath::Off => None,
+        config::CachePath::At(p) => Some(std::path::Path::new(std::ffi::OsStr::from_bytes(p))),
+    };
+    let verify = verify || log::enabled(Level::Info) || config.report.is_some();
+    let (ctx, why) = remap::Context::new(request, root, program, verify);
+    match why {
+        None | Some(crate::cache::Unusable::Off) => {}
+        // Not set up where nobody said to look: the common case, no news.
+        Some(crate::cache::Unusable::NotSetUp) if config.cache == config::CachePath::Default => {
+            crate::tlog!(Level::Debug, "no image cache set up (tiexec --setup)")
+        }
+        Some(why) => crate::tlog!(Level::Info, "image cache not used: {why}"),
+    }
+    ctx
+}
+
+/// How long the program runs, recorded at exit for the payoff of private
+/// copies in its next runs (see `plan::payoff`).
+mod lifetime {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    static PROGRAM: OnceLock<String> = OnceLock::new();
+    static STARTED_NS: AtomicU64 = AtomicU64::new(0);
+    static PID: AtomicU32 = AtomicU32::new(0);
+
+    /// Registers the recording (once per process).
+    pub fn record_at_exit(program: &str, started_ns: u64) {
+        if PROGRAM.set(program.to_string()).is_err() {
+            return;
+        }
+        STARTED_NS.store(started_ns, Ordering::Relaxed);
+        PID.store(std::process::id(), Ordering::Relaxed);
+        // SAFETY: registers a plain function that never unwinds (see below).
+        unsafe { libc::atexit(record) };
+    }
+
+    extern "C" fn record() {
+        let _ = std::panic::catch_unwind(|| {
+            // Only the process that ran the constructor: not its forked
+            // children (a server's workers), which live lives of their own.
+            if PID.load(Ordering::Relaxed) != std::process::id() {
+                return;
+            }
+            let Some(program) = PROGRAM.get() else {
+                return;
+            };
+            let ms = crate::sys::monotonic_ns().saturating_sub(STARTED_NS.load(Ordering::Relaxed))
+                / 1_000_000;
+            if let Some(dir) = crate::state::StateDir::open_default() {
+                let _ = dir.record_run(program, u32::try_from(ms).unwrap_or(u32::MAX));
+            }
+        });
+    }
 }
 
 /// What follows a swap, for the constructor and the audit hook alike: one

@@ -18,12 +18,12 @@
 //! change, and nothing is written.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use crate::elf;
 use crate::plan::{align_down, align_up, Range, HUGE_PAGE};
-use crate::sys::{self, Errno};
+use crate::sys::{self, Errno, Mapping, Prot};
 
 /// How one executable segment of a file stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,67 +123,32 @@ pub fn huge_body(file: Range) -> Range {
     )
 }
 
-/// A read-only mapping of part of a file at a 2 MiB-aligned address,
-/// unmapped on drop.
+/// A read-only mapping of part of a file at a 2 MiB-aligned address (inside
+/// a reservation of our own), unmapped on drop.
 struct AlignedFileMap {
-    reserve: *mut u8,
-    reserve_len: usize,
-    addr: *mut u8,
-    len: usize,
+    map: Mapping,
 }
 
 impl AlignedFileMap {
     fn new(file: &File, range: Range) -> Result<AlignedFileMap, Errno> {
         let len = range.len() as usize;
-        let reserve_len = len + HUGE_PAGE as usize;
-        let reserve = sys::mmap_anonymous(reserve_len, libc::PROT_NONE, 0)?;
-        let addr = align_up(reserve as u64, HUGE_PAGE) as *mut u8;
-        let map = AlignedFileMap {
-            reserve,
-            reserve_len,
-            addr,
-            len,
-        };
-        // SAFETY: maps the file read-only over the aligned part of our own
-        // PROT_NONE reservation (MAP_FIXED replaces only our reservation).
-        let got = unsafe {
-            libc::mmap(
-                addr.cast(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                range.start as libc::off_t,
-            )
-        };
-        if got == libc::MAP_FAILED {
-            return Err(Errno::last());
-        }
-        Ok(map)
+        let mut map = Mapping::anonymous_aligned(len, HUGE_PAGE as usize, Prot::NONE)?;
+        map.map_file_within(0, file.as_fd(), range.start, len, Prot::READ)?;
+        Ok(AlignedFileMap { map })
     }
 
     /// Faults every page in (through a `MADV_HUGEPAGE` mapping when
     /// `advise`: pages read from disk then come as 2 MiB folios), and returns
     /// how many bytes the kernel then maps with 2 MiB pages.
-    fn populate_huge(&self, advise: bool) -> u64 {
-        // SAFETY: our own read-only file mapping; advice and read faults only.
-        unsafe {
-            if advise {
-                let _ = sys::madvise(self.addr, self.len, libc::MADV_HUGEPAGE);
-            }
-            let _ = sys::madvise(self.addr, self.len, sys::MADV_POPULATE_READ);
+    fn populate_huge(&mut self, advise: bool) -> u64 {
+        if advise {
+            let _ = self.map.advise(libc::MADV_HUGEPAGE);
         }
-        let start = self.addr as u64;
-        sys::huge_mapped_ranges(start, start + self.len as u64)
+        let _ = self.map.advise(sys::MADV_POPULATE_READ);
+        let r = self.map.range();
+        sys::huge_mapped_ranges(r.start, r.end)
             .map(|r| r.iter().map(|&(s, e)| e - s).sum())
             .unwrap_or(0)
-    }
-}
-
-impl Drop for AlignedFileMap {
-    fn drop(&mut self) {
-        // SAFETY: the whole reservation is ours (the file mapping lies in it).
-        let _ = unsafe { sys::munmap(self.reserve, self.reserve_len) };
     }
 }
 
@@ -206,7 +171,7 @@ pub fn prime_file(path: &Path, prime: bool) -> Result<Vec<SegmentState>, PrimeEr
         if !body.is_empty() && !congruent {
             s.state = State::NotCongruent;
         } else if !body.is_empty() {
-            let map = AlignedFileMap::new(&file, body).map_err(PrimeError::Map)?;
+            let mut map = AlignedFileMap::new(&file, body).map_err(PrimeError::Map)?;
             // Checking only: no advice, so that looking does not prime.
             s.huge_bytes = map.populate_huge(prime);
             drop(map);
@@ -225,7 +190,7 @@ pub fn prime_file(path: &Path, prime: bool) -> Result<Vec<SegmentState>, PrimeEr
                         libc::POSIX_FADV_DONTNEED,
                     )
                 };
-                let map = AlignedFileMap::new(&file, body).map_err(PrimeError::Map)?;
+                let mut map = AlignedFileMap::new(&file, body).map_err(PrimeError::Map)?;
                 s.huge_bytes = map.populate_huge(true);
                 s.state = if s.huge_bytes >= body.len() {
                     State::Primed

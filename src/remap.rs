@@ -1,12 +1,33 @@
 //! The pipeline for a set of loaded objects:
-//! discover (done by the caller) -> plan -> swap -> verify -> report.
+//! discover (done by the caller) -> plan -> swap -> verify -> report,
+//! and the policy that decides, per range, where its huge pages come from.
+//!
+//! Per 2 MiB range of text, in order (see `plan::supplies`):
+//! 1. already huge (the kernel maps it from a page cache of 2 MiB folios):
+//!    nothing to do;
+//! 2. in place: congruent file text asks the page cache to collapse;
+//! 3. the image cache: an image found is mapped (no copy, shared); a miss
+//!    builds one from the file, paid once per machine;
+//! 4. a private copy (THP; the pool only when asked for), made only where
+//!    it can pay off in this process: the program's past runs say it lives
+//!    long enough (`state`), or the backend was named explicitly;
+//! 5. else the text stays as it is, and one line at `info` says why.
 
+use std::cell::OnceCell;
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use crate::cache::{self, Cache, Content, FileIdentity, ImageKey, Piece};
 use crate::config::{Backend, Strategy};
 use crate::discover::{self, LoadedObject};
-use crate::plan::{self, align_down, align_up, MappingView, ObjectPlan, Range, Skip, HUGE_PAGE};
+use crate::plan::{
+    self, align_down, align_up, MappingView, NotCacheable, ObjectPlan, Offer, Payoff, Range,
+    RangeFacts, Skip, Source, Supply, SwapRange, HUGE_PAGE, PAGE,
+};
 use crate::report::{NotAttempted, ObjectReport};
 use crate::smaps::{self, Vma};
-use crate::swap;
+use crate::state::StateDir;
+use crate::swap::{self, Staged, SwapError};
 use crate::sys;
 
 /// What to do, beyond which objects.
@@ -16,6 +37,81 @@ pub struct Request {
     pub backend: Backend,
     /// How far plans reach beyond the text.
     pub strategy: Strategy,
+}
+
+/// Everything one pass over objects shares.
+pub struct Context {
+    /// What to do.
+    pub request: Request,
+    /// What this process may use.
+    pub offer: Offer,
+    /// The image cache, when set up and usable.
+    pub cache: Option<Cache>,
+    /// The user's state directory (run history, image records), opened on
+    /// first use.
+    state: OnceCell<Option<StateDir>>,
+    /// The main program's path: whose run history counts.
+    pub program: String,
+    /// Lifetimes of the program's last runs, read on first use.
+    runs: OnceCell<Vec<u32>>,
+    /// Whether a private copy's payoff was weighed (the run is then worth
+    /// recording).
+    pub payoff_weighed: core::cell::Cell<bool>,
+    /// Read smaps after the swap for coverage by kind (someone will look:
+    /// info logging, a JSON report). Otherwise the report's coverage is what
+    /// the swap did, as the routine reported it.
+    pub verify: bool,
+}
+
+impl Context {
+    /// A context for `request`: opens the cache at `cache_root` (None: no
+    /// cache) and reads what the machine offers. Also returns why the cache
+    /// is not used, when it is not.
+    pub fn new(
+        request: Request,
+        cache_root: Option<&std::path::Path>,
+        program: String,
+        verify: bool,
+    ) -> (Context, Option<cache::Unusable>) {
+        let (cache, why) = match cache_root.map(Cache::open) {
+            None => (None, Some(cache::Unusable::Off)),
+            Some(Ok(c)) => (Some(c), None),
+            Some(Err(e)) => (None, Some(e)),
+        };
+        let offer = discover::offer(cache.is_some());
+        (
+            Context {
+                request,
+                offer,
+                cache,
+                state: OnceCell::new(),
+                program,
+                runs: OnceCell::new(),
+                payoff_weighed: core::cell::Cell::new(false),
+                verify,
+            },
+            why,
+        )
+    }
+
+    fn state(&self) -> Option<&StateDir> {
+        self.state.get_or_init(StateDir::open_default).as_ref()
+    }
+
+    fn runs(&self) -> &[u32] {
+        self.runs.get_or_init(|| {
+            self.state()
+                .map(|s| s.runs(&self.program))
+                .unwrap_or_default()
+        })
+    }
+
+    /// Whether privately copying `bytes` pays off in this process.
+    fn payoff(&self, bytes: u64) -> Payoff {
+        self.payoff_weighed.set(true);
+        let age = discover::process_age_ms().unwrap_or(0);
+        plan::payoff(self.runs(), bytes, age)
+    }
 }
 
 /// True when some executable segment of `object` could use a 2 MiB page:
@@ -58,6 +154,10 @@ fn covered_by_union(range: Range, ranges: &[Range]) -> bool {
     true
 }
 
+fn file_congruent(v: &Vma) -> bool {
+    v.inode != 0 && !v.is_hugetlb() && v.start.wrapping_sub(v.offset) % HUGE_PAGE == 0
+}
+
 fn mapping_views(vmas: &[Vma], object: &LoadedObject, window: Range) -> Vec<MappingView> {
     vmas.iter()
         .filter(|v| v.range().intersect(window).is_some())
@@ -68,60 +168,62 @@ fn mapping_views(vmas: &[Vma], object: &LoadedObject, window: Range) -> Vec<Mapp
             exec: v.exec,
             private: v.private,
             read_only_segment: covered_by_union(v.range(), &object.read_only_segments),
-            file_congruent: v.inode != 0
-                && !v.is_hugetlb()
-                && v.start.wrapping_sub(v.offset) % HUGE_PAGE == 0,
+            file_congruent: file_congruent(v),
         })
         .collect()
 }
 
 /// Ranges inside `window` that the kernel maps with 2 MiB pages already.
-fn already_huge(vmas: &[Vma], window: Range) -> Vec<Range> {
+fn already_huge(window: Range) -> Vec<Range> {
     if window.is_empty() {
         return Vec::new();
     }
     match sys::huge_mapped_ranges(window.start, window.end) {
         Ok(found) => found.into_iter().map(|(s, e)| Range::new(s, e)).collect(),
-        // Before Linux 6.7, smaps only counts per mapping: a mapping counts
-        // as huge when all of it is; a partly huge one is redone.
-        Err(_) => vmas
+        // Before Linux 6.7 there is no cheap way to tell from maps: a
+        // mapping counts as huge when smaps says all of it is.
+        Err(_) => smaps::read(None)
+            .unwrap_or_default()
             .iter()
+            .filter(|v| v.range().intersect(window).is_some())
             .filter(|v| !v.range().is_empty() && v.huge_bytes() >= v.range().len())
             .map(Vma::range)
             .collect(),
     }
 }
 
-/// Faults in the object's file-backed text whose address and file offset are
-/// congruent modulo 2 MiB: where the page cache holds 2 MiB folios (a primed
-/// file), the kernel then maps them with 2 MiB pages, and the plan sees them
-/// as already huge instead of copying them. (Unfaulted pages show in no page
-/// table, so nothing could tell.) Read faults only; nothing changes but
-/// which pages are present.
+/// Faults in one page of each 2 MiB page of the object's file-backed text
+/// whose address and file offset are congruent modulo 2 MiB: where the page
+/// cache holds a 2 MiB folio there (a primed file), the kernel then maps all
+/// of it with one 2 MiB page, and the plan sees it as already huge instead of
+/// copying it. (Unfaulted pages show in no page table, so nothing could
+/// tell.) Read faults only; nothing changes but which pages are present.
 fn fault_in_congruent_text(vmas: &[Vma], object: &LoadedObject) {
-    for v in vmas {
-        let congruent = v.inode != 0
-            && v.exec
-            && !v.write
-            && !v.is_hugetlb()
-            && v.start.wrapping_sub(v.offset) % HUGE_PAGE == 0;
-        if !congruent {
-            continue;
-        }
+    for v in vmas
+        .iter()
+        .filter(|v| v.exec && !v.write && file_congruent(v))
+    {
         for seg in &object.text_segments {
-            if let Some(r) = seg.intersect(v.range()) {
-                // SAFETY: MADV_POPULATE_READ on mapped, readable text of a
-                // loaded object: it only faults pages in, without changing
-                // contents or protections.
-                let _ = unsafe {
-                    sys::madvise(
-                        r.start as *mut u8,
-                        r.len() as usize,
-                        sys::MADV_POPULATE_READ,
-                    )
-                };
+            let Some(r) = seg.intersect(v.range()) else {
+                continue;
+            };
+            let mut chunk = align_up(r.start, HUGE_PAGE);
+            while chunk + HUGE_PAGE <= r.end {
+                let _ = sys::populate_read(Range::new(chunk, chunk + PAGE));
+                chunk += HUGE_PAGE;
             }
         }
+    }
+}
+
+/// The address whose 2 MiB page must keep the name of its mapping: the main
+/// program's ELF header, when it is loaded at a base of its own (PIE). See
+/// [`SwapRange::names_program`].
+fn pinned(object: &LoadedObject) -> Vec<u64> {
+    if object.is_main && object.bias != 0 {
+        vec![object.bias]
+    } else {
+        Vec::new()
     }
 }
 
@@ -132,7 +234,8 @@ pub fn plan_object(object: &LoadedObject, vmas: &[Vma], strategy: Strategy) -> O
     plan::plan_object(
         &object.text_segments,
         &mapping_views(vmas, object, window),
-        &already_huge(vmas, window),
+        &already_huge(window),
+        &pinned(object),
         strategy,
     )
 }
@@ -145,12 +248,237 @@ fn coverage_of(object: &LoadedObject, vmas: &[Vma]) -> smaps::Coverage {
     c
 }
 
+/// Coverage as the swap left it, from the plan and the routine's outcomes
+/// (used when nobody asked to read smaps back).
+fn coverage_from_results(object: &LoadedObject, report: &ObjectReport) -> smaps::Coverage {
+    let mut c = smaps::Coverage {
+        mapped: object.text_bytes(),
+        file_thp: report.already_huge_bytes,
+        ..smaps::Coverage::default()
+    };
+    for (range, source) in &report.swapped {
+        let text: u64 = object
+            .text_segments
+            .iter()
+            .filter_map(|s| s.intersect(*range))
+            .map(|r| r.len())
+            .sum();
+        match source {
+            Source::PageCache => c.file_thp += text,
+            Source::Thp => c.anon_thp += text,
+            Source::CacheHit | Source::CacheBuilt | Source::Hugetlb => c.hugetlb += text,
+        }
+    }
+    c
+}
+
 const ALL_SKIPS: [Skip; 4] = [
     Skip::PartialHugePage,
     Skip::SharedPage,
     Skip::AlreadyHuge,
     Skip::NotPlainText,
 ];
+
+/// The object's file, opened and checked to be the very file its text maps.
+struct ObjectFile {
+    file: File,
+    identity: FileIdentity,
+}
+
+fn open_object_file(object: &LoadedObject, vmas: &[Vma]) -> Option<ObjectFile> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&object.path)
+        .ok()?;
+    let identity = FileIdentity::of_fd(file.as_fd()).ok()?;
+    let maps_it = vmas.iter().any(|v| {
+        v.inode == identity.ino
+            && v.dev == identity.dev
+            && object
+                .text_segments
+                .iter()
+                .any(|s| s.intersect(v.range()).is_some())
+    });
+    maps_it.then_some(ObjectFile { file, identity })
+}
+
+/// What the cache needs to know about one range: whether an image built from
+/// the file holds its bytes, and where each piece comes from in the file.
+fn range_facts(
+    req: &SwapRange,
+    object: &LoadedObject,
+    file: Option<&ObjectFile>,
+    vmas: &[Vma],
+) -> (RangeFacts, Vec<Piece>) {
+    let phase_stable = object.bias % HUGE_PAGE == 0;
+    let fail = |why| {
+        (
+            RangeFacts {
+                cacheable: Err(why),
+                phase_stable,
+            },
+            Vec::new(),
+        )
+    };
+    let Some(file) = file else {
+        return fail(NotCacheable::FileNotMapped);
+    };
+    if object.text_relocations {
+        return fail(NotCacheable::TextRelocations);
+    }
+    let mut pieces = Vec::with_capacity(req.pieces.len());
+    for p in req.pieces.iter().filter_map(|p| p.intersect(req.range)) {
+        let Some(v) = vmas.iter().find(|v| v.start <= p.start && p.end <= v.end) else {
+            return fail(NotCacheable::NotFromFile);
+        };
+        if v.inode != file.identity.ino || v.dev != file.identity.dev {
+            return fail(NotCacheable::NotFromFile);
+        }
+        pieces.push(Piece {
+            at: p.start - req.range.start,
+            file_offset: v.offset + (p.start - v.start),
+            len: p.len(),
+        });
+    }
+    // Written pages (relocations, breakpoints, patches) differ from the file.
+    match sys::modified_file_pages(req.range.start, req.range.end) {
+        Ok(written) if written.is_empty() => {}
+        // Written, or no way to tell (before Linux 6.7): not from the file.
+        _ => return fail(NotCacheable::Modified),
+    }
+    (
+        RangeFacts {
+            cacheable: Ok(()),
+            phase_stable,
+        },
+        pieces,
+    )
+}
+
+/// Gets huge pages holding `req`'s bytes: tries each way `plan::supplies`
+/// allows, in order; returns the first that works, or the last error.
+fn supply_range(
+    req: &SwapRange,
+    object: &LoadedObject,
+    file: Option<&ObjectFile>,
+    vmas: &[Vma],
+    ctx: &Context,
+    payoff: &dyn Fn() -> Payoff,
+) -> Result<Staged, SwapError> {
+    let (facts, pieces) = range_facts(req, object, file, vmas);
+    let backend = ctx.request.backend;
+    // The payoff is weighed (the run history read) only where it decides
+    // something: not for a range a shared image serves, unless that fails.
+    let image_serves = ctx.offer.cache && facts.cacheable.is_ok() && facts.phase_stable;
+    let weighed = match backend {
+        Backend::Auto if !image_serves => payoff(),
+        Backend::Auto => Payoff::Unknown,
+        _ => Payoff::Pays,
+    };
+    let mut ways =
+        plan::supplies(backend, ctx.offer, facts, weighed).map_err(SwapError::NoSupply)?;
+    if backend == Backend::Auto && image_serves && plan::supplies_thp(ctx.offer) {
+        // Should the image fail (another process builds it, the cache is
+        // full), a private copy may still pay off.
+        ways.push(Supply::Thp);
+    }
+    if req.names_program {
+        ways.retain(|w| *w == Supply::Thp);
+        if ways.is_empty() {
+            return Err(SwapError::NoSupply(plan::NoSupply::NamesProgram));
+        }
+    }
+    let mut last = SwapError::NoSupply(plan::NoSupply::Nothing);
+    for way in ways {
+        if way == Supply::Thp && backend == Backend::Auto && image_serves {
+            let p = payoff();
+            if p != Payoff::Pays {
+                last = match last {
+                    SwapError::Cache(_) => last,
+                    _ => SwapError::NoSupply(plan::NoSupply::WouldNotPay(p)),
+                };
+                continue;
+            }
+        }
+        let got = match way {
+            Supply::SharedImage | Supply::PrivateImage => match (ctx.cache.as_ref(), file) {
+                (Some(cache), Some(file)) => image_for(
+                    req,
+                    object,
+                    file,
+                    &pieces,
+                    cache,
+                    ctx,
+                    way == Supply::SharedImage,
+                ),
+                _ => Err(SwapError::NoSupply(plan::NoSupply::NoCache)),
+            },
+            Supply::Pool => swap::pool_copy(req),
+            Supply::Thp => swap::thp_copy(req),
+        };
+        match got {
+            Ok(staged) => return Ok(staged),
+            Err(e) => {
+                crate::tlog!(
+                    crate::log::Level::Debug,
+                    "{}: {:#x}-{:#x}: {:?} did not serve: {e}",
+                    object.path,
+                    req.range.start,
+                    req.range.end,
+                    way
+                );
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// The range's image from the cache (found, or built now), mapped r-x.
+fn image_for(
+    req: &SwapRange,
+    object: &LoadedObject,
+    file: &ObjectFile,
+    pieces: &[Piece],
+    cache: &Cache,
+    ctx: &Context,
+    shared: bool,
+) -> Result<Staged, SwapError> {
+    let key = ImageKey {
+        file: file.identity,
+        build_id: object.build_id.clone(),
+        offset: req.range.start.wrapping_sub(object.bias),
+        len: req.range.len(),
+        phase: object.bias % HUGE_PAGE,
+        layout: cache::layout_digest(pieces),
+        strategy: ctx.request.strategy,
+    };
+    let name = key.file_name(&object.path);
+    let content = Content {
+        file: file.file.as_fd(),
+        identity: file.identity,
+        pieces,
+        len: req.range.len(),
+    };
+    swap::check_address_space(req.range.len() * if shared { 1 } else { 2 })?;
+    let image = cache
+        .get_or_build(&name, &content, shared, ctx.state(), &object.path)
+        .map_err(SwapError::Cache)?;
+    let mapping = image.map().map_err(SwapError::ImageMap)?;
+    let source = match (shared, image.hit) {
+        (true, true) => Source::CacheHit,
+        (true, false) => Source::CacheBuilt,
+        (false, _) => Source::Hugetlb,
+    };
+    let fd = sys::reopen_read_only(image.fd()).map_err(SwapError::ImageMap)?;
+    Ok(Staged {
+        mapping,
+        fd: Some(fd),
+        source,
+    })
+}
 
 /// Runs plan, swap and verify for each object, in order.
 ///
@@ -160,7 +488,7 @@ const ALL_SKIPS: [Skip; 4] = [
 /// objects were just mapped and none of their code can have been reached
 /// yet (the loader's audit hook). Text is replaced in place with identical
 /// bytes.
-pub unsafe fn remap_objects(objects: &[LoadedObject], request: Request) -> Vec<ObjectReport> {
+pub unsafe fn remap_objects(objects: &[LoadedObject], ctx: &Context) -> Vec<ObjectReport> {
     let mut reports = Vec::with_capacity(objects.len());
     let mut vmas: Option<Vec<Vma>> = None;
     for object in objects {
@@ -168,16 +496,16 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], request: Request) -> Vec<O
         let mut report = ObjectReport {
             path: object.path.clone(),
             text_bytes: object.text_bytes(),
-            explicit_backend: request.backend != Backend::Auto,
+            explicit_backend: ctx.request.backend != Backend::Auto,
             ..ObjectReport::default()
         };
-        if !worth_planning(object, request.strategy) {
+        if !worth_planning(object, ctx.request.strategy) {
             report.not_attempted = Some(NotAttempted::NoWholeHugePage);
             report.elapsed_ns = sys::monotonic_ns().saturating_sub(started);
             reports.push(report);
             continue;
         }
-        let current = match vmas.take().map_or_else(|| smaps::read(None), Ok) {
+        let current = match vmas.take().map_or_else(|| smaps::read_maps(None), Ok) {
             Ok(v) => v,
             Err(_) => {
                 report.not_attempted = Some(NotAttempted::SmapsUnreadable);
@@ -185,7 +513,7 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], request: Request) -> Vec<O
                 continue;
             }
         };
-        let plan = plan_object(object, &current, request.strategy);
+        let plan = plan_object(object, &current, ctx.request.strategy);
         report.planned_bytes = plan.swap_bytes();
         report.already_huge_bytes = plan.kept_bytes(Skip::AlreadyHuge);
         report.kept = ALL_SKIPS
@@ -202,50 +530,64 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], request: Request) -> Vec<O
             } else {
                 NotAttempted::NoWholeHugePage
             });
-            report.after = coverage_of(object, &current);
-            vmas = Some(current);
         } else {
-            let pages = report.planned_bytes / HUGE_PAGE;
-            match plan::choose_sources(request.backend, discover::machine(), pages) {
-                Err(why) => {
-                    report.not_attempted = Some(NotAttempted::NoSource(why));
-                    report.after = coverage_of(object, &current);
-                    vmas = Some(current);
+            // Only the pool: use what it has, report the rest.
+            let swaps = if ctx.request.backend == Backend::Hugetlb {
+                plan::split_at_budget(plan.swap, ctx.offer.pool_available)
+            } else {
+                plan.swap
+            };
+            let file = open_object_file(object, &current);
+            let planned = report.planned_bytes;
+            let payoff = OnceCell::new();
+            let payoff = || *payoff.get_or_init(|| ctx.payoff(planned));
+            let mut supply =
+                |req: &SwapRange| supply_range(req, object, file.as_ref(), &current, ctx, &payoff);
+            // SAFETY: the ranges come from the plan: 2 MiB aligned, made of
+            // r-x private text of a loaded object and, when aggressive,
+            // read-only pages of the same object or unmapped space; they do
+            // not overlap. Every supply holds the range's bytes: copies are
+            // made from the live text, images from the very file mapped,
+            // only for ranges whose pages are all the file's. The caller
+            // guarantees no thread runs this text meanwhile.
+            let results = unsafe { swap::swap_ranges(&swaps, &mut supply, ctx.offer.mdwe) };
+            for r in results {
+                if report.in_place_error.is_none() {
+                    report.in_place_error = r.in_place_error;
                 }
-                Ok(sources) => {
-                    // Only the pool: use what it has, report the rest.
-                    let swaps = if sources == [plan::Source::Hugetlb] {
-                        plan::split_at_budget(plan.swap, discover::hugetlb_pool().available())
-                    } else {
-                        plan.swap
-                    };
-                    // SAFETY: the ranges come from the plan: 2 MiB aligned,
-                    // made of r-x private text of a loaded object and, when
-                    // aggressive, read-only pages of the same object or
-                    // unmapped space; they do not overlap. The caller
-                    // guarantees no thread runs this text meanwhile.
-                    let results = unsafe { swap::swap_ranges(&swaps, sources) };
-                    for r in results {
-                        if report.in_place_error.is_none() {
-                            report.in_place_error = r.in_place_error;
-                        }
-                        match (r.result, r.source) {
-                            (Ok(()), Some(source)) => report.swapped.push((r.range, source)),
-                            (Err(e), _) => report.failed.push((r.range, e)),
-                            (Ok(()), None) => {}
-                        }
-                    }
-                    // Verify: what counts is what the kernel says now.
-                    match smaps::read(None) {
-                        Ok(after) => {
-                            report.after = coverage_of(object, &after);
-                            vmas = Some(after);
-                        }
-                        Err(_) => report.not_attempted = Some(NotAttempted::SmapsUnreadable),
-                    }
+                match (r.result, r.source) {
+                    (Ok(()), Some(source)) => report.swapped.push((r.range, source)),
+                    (Err(e), _) => report.failed.push((r.range, e)),
+                    (Ok(()), None) => {}
                 }
             }
         }
+        // A policy that allowed nothing for any range is one reason, said
+        // once for the object.
+        if let (true, Some((_, SwapError::NoSupply(why)))) =
+            (report.swapped.is_empty(), report.failed.first().copied())
+        {
+            if report
+                .failed
+                .iter()
+                .all(|(_, e)| *e == SwapError::NoSupply(why))
+            {
+                report.failed.clear();
+                report.not_attempted = Some(NotAttempted::NoSource(why));
+            }
+        }
+        // Verify: what counts is what the kernel says now, when anyone is
+        // going to look.
+        let changed = !report.swapped.is_empty();
+        if ctx.verify {
+            match smaps::read(None) {
+                Ok(after) => report.after = coverage_of(object, &after),
+                Err(_) => report.not_attempted = Some(NotAttempted::SmapsUnreadable),
+            }
+        } else {
+            report.after = coverage_from_results(object, &report);
+        }
+        vmas = if changed { None } else { Some(current) };
         report.elapsed_ns = sys::monotonic_ns().saturating_sub(started);
         reports.push(report);
     }

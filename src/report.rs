@@ -102,6 +102,32 @@ impl core::fmt::Display for InPlaceNote {
     }
 }
 
+/// The sources of swapped ranges, joined by '+', in report order.
+struct Sources<'a>(&'a [(Range, Source)]);
+
+impl core::fmt::Display for Sources<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut first = true;
+        for source in Source::ALL {
+            if self.0.iter().any(|(_, s)| *s == source) {
+                if !first {
+                    f.write_str("+")?;
+                }
+                f.write_str(if source == Source::PageCache {
+                    "page cache in place"
+                } else {
+                    source.name()
+                })?;
+                first = false;
+            }
+        }
+        if first {
+            f.write_str("none")?;
+        }
+        Ok(())
+    }
+}
+
 /// Why nothing was attempted for an object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotAttempted {
@@ -112,20 +138,20 @@ pub enum NotAttempted {
     /// No whole 2 MiB page is plain r-x private text.
     NoPlainText,
     /// No huge-page source is usable (the reason says which).
-    NoSource(&'static str),
+    NoSource(crate::plan::NoSupply),
     /// /proc/self/smaps could not be read.
     SmapsUnreadable,
 }
 
 impl NotAttempted {
     /// The reason in words.
-    pub fn describe(self) -> &'static str {
+    pub fn describe(self) -> String {
         match self {
-            NotAttempted::NoWholeHugePage => "no whole 2 MiB page in its text",
-            NotAttempted::AlreadyHuge => "already on 2 MiB pages",
-            NotAttempted::NoPlainText => "no plain r-x text to move",
-            NotAttempted::NoSource(why) => why,
-            NotAttempted::SmapsUnreadable => "cannot read /proc/self/smaps",
+            NotAttempted::NoWholeHugePage => "no whole 2 MiB page in its text".into(),
+            NotAttempted::AlreadyHuge => "already on 2 MiB pages".into(),
+            NotAttempted::NoPlainText => "no plain r-x text to move".into(),
+            NotAttempted::NoSource(why) => why.to_string(),
+            NotAttempted::SmapsUnreadable => "cannot read /proc/self/maps".into(),
         }
     }
 }
@@ -172,9 +198,11 @@ impl ObjectReport {
             .uint("already_huge_bytes", self.already_huge_bytes);
         j.begin_object(Some("swapped_by_source"));
         for (source, key) in [
+            (Source::PageCache, "page_cache"),
+            (Source::CacheHit, "cache_hit"),
+            (Source::CacheBuilt, "cache_built"),
             (Source::Hugetlb, "hugetlb"),
             (Source::Thp, "thp"),
-            (Source::PageCache, "page_cache"),
         ] {
             let n: u64 = self
                 .swapped
@@ -210,7 +238,7 @@ impl ObjectReport {
         }
         j.end_array();
         match self.not_attempted {
-            Some(why) => j.str("not_attempted", why.describe()),
+            Some(why) => j.str("not_attempted", &why.describe()),
             None => j.null("not_attempted"),
         };
         match self.in_place_error {
@@ -225,19 +253,9 @@ impl ObjectReport {
         self.swapped.iter().map(|(r, _)| r.len()).sum()
     }
 
-    /// The source(s) used, for the log line.
-    fn sources(&self) -> &'static str {
-        let h = self.swapped.iter().any(|(_, s)| *s == Source::Hugetlb);
-        let t = self.swapped.iter().any(|(_, s)| *s == Source::Thp);
-        let p = self.swapped.iter().any(|(_, s)| *s == Source::PageCache);
-        match (p, h, t) {
-            (false, true, true) => "hugetlb+thp",
-            (false, true, false) => "hugetlb",
-            (false, false, true) => "thp",
-            (false, false, false) => "none",
-            (true, false, false) => "page cache in place",
-            (true, true, _) | (true, _, true) => "page cache in place+copies",
-        }
+    /// The source(s) used, for the log line: "cache (hit)+thp".
+    fn sources(&self) -> Sources<'_> {
+        Sources(&self.swapped)
     }
 
     /// Text bytes the plan kept for `reason`.
@@ -249,14 +267,18 @@ impl ObjectReport {
             .sum()
     }
 
-    /// Writes the per-object lines: one at info, plus one per failure (at
-    /// warn, or error for the harmful kinds).
+    /// Writes the per-object lines: one at info, plus one per range left
+    /// behind. The default level (warn) shows only what the user asked for
+    /// and did not get: a failure of a backend named explicitly (warn), or
+    /// harm to the text (error). Fallbacks of `auto` are expected: info.
     pub fn log(&self) {
         for (range, e) in &self.failed {
             let level = if e.is_harmful() {
                 Level::Error
-            } else {
+            } else if self.explicit_backend {
                 Level::Warn
+            } else {
+                Level::Info
             };
             crate::tlog!(
                 level,
@@ -268,8 +290,11 @@ impl ObjectReport {
         }
         if let Some(why) = self.not_attempted {
             let level = match why {
-                NotAttempted::NoSource(_) if self.explicit_backend => Level::Warn,
-                NotAttempted::SmapsUnreadable => Level::Warn,
+                NotAttempted::NoSource(_) | NotAttempted::SmapsUnreadable
+                    if self.explicit_backend =>
+                {
+                    Level::Warn
+                }
                 _ => Level::Info,
             };
             crate::tlog!(

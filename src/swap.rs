@@ -2,74 +2,86 @@
 //! module that changes mappings of the program.
 //!
 //! For each range, in order:
-//! 1. **stage**: map the replacement away from the text (hugetlb from the
-//!    pool, or 2 MiB-aligned anonymous memory advised `MADV_HUGEPAGE`) and
-//!    populate it with `MADV_POPULATE_WRITE`, so a shortage is an error now
-//!    and never a SIGBUS later; for THP, check the pages really are huge.
-//! 2. **copy** the live text bytes into it (one memcpy; the text is readable
-//!    and unchanged meanwhile: the process has one thread).
-//! 3. **swap** all ranges in one call of the trampoline: r-x, then one
-//!    `mremap(MREMAP_FIXED)` over the text. No moment without code, and no
-//!    second copy. Failure before the mremap leaves the text as it was.
-//! 4. **clean up**: unmap what was not used; the trampoline page goes too.
+//! 1. **holes**: unmapped parts of the range (the aggressive strategy spans
+//!    them) get `PROT_NONE` placeholders before anything else is mapped, so
+//!    nothing new can land there;
+//! 2. **in place**: file text congruent with its file first asks the page
+//!    cache for its 2 MiB pages (`MADV_COLLAPSE`): no copy at all;
+//! 3. **stage**: otherwise a *supplier* (the pipeline's policy, in `remap`)
+//!    hands over a replacement holding the text's bytes, built away from the
+//!    text: a cache image mapped r-x from a read-only file ([`Staged`] with a
+//!    descriptor), a private copy on pool pages made the same way through a
+//!    memfd ([`pool_copy`]), or a private copy on anonymous THP, r-w
+//!    ([`thp_copy`]). Replacements are populated: a shortage is an error now,
+//!    never a SIGBUS later;
+//! 4. **swap** all ranges in one call of the routine (see `trampoline`):
+//!    anonymous copies become r-x, then one `mremap(MREMAP_FIXED)` per range
+//!    moves the replacement over the text. No moment without code; failure
+//!    before the mremap leaves the text as it was;
+//! 5. **clean up**: unmap what was not used.
 //!
-//! Peak extra memory: the stagings, i.e. the bytes being swapped (the old
-//! text pages are page cache, shared, and are dropped from this process by the
-//! mremap).
+//! Peak extra memory: the replacements being built (an image found in the
+//! cache costs nothing: its pages are already there, shared).
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::fault::{self, Step};
-use crate::plan::{align_up, Range, Source, SwapRange, HUGE_PAGE};
-use crate::sys::{self, Errno};
-use crate::trampoline::{Fail, MappedTrampoline, Outcome, SwapOp, TrampolineError};
+use crate::plan::{align_down, NoSupply, Range, Source, SwapRange, HUGE_PAGE, PAGE};
+use crate::sys::{self, Errno, Mapping, Prot};
+use crate::trampoline::{Fail, Outcome, SwapOp, Trampoline, TrampolineError};
 
 /// Why a range was not swapped. One variant per failed step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SwapError {
-    /// No huge-page source was allowed for it.
-    NoSource,
-    /// Step 1: mmap of the staging area failed (for hugetlb: the pool had too
+    /// No way to get huge pages for it was allowed or possible.
+    NoSupply(NoSupply),
+    /// The cache had no usable image and could not build one.
+    Cache(crate::cache::Failure),
+    /// Mapping a cache image failed.
+    ImageMap(Errno),
+    /// Stage: mapping the replacement failed (for hugetlb: the pool had too
     /// few free pages).
     StagingMap(Errno),
-    /// Step 1: trimming the THP staging area to 2 MiB alignment failed.
-    StagingTrim(Errno),
-    /// Step 1: `MADV_HUGEPAGE` on the staging area failed.
+    /// Stage: `MADV_HUGEPAGE` on THP staging failed.
     StagingAdvise(Errno),
-    /// Step 1: populating the staging area failed (no memory).
+    /// Stage: populating the replacement failed (no memory).
     StagingPopulate(Errno),
-    /// Step 1: an unmapped hole inside the range (the aggressive strategy
-    /// spans them) could not be reserved: something is mapped there now.
+    /// Stage: an unmapped hole inside the range could not be reserved:
+    /// something is mapped there now.
     HoleTaken(Errno),
-    /// Step 1: `RLIMIT_AS` leaves too little address space for a copy.
+    /// Stage: `RLIMIT_AS` leaves too little address space for a copy.
     AddressSpaceLimit {
         /// Bytes the process could still map.
         headroom: u64,
     },
-    /// Step 1: the memory cgroup's limit leaves too little room for a THP copy
-    /// (going over it would mean reclaim, or an OOM kill).
+    /// Stage: the memory cgroup's limit leaves too little room for a THP
+    /// copy (going over it would mean reclaim, or an OOM kill).
     CgroupLimit {
         /// Bytes the cgroup could still charge.
         headroom: u64,
     },
-    /// Step 1: the kernel gave THP staging only `huge` bytes of 2 MiB pages.
+    /// Stage: the kernel gave THP staging only `huge` bytes of 2 MiB pages.
     StagingNotHuge {
         /// Bytes that were huge.
         huge: u64,
     },
-    /// Step 3: the trampoline could not be mapped.
+    /// Swap: the routine could not be made ready.
     Trampoline(TrampolineError),
-    /// Step 3: blocking signals failed; nothing was touched.
+    /// Swap: blocking signals failed; nothing was touched.
     SignalMask(Errno),
-    /// Step 3: making the staging r-x failed; text untouched.
+    /// Swap: making the staging r-x failed; text untouched.
     StagingProtect(Errno),
-    /// Step 3: mremap failed; text untouched.
+    /// Swap: mremap failed; text untouched.
     Remap(Errno),
-    /// Step 3: mremap failed after unmapping the text; the same bytes were
-    /// put back on 4 KiB pages (r-x). The program is unharmed.
+    /// Swap: mremap failed after unmapping the text; the same bytes were put
+    /// back on 4 KiB pages (r-x). The program is unharmed.
     RemapRestoredByCopy(Errno),
-    /// Step 3: the text could not be put back. Never expected.
+    /// Swap: the text could not be put back. Never expected.
     TextLost(Errno),
-    /// Step 3: the restored copy could not be made r-x; it is r-w.
+    /// Swap: the restored copy could not be made r-x; it is r-w.
     RestoredCopyWritable(Errno),
+    /// Swap: the routine left an outcome it does not write.
+    Unknown(u64),
 }
 
 impl SwapError {
@@ -78,7 +90,7 @@ impl SwapError {
     pub fn is_harmful(&self) -> bool {
         matches!(
             self,
-            SwapError::TextLost(_) | SwapError::RestoredCopyWritable(_)
+            SwapError::TextLost(_) | SwapError::RestoredCopyWritable(_) | SwapError::Unknown(_)
         )
     }
 }
@@ -86,9 +98,10 @@ impl SwapError {
 impl core::fmt::Display for SwapError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            SwapError::NoSource => write!(f, "no huge-page source allowed"),
+            SwapError::NoSupply(why) => write!(f, "{why}"),
+            SwapError::Cache(why) => write!(f, "{why}"),
+            SwapError::ImageMap(e) => write!(f, "mapping the cache image failed: {e}"),
             SwapError::StagingMap(e) => write!(f, "mmap of huge pages failed: {e}"),
-            SwapError::StagingTrim(e) => write!(f, "trimming staging failed: {e}"),
             SwapError::StagingAdvise(e) => write!(f, "madvise(MADV_HUGEPAGE) failed: {e}"),
             SwapError::StagingPopulate(e) => write!(f, "populating huge pages failed: {e}"),
             SwapError::HoleTaken(e) => {
@@ -104,21 +117,19 @@ impl core::fmt::Display for SwapError {
                 "memory cgroup limit leaves only {} for the copy",
                 crate::log::Bytes(*headroom)
             ),
-            SwapError::StagingNotHuge { huge } => {
-                write!(
-                    f,
-                    "kernel gave only {} of 2 MiB pages",
-                    crate::log::Bytes(*huge)
-                )
-            }
+            SwapError::StagingNotHuge { huge } => write!(
+                f,
+                "kernel gave only {} of 2 MiB pages",
+                crate::log::Bytes(*huge)
+            ),
             SwapError::Trampoline(TrampolineError::Unsupported) => {
                 write!(f, "no swap routine for this architecture")
             }
             SwapError::Trampoline(TrampolineError::Map(e)) => {
-                write!(f, "mapping the trampoline failed: {e}")
+                write!(f, "mapping the swap routine failed: {e}")
             }
             SwapError::Trampoline(TrampolineError::Protect(e)) => {
-                write!(f, "protecting the trampoline failed: {e}")
+                write!(f, "protecting the swap routine failed: {e}")
             }
             SwapError::SignalMask(e) => write!(f, "blocking signals failed: {e}"),
             SwapError::StagingProtect(e) => write!(f, "mprotect r-x of huge pages failed: {e}"),
@@ -130,130 +141,40 @@ impl core::fmt::Display for SwapError {
             SwapError::RestoredCopyWritable(e) => {
                 write!(f, "restored text left writable after mremap failure: {e}")
             }
+            SwapError::Unknown(code) => write!(f, "unknown outcome {code} of the swap routine"),
         }
     }
 }
 
-/// A replacement being built, unmapped on drop unless it became the text.
-struct Staging {
-    addr: *mut u8,
-    len: usize,
+/// A replacement for one range, holding the range's bytes, ready to be moved
+/// over the text.
+#[derive(Debug)]
+pub struct Staged {
+    /// The replacement: anonymous r-w (`fd` none), or a shared mapping of
+    /// `fd`'s file, r-x.
+    pub mapping: Mapping,
+    /// A read-only descriptor of the file behind `mapping`, if any.
+    pub fd: Option<OwnedFd>,
+    /// Where its pages come from.
+    pub source: Source,
 }
 
-impl Staging {
-    /// The staging pages were moved over the text by mremap: nothing is left
-    /// at `addr` to unmap.
-    fn moved(self) {
-        core::mem::forget(self);
+/// Copies the bytes of `req`'s pieces from the live text into `dst` (the
+/// replacement's bytes, as long as the range); the rest stays as it is
+/// (zeros).
+pub fn copy_text_into(dst: &mut [u8], req: &SwapRange) {
+    for piece in req.pieces.iter().filter_map(|p| p.intersect(req.range)) {
+        let at = (piece.start - req.range.start) as usize;
+        let len = piece.len() as usize;
+        let Some(to) = dst.get_mut(at..at.saturating_add(len)) else {
+            continue;
+        };
+        // SAFETY: the caller of `swap_ranges` guarantees that every piece is
+        // mapped, readable and not written meanwhile; `to` is a distinct
+        // writable mapping of exactly `len` bytes.
+        let from = unsafe { core::slice::from_raw_parts(piece.start as *const u8, len) };
+        to.copy_from_slice(from);
     }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        // SAFETY: the range was mapped by `stage` and is used by nobody else.
-        let _ = unsafe { sys::munmap(self.addr, self.len) };
-    }
-}
-
-fn stage_hugetlb(len: usize) -> Result<Staging, SwapError> {
-    // Private hugetlb reserves its pages at mmap time: ENOMEM here when the
-    // pool is short. No MAP_NORESERVE (that turns a shortage into SIGBUS).
-    if fault::at(Step::StagingMap) {
-        return Err(SwapError::StagingMap(Errno(libc::ENOMEM)));
-    }
-    let addr = sys::mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_HUGETLB)
-        .map_err(SwapError::StagingMap)?;
-    let staging = Staging { addr, len };
-    // Populate with an error return, not MAP_POPULATE (which ignores
-    // failures, e.g. a hugetlb cgroup limit, that would SIGBUS on first touch).
-    if fault::at(Step::StagingPopulate) {
-        return Err(SwapError::StagingPopulate(Errno(libc::ENOMEM)));
-    }
-    // SAFETY: our fresh mapping.
-    unsafe { sys::madvise(addr, len, sys::MADV_POPULATE_WRITE) }
-        .map_err(SwapError::StagingPopulate)?;
-    Ok(staging)
-}
-
-fn huge_bytes_in(start: u64, len: u64) -> u64 {
-    let end = start + len;
-    match sys::huge_mapped_ranges(start, end) {
-        Ok(ranges) => ranges
-            .iter()
-            .filter_map(|&(s, e)| Range::new(s, e).intersect(Range::new(start, end)))
-            .map(|r| r.len())
-            .sum(),
-        // Before Linux 6.7: ask smaps about this one mapping.
-        Err(_) => crate::smaps::read(None)
-            .map(|vmas| crate::smaps::coverage(&vmas, Range::new(start, end)).anon_thp)
-            .unwrap_or(0),
-    }
-}
-
-/// Room kept free in a limited memory cgroup, beyond the copy itself.
-const CGROUP_MARGIN: u64 = 64 << 20;
-
-fn stage_thp(len: usize) -> Result<Staging, SwapError> {
-    if let Some(headroom) = crate::discover::memory_cgroup_headroom() {
-        if headroom < len as u64 + CGROUP_MARGIN {
-            return Err(SwapError::CgroupLimit { headroom });
-        }
-    }
-    // Over-allocate by 2 MiB, then trim head and tail so the rest is aligned.
-    let reserve = len + HUGE_PAGE as usize;
-    if fault::at(Step::StagingMap) {
-        return Err(SwapError::StagingMap(Errno(libc::ENOMEM)));
-    }
-    let base = sys::mmap_anonymous(reserve, libc::PROT_READ | libc::PROT_WRITE, 0)
-        .map_err(SwapError::StagingMap)?;
-    let aligned = align_up(base as u64, HUGE_PAGE);
-    let head = (aligned - base as u64) as usize;
-    let tail = reserve - head - len;
-    let whole = Staging {
-        addr: base,
-        len: reserve,
-    };
-    if head > 0 {
-        // SAFETY: the head of our own fresh mapping.
-        unsafe { sys::munmap(base, head) }.map_err(SwapError::StagingTrim)?;
-    }
-    whole.moved(); // from here on only the aligned part is ours
-    let staging = Staging {
-        addr: aligned as *mut u8,
-        len,
-    };
-    if tail > 0 {
-        // SAFETY: the tail of our own fresh mapping, past `staging`.
-        unsafe { sys::munmap((aligned as *mut u8).wrapping_add(len), tail) }
-            .map_err(SwapError::StagingTrim)?;
-    }
-    if fault::at(Step::StagingAdvise) {
-        return Err(SwapError::StagingAdvise(Errno(libc::EINVAL)));
-    }
-    // SAFETY: our fresh mapping; advice only.
-    unsafe { sys::madvise(staging.addr, len, libc::MADV_HUGEPAGE) }
-        .map_err(SwapError::StagingAdvise)?;
-    if fault::at(Step::StagingPopulate) {
-        return Err(SwapError::StagingPopulate(Errno(libc::ENOMEM)));
-    }
-    // SAFETY: our fresh mapping; faults its pages in.
-    unsafe { sys::madvise(staging.addr, len, sys::MADV_POPULATE_WRITE) }
-        .map_err(SwapError::StagingPopulate)?;
-    if fault::at(Step::StagingNotHuge) {
-        return Err(SwapError::StagingNotHuge { huge: 0 });
-    }
-    let mut huge = huge_bytes_in(aligned, len as u64);
-    if huge < len as u64 {
-        // Fragmented memory gave some 4 KiB pages: ask for a synchronous
-        // collapse (Linux 6.1) before giving up. The pages hold no data yet.
-        // SAFETY: our mapping; collapse keeps contents.
-        let _ = unsafe { sys::madvise(staging.addr, len, sys::MADV_COLLAPSE) };
-        huge = huge_bytes_in(aligned, len as u64);
-    }
-    if huge < len as u64 {
-        return Err(SwapError::StagingNotHuge { huge });
-    }
-    Ok(staging)
 }
 
 /// Address space kept free under RLIMIT_AS, beyond the copy itself, for
@@ -261,18 +182,121 @@ fn stage_thp(len: usize) -> Result<Staging, SwapError> {
 /// an allocation failure aborts).
 pub const ADDRESS_SPACE_MARGIN: u64 = 64 << 20;
 
-fn stage(source: Source, len: usize) -> Result<Staging, SwapError> {
+/// Checks there is address space for `len` more bytes of mappings.
+pub fn check_address_space(len: u64) -> Result<(), SwapError> {
     if let Some(headroom) = crate::discover::address_space_headroom() {
-        if headroom < len as u64 + HUGE_PAGE + ADDRESS_SPACE_MARGIN {
+        if headroom < len + HUGE_PAGE + ADDRESS_SPACE_MARGIN {
             return Err(SwapError::AddressSpaceLimit { headroom });
         }
     }
-    match source {
-        Source::Hugetlb => stage_hugetlb(len),
-        Source::Thp => stage_thp(len),
-        // Not a copy: handled before staging.
-        Source::PageCache => Err(SwapError::NoSource),
+    Ok(())
+}
+
+/// A private copy of `req` on pages of the hugetlb pool: an anonymous
+/// hugetlb file (memfd), filled through a writable mapping that is then
+/// dropped, and mapped r-x from a read-only descriptor. Never writable and
+/// executable, so it works under memory-deny-write-execute too.
+pub fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
+    let len = req.range.len() as usize;
+    check_address_space(req.range.len() * 2)?;
+    if fault::at(Step::StagingMap) {
+        return Err(SwapError::StagingMap(Errno(libc::ENOMEM)));
     }
+    let file = sys::memfd(c"tiexec-text", true).map_err(SwapError::StagingMap)?;
+    sys::ftruncate(file.as_fd(), req.range.len()).map_err(SwapError::StagingMap)?;
+    {
+        // A shared hugetlb mapping reserves its pages now (ENOMEM when the
+        // pool is short); populating allocates them.
+        let mut fill = Mapping::file(file.as_fd(), 0, len, Prot::READ_WRITE, true, false)
+            .map_err(SwapError::StagingMap)?;
+        if fault::at(Step::StagingPopulate) {
+            return Err(SwapError::StagingPopulate(Errno(libc::ENOMEM)));
+        }
+        fill.advise(sys::MADV_POPULATE_WRITE)
+            .map_err(SwapError::StagingPopulate)?;
+        let bytes = fill
+            .bytes_mut()
+            .ok_or(SwapError::StagingMap(Errno(libc::EFAULT)))?;
+        copy_text_into(bytes, req);
+    }
+    let fd = sys::reopen_read_only(file.as_fd()).map_err(SwapError::StagingMap)?;
+    drop(file);
+    let mapping = Mapping::file(fd.as_fd(), 0, len, Prot::READ_EXEC, true, true)
+        .map_err(SwapError::StagingMap)?;
+    Ok(Staged {
+        mapping,
+        fd: Some(fd),
+        source: Source::Hugetlb,
+    })
+}
+
+fn huge_bytes_in(range: Range) -> u64 {
+    match sys::huge_mapped_ranges(range.start, range.end) {
+        Ok(ranges) => ranges
+            .iter()
+            .filter_map(|&(s, e)| Range::new(s, e).intersect(range))
+            .map(|r| r.len())
+            .sum(),
+        // Before Linux 6.7: ask smaps about this one mapping.
+        Err(_) => crate::smaps::read(None)
+            .map(|vmas| crate::smaps::coverage(&vmas, range).anon_thp)
+            .unwrap_or(0),
+    }
+}
+
+/// Room kept free in a limited memory cgroup, beyond the copy itself.
+const CGROUP_MARGIN: u64 = 64 << 20;
+
+/// A private copy of `req` on anonymous THP: 2 MiB-aligned memory advised
+/// `MADV_HUGEPAGE`, populated, checked huge, filled, r-w (the routine makes
+/// it r-x).
+pub fn thp_copy(req: &SwapRange) -> Result<Staged, SwapError> {
+    let len = req.range.len() as usize;
+    check_address_space(req.range.len())?;
+    if let Some(headroom) = crate::discover::memory_cgroup_headroom() {
+        if headroom < req.range.len() + CGROUP_MARGIN {
+            return Err(SwapError::CgroupLimit { headroom });
+        }
+    }
+    if fault::at(Step::StagingMap) {
+        return Err(SwapError::StagingMap(Errno(libc::ENOMEM)));
+    }
+    let mut staging = Mapping::anonymous_aligned(len, HUGE_PAGE as usize, Prot::READ_WRITE)
+        .map_err(SwapError::StagingMap)?;
+    if fault::at(Step::StagingAdvise) {
+        return Err(SwapError::StagingAdvise(Errno(libc::EINVAL)));
+    }
+    staging
+        .advise(libc::MADV_HUGEPAGE)
+        .map_err(SwapError::StagingAdvise)?;
+    if fault::at(Step::StagingPopulate) {
+        return Err(SwapError::StagingPopulate(Errno(libc::ENOMEM)));
+    }
+    staging
+        .advise(sys::MADV_POPULATE_WRITE)
+        .map_err(SwapError::StagingPopulate)?;
+    if fault::at(Step::StagingNotHuge) {
+        return Err(SwapError::StagingNotHuge { huge: 0 });
+    }
+    let mut huge = huge_bytes_in(staging.range());
+    if huge < req.range.len() {
+        // Fragmented memory gave some 4 KiB pages: ask for a synchronous
+        // collapse (Linux 6.1) before giving up. The pages hold no data yet.
+        let _ = staging.advise(sys::MADV_COLLAPSE);
+        huge = huge_bytes_in(staging.range());
+    }
+    if huge < req.range.len() {
+        return Err(SwapError::StagingNotHuge { huge });
+    }
+    let bytes = staging
+        .bytes_mut()
+        .ok_or(SwapError::StagingMap(Errno(libc::EFAULT)))?;
+    copy_text_into(bytes, req);
+    Ok(Staged {
+        mapping: staging,
+        fd: None,
+        source: Source::Thp,
+    })
 }
 
 /// Asks the kernel to map file-backed text with 2 MiB pages from the page
@@ -291,64 +315,10 @@ unsafe fn collapse_in_place(range: Range) -> Result<(), Errno> {
     // SAFETY: as above; the kernel copies into a huge folio and remaps
     // atomically, or fails leaving the mapping as it was.
     unsafe { sys::madvise(addr, len, sys::MADV_COLLAPSE) }?;
-    if huge_bytes_in(range.start, range.len()) == range.len() {
+    if huge_bytes_in(range) == range.len() {
         Ok(())
     } else {
         Err(Errno(libc::EAGAIN))
-    }
-}
-
-/// A `PROT_NONE` placeholder over an unmapped hole inside a range to swap,
-/// unmapped on drop. While it stands, no other mapping (our trampoline page,
-/// a large allocation, another thread's mmap) can land in the hole, where the
-/// swap's `MREMAP_FIXED` would silently replace it.
-struct HoleReservation {
-    addr: *mut u8,
-    len: usize,
-}
-
-impl HoleReservation {
-    /// Reserves `hole`, which must be unmapped; fails if anything is there.
-    fn take(hole: Range) -> Result<HoleReservation, Errno> {
-        let want = hole.start as *mut libc::c_void;
-        let len = hole.len() as usize;
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping: it
-        // fails with EEXIST instead. Kernels before 4.17 ignore the flag and
-        // may place the mapping elsewhere, which is checked below.
-        let got = unsafe {
-            libc::mmap(
-                want,
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        if got == libc::MAP_FAILED {
-            return Err(Errno::last());
-        }
-        let reservation = HoleReservation {
-            addr: got.cast(),
-            len,
-        };
-        if got != want {
-            return Err(Errno(libc::EEXIST)); // dropped: unmapped again
-        }
-        Ok(reservation)
-    }
-
-    /// The swap replaced it with the new text: nothing left to unmap.
-    fn replaced(self) {
-        core::mem::forget(self);
-    }
-}
-
-impl Drop for HoleReservation {
-    fn drop(&mut self) {
-        // SAFETY: our own placeholder (or the part of a restored copy over
-        // it, which held zeros): unmapping gives the hole back.
-        let _ = unsafe { sys::munmap(self.addr, self.len) };
     }
 }
 
@@ -375,7 +345,7 @@ fn holes(range: Range, pieces: &[Range]) -> Vec<Range> {
 pub struct RangeResult {
     /// The text range.
     pub range: Range,
-    /// The source that was staged last (the one used, on success).
+    /// Where its pages came from, when swapped.
     pub source: Option<Source>,
     /// What happened.
     pub result: Result<(), SwapError>,
@@ -383,36 +353,41 @@ pub struct RangeResult {
     pub in_place_error: Option<Errno>,
 }
 
-/// Replaces each range with huge pages holding the same bytes, trying
-/// `sources` in order for each range. The bytes of each range's `pieces` are
-/// copied; the rest of the range (unmapped space) becomes zeros.
+/// Replaces each range with huge pages holding the same bytes: in place from
+/// the page cache where the plan allows, else whatever `supply` hands over
+/// for it (see [`Staged`]). The bytes of each range's `pieces` are kept; the
+/// rest of the range (unmapped space) becomes zeros.
 ///
 /// # Safety
 /// Each range must be 2 MiB aligned; its pieces must be mapped, readable and
 /// private, and not written while this runs; the rest of it unmapped; no
-/// thread may run code in it meanwhile. Ranges must not overlap. Any pointer
-/// into the ranges stays valid (the bytes and addresses are the same), but
-/// the ranges become anonymous memory, readable and executable.
-pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<RangeResult> {
+/// thread may run code in it meanwhile. Ranges must not overlap. Every
+/// replacement `supply` returns must hold exactly the range's bytes. Any
+/// pointer into the ranges stays valid (the bytes and addresses are the
+/// same), but the ranges become anonymous or image memory, readable and
+/// executable.
+pub unsafe fn swap_ranges(
+    requests: &[SwapRange],
+    supply: &mut dyn FnMut(&SwapRange) -> Result<Staged, SwapError>,
+    mdwe: bool,
+) -> Vec<RangeResult> {
     let mut results: Vec<RangeResult> = requests
         .iter()
         .map(|req| RangeResult {
             range: req.range,
             source: None,
-            result: Err(SwapError::NoSource),
+            result: Ok(()),
             in_place_error: None,
         })
         .collect();
-    let mut staged: Vec<(usize, Staging)> = Vec::new();
-    let mut ops: Vec<SwapOp> = Vec::new();
-    // Placeholders over the holes of each range, taken before anything else
-    // is mapped (staging, trampoline), so nothing new can land in them.
-    let mut reserved: Vec<Vec<HoleReservation>> = Vec::with_capacity(requests.len());
+    // Step 1: placeholders over the holes of each range, taken before
+    // anything else is mapped, so nothing new can land in them.
+    let mut reserved: Vec<Vec<Mapping>> = Vec::with_capacity(requests.len());
     for (r, req) in results.iter_mut().zip(requests) {
         let mut mine = Vec::new();
         if !req.in_place {
             for hole in holes(req.range, &req.pieces) {
-                match HoleReservation::take(hole) {
+                match Mapping::reserve_at(hole) {
                     Ok(h) => mine.push(h),
                     Err(e) => {
                         r.result = Err(SwapError::HoleTaken(e));
@@ -425,129 +400,134 @@ pub unsafe fn swap_ranges(requests: &[SwapRange], sources: &[Source]) -> Vec<Ran
         reserved.push(mine);
     }
 
-    // Steps 1 and 2: build every replacement first.
+    // Steps 2 and 3: in place, or a replacement for each range.
+    let mut staged: Vec<(usize, Staged)> = Vec::new();
+    let mut ops: Vec<SwapOp> = Vec::new();
     for (i, (r, req)) in results.iter_mut().zip(requests).enumerate() {
-        if matches!(r.result, Err(SwapError::HoleTaken(_))) {
+        if r.result.is_err() {
             continue;
         }
-        let len = r.range.len() as usize;
         if req.in_place {
             // SAFETY: the range is file-backed text (caller); collapsing keeps
             // its contents, and the kernel serialises it against faults.
             match unsafe { collapse_in_place(r.range) } {
                 Ok(()) => {
                     r.source = Some(Source::PageCache);
-                    r.result = Ok(());
                     continue;
                 }
                 Err(e) => r.in_place_error = Some(e),
             }
         }
-        for &source in sources {
-            r.source = Some(source);
-            match stage(source, len) {
-                Ok(staging) => {
-                    for piece in req.pieces.iter().filter_map(|p| p.intersect(req.range)) {
-                        let offset = (piece.start - req.range.start) as usize;
-                        // SAFETY: the piece is mapped and readable (caller),
-                        // and lies in the range, so `offset + piece.len()`
-                        // fits in `staging`, a distinct writable mapping of
-                        // `len` bytes.
-                        unsafe {
-                            core::ptr::copy_nonoverlapping(
-                                piece.start as *const u8,
-                                staging.addr.add(offset),
-                                piece.len() as usize,
-                            )
-                        };
-                    }
-                    let fail = if fault::at(Step::Protect) {
-                        Fail::Protect as u64
-                    } else if fault::at(Step::Remap) {
-                        Fail::Remap as u64
-                    } else if fault::at(Step::RemapHole) {
-                        Fail::RemapHole as u64
-                    } else {
-                        0
-                    };
-                    // A page that is mapped now (the first piece's): the
-                    // routine's check for damage after a failed mremap.
-                    let probe = req.pieces.first().map_or(r.range.start, |p| {
-                        crate::plan::align_down(p.start, crate::plan::PAGE)
-                    });
-                    ops.push(SwapOp {
-                        staging: staging.addr as u64,
-                        text: r.range.start,
-                        len: len as u64,
-                        fail,
-                        probe,
-                        ..SwapOp::default()
-                    });
-                    staged.push((i, staging));
-                    r.result = Ok(());
-                    break;
-                }
-                Err(e) => {
-                    crate::tlog!(
-                        crate::log::Level::Debug,
-                        "staging {:#x}-{:#x} with {} failed: {e}",
-                        r.range.start,
-                        r.range.end,
-                        source.name()
-                    );
-                    r.result = Err(e);
-                }
+        match supply(req) {
+            Ok(s) => {
+                let fail = if fault::at(Step::Protect) {
+                    Fail::Protect as u64
+                } else if fault::at(Step::Remap) {
+                    Fail::Remap as u64
+                } else if fault::at(Step::RemapHole) {
+                    Fail::RemapHole as u64
+                } else {
+                    0
+                };
+                // A page that is mapped now (the first piece's): the
+                // routine's check for damage after a failed mremap.
+                let probe = req
+                    .pieces
+                    .first()
+                    .map_or(r.range.start, |p| align_down(p.start, PAGE));
+                ops.push(SwapOp {
+                    staging: s.mapping.start(),
+                    text: r.range.start,
+                    len: r.range.len(),
+                    fd: s.fd.as_ref().map_or(-1, |fd| i64::from(fd.as_raw_fd())),
+                    fail,
+                    probe,
+                    ..SwapOp::default()
+                });
+                r.source = Some(s.source);
+                staged.push((i, s));
             }
+            Err(e) => r.result = Err(e),
         }
     }
     if ops.is_empty() {
         return results;
     }
 
-    // Step 3: swap them all with signals blocked, from the trampoline page.
-    let trampoline = match MappedTrampoline::map() {
+    // Step 4: swap them all with signals blocked.
+    let ranges: Vec<Range> = ops
+        .iter()
+        .map(|op| Range::new(op.text, op.text + op.len))
+        .collect();
+    let trampoline = match Trampoline::prepare(&ranges, mdwe) {
         Ok(t) => t,
         Err(e) => {
             for (i, _) in &staged {
                 if let Some(r) = results.get_mut(*i) {
                     r.result = Err(SwapError::Trampoline(e));
+                    r.source = None;
                 }
             }
-            return results; // stagings unmapped on drop
+            return results; // replacements unmapped on drop
         }
     };
-    // SAFETY: each op describes a staging built above (aligned, populated,
-    // r-w, same bytes as its text range) and a text range the caller vouches
-    // for; ranges do not overlap (caller).
+    // SAFETY: each op describes a replacement built above (aligned,
+    // populated, the text's bytes; anonymous r-w or r-x from its read-only
+    // descriptor, which stays open until after the call) and a text range
+    // the caller vouches for; ranges do not overlap (caller), and the
+    // routine runs outside all of them (`prepare`).
     if let Err(e) = unsafe { trampoline.run(&mut ops) } {
         for (i, _) in &staged {
             if let Some(r) = results.get_mut(*i) {
                 r.result = Err(SwapError::SignalMask(e));
+                r.source = None;
             }
         }
         return results;
     }
     drop(trampoline);
 
-    // Step 4: keep what became text, unmap the rest.
-    for ((i, staging), op) in staged.into_iter().zip(ops.iter()) {
+    // Step 5: keep what became text, unmap the rest.
+    for ((i, s), op) in staged.into_iter().zip(ops.iter()) {
         let result = match op.outcome() {
             Outcome::Swapped => {
-                staging.moved();
+                s.mapping.release();
                 for h in reserved.get_mut(i).map(std::mem::take).unwrap_or_default() {
-                    h.replaced();
+                    h.release();
                 }
                 Ok(())
             }
             Outcome::ProtectFailed(e) => Err(SwapError::StagingProtect(e)),
             Outcome::RemapFailed(e) => Err(SwapError::Remap(e)),
             Outcome::RestoredByCopy(e) => Err(SwapError::RemapRestoredByCopy(e)),
+            // The image mapped at the text address is what the swap would
+            // have left there: the same bytes, on the image's pages.
+            Outcome::RestoredByMap(e) => {
+                // Never expected of the kernel: worth a warning.
+                crate::tlog!(
+                    crate::log::Level::Warn,
+                    "{:#x}-{:#x}: mremap failed ({e}) after unmapping the text; its image was mapped there instead",
+                    op.text,
+                    op.text + op.len
+                );
+                for h in reserved.get_mut(i).map(std::mem::take).unwrap_or_default() {
+                    h.release();
+                }
+                Ok(())
+            }
             Outcome::TextLost(e) => Err(SwapError::TextLost(e)),
             Outcome::RestoreProtectFailed(e) => Err(SwapError::RestoredCopyWritable(e)),
+            Outcome::Unknown(code) => Err(SwapError::Unknown(code)),
         };
         if let Some(r) = results.get_mut(i) {
+            if result.is_err() {
+                r.source = None;
+            }
             r.result = result;
         }
+        // Otherwise the placeholders are dropped: unmapping them gives the
+        // holes back (after a restore, the parts of the restored range over
+        // them, which hold no text).
     }
     results
 }
@@ -578,21 +558,19 @@ mod tests {
 
     #[test]
     fn a_hole_that_is_in_use_cannot_be_reserved() {
-        let page = sys::mmap_anonymous(4096, libc::PROT_READ, 0).expect("map");
-        let taken = Range::new(page as u64, page as u64 + 4096);
+        let page = Mapping::anonymous(4096, Prot::READ, 0).expect("map");
         assert!(matches!(
-            HoleReservation::take(taken),
+            Mapping::reserve_at(page.range()),
             Err(Errno(libc::EEXIST))
         ));
-        // SAFETY: our own page.
-        unsafe { sys::munmap(page, 4096) }.expect("unmap");
+        drop(page);
         // A free hole (1 TiB up: far below where mmap, brk and the program
         // live) is reserved, and given back on drop.
         let free = Range::new(1 << 40, (1 << 40) + 8192);
-        let h = HoleReservation::take(free).expect("reserve");
-        assert_eq!(h.addr as u64, free.start);
+        let h = Mapping::reserve_at(free).expect("reserve");
+        assert_eq!(h.start(), free.start);
         drop(h);
-        let again = HoleReservation::take(free).expect("given back");
+        let again = Mapping::reserve_at(free).expect("given back");
         drop(again);
     }
 }

@@ -2,11 +2,18 @@
 //! every fallible call returns `Result<_, Errno>`, and [`Errno::last`] is the
 //! only place that reads `errno`.
 //!
-//! Memory-changing calls are `unsafe fn`: changing mappings can invalidate
-//! references anywhere in the process, so each caller states why the range is
-//! its own to change. Read-only queries are safe.
+//! Memory is owned through [`Mapping`]: a mapping this process made itself,
+//! unmapped when dropped, changed only through `&mut self`. Calls that change
+//! memory the caller does not own (the program's text) are `unsafe fn`:
+//! changing mappings can invalidate references anywhere in the process, so
+//! each caller states why the range is its own to change. Queries and calls on
+//! file descriptors are safe.
 
 use core::fmt;
+use std::ffi::CStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use crate::plan::{align_up, Range};
 
 /// A raw `errno` value from a failed call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,7 +27,7 @@ impl Errno {
         Errno(unsafe { *libc::__errno_location() })
     }
 
-    /// From a raw syscall return value in `-4095..0` (the trampoline's
+    /// From a raw syscall return value in `-4095..0` (the swap routine's
     /// convention).
     pub fn from_negative(ret: i64) -> Errno {
         Errno(i32::try_from(-ret).unwrap_or(libc::EINVAL))
@@ -32,14 +39,20 @@ impl Errno {
             libc::EPERM => "EPERM",
             libc::ENOENT => "ENOENT",
             libc::EINTR => "EINTR",
+            libc::EBADF => "EBADF",
             libc::EAGAIN => "EAGAIN",
             libc::ENOMEM => "ENOMEM",
             libc::EACCES => "EACCES",
             libc::EFAULT => "EFAULT",
             libc::EBUSY => "EBUSY",
             libc::EEXIST => "EEXIST",
+            libc::EXDEV => "EXDEV",
+            libc::ENOTDIR => "ENOTDIR",
             libc::EINVAL => "EINVAL",
+            libc::ENOSPC => "ENOSPC",
+            libc::EROFS => "EROFS",
             libc::ENOSYS => "ENOSYS",
+            libc::ELOOP => "ELOOP",
             libc::ENOTTY => "ENOTTY",
             libc::EOPNOTSUPP => "EOPNOTSUPP",
             _ => "errno",
@@ -53,6 +66,8 @@ impl fmt::Display for Errno {
     }
 }
 
+impl std::error::Error for Errno {}
+
 fn check_zero(ret: libc::c_int) -> Result<(), Errno> {
     if ret == 0 {
         Ok(())
@@ -61,25 +76,256 @@ fn check_zero(ret: libc::c_int) -> Result<(), Errno> {
     }
 }
 
-/// Maps `len` bytes of fresh anonymous memory at an address of the kernel's
-/// choosing.
-pub fn mmap_anonymous(len: usize, prot: i32, extra_flags: i32) -> Result<*mut u8, Errno> {
-    // SAFETY: without MAP_FIXED the kernel picks an unused address, so no
-    // existing mapping (and no Rust reference) is affected.
-    let addr = unsafe {
-        libc::mmap(
+fn check_fd(ret: libc::c_int) -> Result<OwnedFd, Errno> {
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        // SAFETY: a fresh descriptor the kernel just returned to us; nothing
+        // else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+    }
+}
+
+// --- Memory ----------------------------------------------------------------
+
+/// Memory protection of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prot(i32);
+
+impl Prot {
+    /// No access (placeholders).
+    pub const NONE: Prot = Prot(libc::PROT_NONE);
+    /// Read only.
+    pub const READ: Prot = Prot(libc::PROT_READ);
+    /// Read and write (a replacement being filled).
+    pub const READ_WRITE: Prot = Prot(libc::PROT_READ | libc::PROT_WRITE);
+    /// Read and execute (text).
+    pub const READ_EXEC: Prot = Prot(libc::PROT_READ | libc::PROT_EXEC);
+
+    /// The `PROT_*` bits.
+    pub const fn bits(self) -> i32 {
+        self.0
+    }
+}
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in now, writable, so
+/// that a shortage shows up as ENOMEM here instead of a signal later.
+pub const MADV_POPULATE_WRITE: i32 = 23;
+/// `MADV_POPULATE_READ` (Linux 5.14): fault every page in, readable.
+pub const MADV_POPULATE_READ: i32 = 22;
+/// `MADV_COLLAPSE` (Linux 6.1): make the range huge now, synchronously.
+pub const MADV_COLLAPSE: i32 = 25;
+
+/// A mapping this process made and owns: unmapped on drop, unless
+/// [`Mapping::release`]d because its pages now live elsewhere (moved over
+/// the text by `mremap`).
+#[derive(Debug)]
+pub struct Mapping {
+    addr: *mut u8,
+    len: usize,
+    prot: Prot,
+}
+
+fn raw_mmap(
+    addr: *mut u8,
+    len: usize,
+    prot: Prot,
+    flags: i32,
+    fd: i32,
+    offset: u64,
+) -> Result<*mut u8, Errno> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: every caller either lets the kernel choose the address (no
+    // MAP_FIXED: no existing mapping is affected) or passes
+    // MAP_FIXED_NOREPLACE (fails instead of replacing) or MAP_FIXED over a
+    // range it owns (see `Mapping::map_file_within`).
+    let got = unsafe { libc::mmap(addr.cast(), len, prot.bits(), flags, fd, offset) };
+    if got == libc::MAP_FAILED {
+        Err(Errno::last())
+    } else {
+        Ok(got.cast())
+    }
+}
+
+impl Mapping {
+    /// Fresh private anonymous memory at an address of the kernel's choosing
+    /// (`extra_flags`: e.g. `MAP_HUGETLB`).
+    pub fn anonymous(len: usize, prot: Prot, extra_flags: i32) -> Result<Mapping, Errno> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra_flags;
+        let addr = raw_mmap(core::ptr::null_mut(), len, prot, flags, -1, 0)?;
+        Ok(Mapping { addr, len, prot })
+    }
+
+    /// Fresh private anonymous memory whose start is a multiple of `align`
+    /// (a power of two): over-allocates by `align`, then trims both ends.
+    pub fn anonymous_aligned(len: usize, align: usize, prot: Prot) -> Result<Mapping, Errno> {
+        let reserve = len.checked_add(align).ok_or(Errno(libc::ENOMEM))?;
+        let whole = Mapping::anonymous(reserve, prot, 0)?;
+        let start = whole.addr as u64;
+        let aligned = align_up(start, align as u64);
+        let head = (aligned - start) as usize;
+        let tail = reserve - head - len;
+        let (addr, prot) = (whole.addr, whole.prot);
+        // From here on the parts are unmapped one by one: `whole` must not
+        // unmap them all again.
+        whole.release();
+        // The aligned middle is ours as soon as the head and tail are gone;
+        // own it first so that a failed trim still unmaps it.
+        let middle = Mapping {
+            addr: addr.wrapping_add(head),
+            len,
+            prot,
+        };
+        for (part, part_len) in [(addr, head), (addr.wrapping_add(head + len), tail)] {
+            if part_len > 0 {
+                // SAFETY: the head or tail of our own fresh mapping, outside
+                // `middle`; nothing refers to it.
+                unsafe { munmap(part, part_len) }?;
+            }
+        }
+        Ok(middle)
+    }
+
+    /// Maps `len` bytes of an open file from `offset`, at an address of the
+    /// kernel's choosing. `shared`: `MAP_SHARED` (else private);
+    /// `populate`: fault every page in now (`MAP_POPULATE`).
+    pub fn file(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        prot: Prot,
+        shared: bool,
+        populate: bool,
+    ) -> Result<Mapping, Errno> {
+        let mut flags = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        if populate {
+            flags |= libc::MAP_POPULATE;
+        }
+        let addr = raw_mmap(
             core::ptr::null_mut(),
             len,
             prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra_flags,
-            -1,
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        Err(Errno::last())
-    } else {
-        Ok(addr.cast())
+            flags,
+            fd.as_raw_fd(),
+            offset,
+        )?;
+        Ok(Mapping { addr, len, prot })
+    }
+
+    /// A `PROT_NONE` placeholder over `range`, which must be unmapped: fails
+    /// (`EEXIST`) if anything is mapped there.
+    pub fn reserve_at(range: Range) -> Result<Mapping, Errno> {
+        let want = range.start as *mut u8;
+        let len = usize::try_from(range.len()).map_err(|_| Errno(libc::EINVAL))?;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+        let got = raw_mmap(want, len, Prot::NONE, flags, -1, 0)?;
+        let reservation = Mapping {
+            addr: got,
+            len,
+            prot: Prot::NONE,
+        };
+        if got != want {
+            // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and may place
+            // the mapping elsewhere: give it back (dropped) and fail.
+            return Err(Errno(libc::EEXIST));
+        }
+        Ok(reservation)
+    }
+
+    /// Maps `len` bytes of `fd` from `file_offset` over this mapping's bytes
+    /// from `at`, replacing them (`MAP_FIXED` inside our own mapping).
+    pub fn map_file_within(
+        &mut self,
+        at: usize,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        len: usize,
+        prot: Prot,
+    ) -> Result<(), Errno> {
+        let end = at.checked_add(len).ok_or(Errno(libc::EINVAL))?;
+        if end > self.len {
+            return Err(Errno(libc::EINVAL));
+        }
+        let addr = self.addr.wrapping_add(at);
+        let flags = libc::MAP_PRIVATE | libc::MAP_FIXED;
+        // MAP_FIXED replaces only pages of `self`, which `&mut self` owns.
+        let got = raw_mmap(addr, len, prot, flags, fd.as_raw_fd(), file_offset)?;
+        debug_assert_eq!(got, addr);
+        Ok(())
+    }
+
+    /// Its first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    /// Its address as a number.
+    pub fn start(&self) -> u64 {
+        self.addr as u64
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length mapping (never made).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its address range.
+    pub fn range(&self) -> Range {
+        Range::new(self.start(), self.start() + self.len as u64)
+    }
+
+    /// Its bytes, for filling, when it is writable.
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        if self.prot != Prot::READ_WRITE {
+            return None;
+        }
+        // SAFETY: our own readable and writable mapping of `len` bytes,
+        // borrowed mutably for as long as the slice lives.
+        Some(unsafe { core::slice::from_raw_parts_mut(self.addr, self.len) })
+    }
+
+    /// Gives advice about the whole mapping (`MADV_HUGEPAGE`,
+    /// `MADV_POPULATE_WRITE`, ...). Destructive advice only loses our own
+    /// contents.
+    pub fn advise(&mut self, advice: i32) -> Result<(), Errno> {
+        // SAFETY: our own mapping, borrowed mutably: no reference into it
+        // outlives this call.
+        unsafe { madvise(self.addr, self.len, advice) }
+    }
+
+    /// Changes the protection of the whole mapping.
+    pub fn protect(&mut self, prot: Prot) -> Result<(), Errno> {
+        // SAFETY: as for `advise`.
+        unsafe { mprotect(self.addr, self.len, prot.bits()) }?;
+        self.prot = prot;
+        Ok(())
+    }
+
+    /// Stops owning the range without unmapping it: its pages were moved
+    /// elsewhere (`mremap`) or now serve as the text. Returns the range.
+    pub fn release(self) -> Range {
+        let r = self.range();
+        core::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the range was mapped by a constructor of `Mapping` and
+            // is owned by this value alone.
+            let _ = unsafe { munmap(self.addr, self.len) };
+        }
     }
 }
 
@@ -113,13 +359,21 @@ pub unsafe fn madvise(addr: *mut u8, len: usize, advice: i32) -> Result<(), Errn
     check_zero(unsafe { libc::madvise(addr.cast(), len, advice) })
 }
 
-/// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in now, writable, so
-/// that a shortage shows up as ENOMEM here instead of a signal later.
-pub const MADV_POPULATE_WRITE: i32 = 23;
-/// `MADV_POPULATE_READ` (Linux 5.14): fault every page in, readable.
-pub const MADV_POPULATE_READ: i32 = 22;
-/// `MADV_COLLAPSE` (Linux 6.1): make the range huge now, synchronously.
-pub const MADV_COLLAPSE: i32 = 25;
+/// Faults in `[start, end)` of readable memory (`MADV_POPULATE_READ`):
+/// read faults only, contents and protections unchanged.
+pub fn populate_read(range: Range) -> Result<(), Errno> {
+    // SAFETY: MADV_POPULATE_READ only faults pages in; it changes no
+    // contents, protections or mappings, so no reference is affected.
+    unsafe {
+        madvise(
+            range.start as *mut u8,
+            range.len() as usize,
+            MADV_POPULATE_READ,
+        )
+    }
+}
+
+// --- Process state ---------------------------------------------------------
 
 /// Monotonic clock in nanoseconds.
 pub fn monotonic_ns() -> u64 {
@@ -148,41 +402,247 @@ pub fn thp_disabled_for_process() -> bool {
     unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
 }
 
-/// Reads a small file (under /proc or /sys) into `buf` with raw
-/// open/read/close, without allocating. Returns the bytes read.
-pub fn read_small_file(path: &core::ffi::CStr, buf: &mut [u8]) -> Result<usize, Errno> {
-    // SAFETY: `path` is NUL-terminated; O_CLOEXEC keeps the fd from leaking
-    // into a child should another thread exec.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(Errno::last());
-    }
-    let mut filled = 0usize;
-    let result = loop {
-        let rest = match buf.get_mut(filled..) {
-            Some(r) if !r.is_empty() => r,
-            _ => break Ok(filled),
-        };
-        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
-        let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
-        if n < 0 {
-            let e = Errno::last();
-            if e.0 == libc::EINTR {
-                continue;
-            }
-            break Err(e);
-        }
-        if n == 0 {
-            break Ok(filled);
-        }
-        filled += n as usize;
-    };
-    // SAFETY: `fd` was opened above and is closed once.
-    unsafe { libc::close(fd) };
-    result
+/// `MDWE_REFUSE_EXEC_GAIN` from <linux/prctl.h>.
+const MDWE_REFUSE_EXEC_GAIN: libc::c_int = 1;
+
+/// True when memory-deny-write-execute is on for this process
+/// (`PR_SET_MDWE`, e.g. systemd's `MemoryDenyWriteExecute=yes`): no mapping
+/// may become executable after being writable, or gain `PROT_EXEC` at all.
+/// A fresh mapping that is executable from the start is allowed.
+pub fn mdwe_refuses_exec_gain() -> bool {
+    // SAFETY: PR_GET_MDWE takes no pointers; kernels before 6.3 fail (EINVAL)
+    // and have no MDWE.
+    let flags = unsafe { libc::prctl(libc::PR_GET_MDWE, 0, 0, 0, 0) };
+    flags > 0 && flags & MDWE_REFUSE_EXEC_GAIN != 0
 }
 
-// --- PAGEMAP_SCAN (Linux 6.7): which pages of a range are mapped huge ------
+/// The effective user ID (whose files the process creates).
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Reads a small file (under /proc or /sys) into `buf` with raw
+/// open/read/close, without allocating. Returns the bytes read.
+pub fn read_small_file(path: &CStr, buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: `path` is NUL-terminated; O_CLOEXEC keeps the fd from leaking
+    // into a child should another thread exec.
+    let fd = check_fd(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
+    let mut filled = 0usize;
+    loop {
+        let rest = match buf.get_mut(filled..) {
+            Some(r) if !r.is_empty() => r,
+            _ => return Ok(filled),
+        };
+        match read(fd.as_fd(), rest) {
+            Ok(0) => return Ok(filled),
+            Ok(n) => filled += n,
+            Err(Errno(libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+// --- Files -----------------------------------------------------------------
+
+/// `read(2)` into `buf`; returns the bytes read (0 at the end).
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| Errno::last())
+}
+
+/// Reads `buf.len()` bytes from `offset`, fewer only at the end of the file.
+/// Returns the bytes read.
+pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
+    let mut done = 0usize;
+    while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+        let at = libc::off_t::try_from(offset + done as u64).map_err(|_| Errno(libc::EINVAL))?;
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), at) };
+        match usize::try_from(n) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(_) if Errno::last().0 == libc::EINTR => {}
+            Err(_) => return Err(Errno::last()),
+        }
+    }
+    Ok(done)
+}
+
+/// `openat(2)`: `name` relative to `dir` (or the current directory), with
+/// `O_CLOEXEC` added.
+pub fn open_at(
+    dir: Option<BorrowedFd<'_>>,
+    name: &CStr,
+    flags: i32,
+    mode: u32,
+) -> Result<OwnedFd, Errno> {
+    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    // SAFETY: `name` is NUL-terminated; the mode is passed as the variadic
+    // argument openat expects (ignored without O_CREAT / O_TMPFILE).
+    check_fd(unsafe {
+        libc::openat(
+            dirfd,
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })
+}
+
+/// Opens the directory `name` under `dir` without following a symlink at
+/// its last component.
+pub fn open_dir_at(dir: Option<BorrowedFd<'_>>, name: &CStr) -> Result<OwnedFd, Errno> {
+    open_at(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )
+}
+
+/// A new directory `name` under `dir`.
+pub fn mkdir_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> Result<(), Errno> {
+    // SAFETY: `name` is NUL-terminated.
+    check_zero(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })
+}
+
+/// Removes the file `name` under `dir`.
+pub fn unlink_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<(), Errno> {
+    // SAFETY: `name` is NUL-terminated.
+    check_zero(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
+}
+
+/// `fstat(2)`.
+pub fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat, Errno> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer.
+    check_zero(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// `fstatat(2)` without following a symlink at `name`.
+pub fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<libc::stat, Errno> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated and `st` a valid out-pointer.
+    check_zero(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+/// `fstatfs(2)`.
+pub fn fstatfs(fd: BorrowedFd<'_>) -> Result<libc::statfs, Errno> {
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { core::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer.
+    check_zero(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// Sets a file's length.
+pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> Result<(), Errno> {
+    let len = libc::off_t::try_from(len).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: plain call on a descriptor.
+    check_zero(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })
+}
+
+/// Sets a file's access and modification times to now.
+pub fn touch(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    let now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: libc::UTIME_NOW,
+    };
+    let times = [now, now];
+    // SAFETY: `times` points at two valid timespecs.
+    check_zero(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) })
+}
+
+/// Tries to take an exclusive `flock` without waiting: `Ok(true)` when
+/// taken (held until the descriptor is closed), `Ok(false)` when another
+/// open file description holds it.
+pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> Result<bool, Errno> {
+    // SAFETY: plain call on a descriptor.
+    match check_zero(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(()) => Ok(true),
+        Err(Errno(libc::EWOULDBLOCK)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `/proc/self/fd/N` for `fd`, NUL-terminated.
+fn proc_fd_path(fd: BorrowedFd<'_>) -> [u8; 32] {
+    let mut path = [0u8; 32];
+    let mut line = crate::log::LineBuf::new();
+    let _ =
+        core::fmt::Write::write_fmt(&mut line, format_args!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let bytes = line.as_bytes();
+    if let Some(dst) = path.get_mut(..bytes.len().min(31)) {
+        dst.copy_from_slice(bytes.get(..dst.len()).unwrap_or(&[]));
+    }
+    path
+}
+
+/// Gives the unnamed file `fd` (made with `O_TMPFILE`) the name `name` under
+/// `dir`. Fails with `EEXIST` if the name is taken: never replaces a file.
+pub fn link_tmpfile(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> Result<(), Errno> {
+    let path = proc_fd_path(fd);
+    // SAFETY: `path` and `name` are NUL-terminated; AT_SYMLINK_FOLLOW makes
+    // linkat link the file the /proc link stands for (no privilege needed,
+    // unlike AT_EMPTY_PATH).
+    check_zero(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            path.as_ptr().cast(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+}
+
+/// A new read-only open file description of the file behind `fd`. A shared
+/// mapping made from it can never be made writable (`mprotect` refuses).
+pub fn reopen_read_only(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let path = proc_fd_path(fd);
+    let name = CStr::from_bytes_until_nul(&path).map_err(|_| Errno(libc::EINVAL))?;
+    open_at(None, name, libc::O_RDONLY, 0)
+}
+
+/// `MFD_HUGETLB` from <linux/memfd.h>.
+const MFD_HUGETLB: libc::c_uint = 4;
+
+/// An anonymous file (`memfd_create`), on hugetlb pages when `hugetlb`.
+pub fn memfd(name: &CStr, hugetlb: bool) -> Result<OwnedFd, Errno> {
+    let flags = libc::MFD_CLOEXEC | if hugetlb { MFD_HUGETLB } else { 0 };
+    // SAFETY: `name` is NUL-terminated.
+    check_fd(unsafe { libc::memfd_create(name.as_ptr(), flags) })
+}
+
+/// Writes all of `bytes` to `fd`.
+pub fn write_all(fd: BorrowedFd<'_>, mut bytes: &[u8]) -> Result<(), Errno> {
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is a valid readable buffer.
+        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        match usize::try_from(n) {
+            Ok(0) => return Err(Errno(libc::EIO)),
+            Ok(n) => bytes = bytes.get(n..).unwrap_or(&[]),
+            Err(_) if Errno::last().0 == libc::EINTR => {}
+            Err(_) => return Err(Errno::last()),
+        }
+    }
+    Ok(())
+}
+
+// --- PAGEMAP_SCAN (Linux 6.7): page-table facts about a range -------------
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -208,9 +668,64 @@ struct PmScanArg {
     return_mask: u64,
 }
 
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
 const PAGE_IS_HUGE: u64 = 1 << 6;
 // _IOWR('f', 16, struct pm_scan_arg): dir 3 << 30, size 96 << 16, type 'f' << 8, nr 16.
 const PAGEMAP_SCAN: libc::c_ulong = (3 << 30) | (96 << 16) | ((b'f' as libc::c_ulong) << 8) | 16;
+
+/// Which pages to look for, in PAGEMAP_SCAN's terms: every category of
+/// `all` (those in `inverted` must be absent), and at least one of `any`.
+#[derive(Clone, Copy)]
+struct Categories {
+    inverted: u64,
+    all: u64,
+    any: u64,
+}
+
+fn pagemap_scan(
+    pagemap: &CStr,
+    start: u64,
+    end: u64,
+    want: Categories,
+) -> Result<Vec<(u64, u64)>, Errno> {
+    // SAFETY: the path is NUL-terminated.
+    let fd = check_fd(unsafe { libc::open(pagemap.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
+    let mut found = Vec::new();
+    let mut regions = [PageRegion::default(); 64];
+    let mut cursor = start;
+    while cursor < end {
+        let mut arg = PmScanArg {
+            size: core::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: cursor,
+            end,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            max_pages: 0,
+            category_inverted: want.inverted,
+            category_mask: want.all,
+            category_anyof_mask: want.any,
+            return_mask: want.all | want.any,
+        };
+        // SAFETY: `arg` and `regions` are valid for the duration of the
+        // call; the kernel writes at most `vec_len` regions and `walk_end`.
+        let n = unsafe { libc::ioctl(fd.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+        if n < 0 {
+            return Err(Errno::last());
+        }
+        for r in regions.iter().take(n as usize) {
+            found.push((r.start, r.end));
+        }
+        if arg.walk_end <= cursor {
+            break;
+        }
+        cursor = arg.walk_end;
+    }
+    Ok(found)
+}
 
 /// The parts of `[start, end)` that are mapped with huge pages (PMD-mapped
 /// THP, file or anonymous, or hugetlb), as `(start, end)` pairs in ascending
@@ -222,52 +737,87 @@ pub fn huge_mapped_ranges(start: u64, end: u64) -> Result<Vec<(u64, u64)>, Errno
 
 /// As [`huge_mapped_ranges`], for the process whose pagemap is `path`
 /// (`/proc/PID/pagemap`; reading another process's needs ptrace access).
-pub fn huge_mapped_ranges_in(
-    path: &core::ffi::CStr,
-    start: u64,
-    end: u64,
-) -> Result<Vec<(u64, u64)>, Errno> {
-    // SAFETY: the path is NUL-terminated.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(Errno::last());
-    }
-    let mut found = Vec::new();
-    let mut regions = [PageRegion::default(); 64];
-    let mut cursor = start;
-    let result = loop {
-        if cursor >= end {
-            break Ok(());
-        }
-        let mut arg = PmScanArg {
-            size: core::mem::size_of::<PmScanArg>() as u64,
-            flags: 0,
-            start: cursor,
-            end,
-            walk_end: 0,
-            vec: regions.as_mut_ptr() as u64,
-            vec_len: regions.len() as u64,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: 0,
-            category_anyof_mask: PAGE_IS_HUGE,
-            return_mask: PAGE_IS_HUGE,
-        };
-        // SAFETY: `arg` and `regions` are valid for the duration of the
-        // call; the kernel writes at most `vec_len` regions and `walk_end`.
-        let n = unsafe { libc::ioctl(fd, PAGEMAP_SCAN as _, &mut arg) };
-        if n < 0 {
-            break Err(Errno::last());
-        }
-        for r in regions.iter().take(n as usize) {
-            found.push((r.start, r.end));
-        }
-        if arg.walk_end <= cursor {
-            break Ok(());
-        }
-        cursor = arg.walk_end;
+pub fn huge_mapped_ranges_in(path: &CStr, start: u64, end: u64) -> Result<Vec<(u64, u64)>, Errno> {
+    let huge = Categories {
+        inverted: 0,
+        all: 0,
+        any: PAGE_IS_HUGE,
     };
-    // SAFETY: `fd` was opened above and is closed once.
-    unsafe { libc::close(fd) };
-    result.map(|()| found)
+    pagemap_scan(path, start, end, huge)
+}
+
+/// The parts of `[start, end)` in this process whose pages are private
+/// copies rather than the file's (present or swapped anonymous pages in a
+/// file mapping: written to, by text relocations, a debugger's breakpoint,
+/// a hot patch). Text built from the file would differ from them.
+pub fn modified_file_pages(start: u64, end: u64) -> Result<Vec<(u64, u64)>, Errno> {
+    let copied = Categories {
+        inverted: PAGE_IS_FILE,
+        all: PAGE_IS_FILE,
+        any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+    };
+    pagemap_scan(c"/proc/self/pagemap", start, end, copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_anonymous_memory_is_aligned_and_given_back() {
+        let m = Mapping::anonymous_aligned(4 << 20, 2 << 20, Prot::READ_WRITE).expect("map");
+        assert_eq!(m.start() % (2 << 20), 0);
+        assert_eq!(m.len(), 4 << 20);
+        let r = m.range();
+        drop(m);
+        // Given back: a placeholder fits exactly there again.
+        let again = Mapping::reserve_at(r).expect("free again");
+        drop(again);
+    }
+
+    #[test]
+    fn a_placeholder_never_replaces_a_mapping() {
+        let m = Mapping::anonymous(4096, Prot::READ, 0).expect("map");
+        assert_eq!(
+            Mapping::reserve_at(m.range()).err(),
+            Some(Errno(libc::EEXIST))
+        );
+    }
+
+    #[test]
+    fn only_writable_mappings_hand_out_their_bytes() {
+        let mut m = Mapping::anonymous(4096, Prot::READ_WRITE, 0).expect("map");
+        m.bytes_mut().expect("writable")[0] = 7;
+        m.protect(Prot::READ).expect("protect");
+        assert!(m.bytes_mut().is_none());
+    }
+
+    #[test]
+    fn tmpfiles_are_linked_without_replacing_and_reopened_read_only() {
+        let dir = std::env::temp_dir();
+        let dir_c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        let dirfd = open_dir_at(None, &dir_c).expect("open tmp");
+        let Ok(tmp) = open_at(
+            Some(dirfd.as_fd()),
+            c".",
+            libc::O_TMPFILE | libc::O_RDWR,
+            0o600,
+        ) else {
+            return; // a temporary directory without O_TMPFILE support
+        };
+        write_all(tmp.as_fd(), b"hello").expect("write");
+        let name = format!("tiexec-sys-test-{}", std::process::id());
+        let name_c = std::ffi::CString::new(name.clone()).unwrap();
+        link_tmpfile(tmp.as_fd(), dirfd.as_fd(), &name_c).expect("link");
+        assert_eq!(
+            link_tmpfile(tmp.as_fd(), dirfd.as_fd(), &name_c),
+            Err(Errno(libc::EEXIST))
+        );
+        let ro = reopen_read_only(tmp.as_fd()).expect("reopen");
+        let mut buf = [0u8; 8];
+        assert_eq!(pread_full(ro.as_fd(), &mut buf, 0), Ok(5));
+        assert_eq!(&buf[..5], b"hello");
+        assert!(write_all(ro.as_fd(), b"x").is_err(), "read-only");
+        unlink_at(dirfd.as_fd(), &name_c).expect("unlink");
+    }
 }

@@ -1,48 +1,97 @@
-//! The asm routine that performs the swap (asm/trampoline_x86_64.S, whose
-//! header is its full contract), and the private mapping it runs from.
+//! The routine that performs the swap (asm/swap_x86_64.s, whose header is
+//! its full contract), the numbers it is assembled with, and where it runs.
 //!
-//! The routine's bytes are copied out of our own text into a fresh anonymous
-//! page, which is then made r-x (never writable and executable at once). So
-//! the code doing the swap is never inside a range being swapped, even when
-//! tiexec is linked into the program it optimises.
+//! Every constant the routine uses comes from here: syscall numbers, flags and
+//! errno values from the libc crate, record offsets from `offset_of!`, codes
+//! from the enums below. The assembler substitutes them; none is copied by
+//! hand.
+//!
+//! Where it runs ([`Trampoline::prepare`]): in place, in tiexec's own text,
+//! when that text is not among the ranges being swapped (always so for the
+//! preloaded library, which never moves itself); otherwise from a copy in a
+//! page of its own, so the code doing the swap is never inside a range being
+//! swapped (tiexec linked into the program it optimises). The copy is
+//! written into anonymous memory that becomes r-x only after it is written,
+//! or, when memory-deny-write-execute forbids that, written into a memfd that
+//! is mapped r-x from the start.
+
+use core::mem::offset_of;
 
 use crate::fault;
-use crate::sys::{self, Errno};
+use crate::plan::{Range, PAGE};
+use crate::sys::{self, Errno, Mapping, Prot};
 
-/// One record of the routine's input and output (56 bytes, see the asm).
+/// One record of the routine's input and output.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SwapOp {
-    /// The replacement: 2 MiB aligned, populated, holding the text bytes, r-w.
+    /// The replacement: 2 MiB aligned, populated, holding the text bytes.
+    /// Anonymous and r-w when `fd < 0`; else a mapping of `fd`'s file, r-x.
     pub staging: u64,
     /// The text range to replace.
     pub text: u64,
     /// Length of both, a multiple of 2 MiB.
     pub len: u64,
+    /// -1, or a read-only descriptor of the file `staging` maps from offset
+    /// 0: the routine maps it back if the text is lost.
+    pub fd: i64,
+    /// A page of the text range that was mapped before the swap (the range
+    /// may hold unmapped holes).
+    pub probe: u64,
+    /// In: 0, or a [`Fail`] code to make one step fail on purpose (tests).
+    pub fail: u64,
     /// Out: 0, or `-errno` of the step that failed.
     pub status: i64,
-    /// Out: one of the `Outcome` codes.
+    /// Out: one of the [`OutcomeCode`]s.
     pub outcome: u64,
-    /// In: 0, or a `Fail` code to make one step fail on purpose (tests).
-    pub fail: u64,
-    /// In: a page of the text range that was mapped before the swap (the
-    /// range may hold unmapped holes).
-    pub probe: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SwapOp>() == 56);
+impl Default for SwapOp {
+    fn default() -> Self {
+        SwapOp {
+            staging: 0,
+            text: 0,
+            len: 0,
+            fd: -1,
+            probe: 0,
+            fail: 0,
+            status: 0,
+            outcome: u64::MAX,
+        }
+    }
+}
 
 /// Injected failures inside the routine (see the asm header), for tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
 pub enum Fail {
-    /// Step 1 (mprotect of the staging) reports EPERM.
+    /// Step 1 (mprotect of anonymous staging) reports EPERM.
     Protect = 1,
     /// Step 2 (mremap) reports ENOMEM; nothing was changed.
     Remap = 2,
     /// The text is really unmapped, then step 2 reports ENOMEM: the routine
-    /// must find the hole and copy the bytes back.
+    /// must find the hole and put the bytes back.
     RemapHole = 3,
+}
+
+/// The routine's raw outcome codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum OutcomeCode {
+    /// See [`Outcome::Swapped`].
+    Swapped = 0,
+    /// See [`Outcome::ProtectFailed`].
+    ProtectFailed = 1,
+    /// See [`Outcome::RemapFailed`].
+    RemapFailed = 2,
+    /// See [`Outcome::RestoredByCopy`].
+    RestoredByCopy = 3,
+    /// See [`Outcome::TextLost`].
+    TextLost = 4,
+    /// See [`Outcome::RestoreProtectFailed`].
+    RestoreProtectFailed = 5,
+    /// See [`Outcome::RestoredByMap`].
+    RestoredByMap = 6,
 }
 
 /// What the routine did with one record.
@@ -57,40 +106,100 @@ pub enum Outcome {
     /// mremap failed after the kernel had unmapped the text; the same bytes
     /// were copied back into anonymous 4 KiB pages, r-x.
     RestoredByCopy(Errno),
+    /// mremap failed after the kernel had unmapped the text; the staging's
+    /// file was mapped there again (the same bytes, r-x).
+    RestoredByMap(Errno),
     /// As above, but mapping memory at the text address failed: the text is
     /// gone. Never seen; reported as an error.
     TextLost(Errno),
     /// As `RestoredByCopy`, but making the copy r-x failed: it is r-w.
     RestoreProtectFailed(Errno),
+    /// A code the routine does not write (the record was not processed).
+    Unknown(u64),
 }
 
 impl SwapOp {
     /// Decodes the routine's output.
     pub fn outcome(&self) -> Outcome {
         let e = Errno::from_negative(self.status);
+        const SWAPPED: u64 = OutcomeCode::Swapped as u64;
+        const PROTECT_FAILED: u64 = OutcomeCode::ProtectFailed as u64;
+        const REMAP_FAILED: u64 = OutcomeCode::RemapFailed as u64;
+        const RESTORED_BY_COPY: u64 = OutcomeCode::RestoredByCopy as u64;
+        const TEXT_LOST: u64 = OutcomeCode::TextLost as u64;
+        const RESTORE_PROTECT_FAILED: u64 = OutcomeCode::RestoreProtectFailed as u64;
+        const RESTORED_BY_MAP: u64 = OutcomeCode::RestoredByMap as u64;
         match self.outcome {
-            0 => Outcome::Swapped,
-            1 => Outcome::ProtectFailed(e),
-            2 => Outcome::RemapFailed(e),
-            3 => Outcome::RestoredByCopy(e),
-            4 => Outcome::TextLost(e),
-            _ => Outcome::RestoreProtectFailed(e),
+            SWAPPED => Outcome::Swapped,
+            PROTECT_FAILED => Outcome::ProtectFailed(e),
+            REMAP_FAILED => Outcome::RemapFailed(e),
+            RESTORED_BY_COPY => Outcome::RestoredByCopy(e),
+            RESTORED_BY_MAP => Outcome::RestoredByMap(e),
+            TEXT_LOST => Outcome::TextLost(e),
+            RESTORE_PROTECT_FAILED => Outcome::RestoreProtectFailed(e),
+            other => Outcome::Unknown(other),
         }
     }
 }
 
-#[cfg(tiexec_trampoline)]
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    include_str!("../asm/swap_x86_64.s"),
+    OP_STAGING = const offset_of!(SwapOp, staging),
+    OP_TEXT = const offset_of!(SwapOp, text),
+    OP_LEN = const offset_of!(SwapOp, len),
+    OP_FD = const offset_of!(SwapOp, fd),
+    OP_PROBE = const offset_of!(SwapOp, probe),
+    OP_FAIL = const offset_of!(SwapOp, fail),
+    OP_STATUS = const offset_of!(SwapOp, status),
+    OP_OUTCOME = const offset_of!(SwapOp, outcome),
+    OP_SIZE = const core::mem::size_of::<SwapOp>(),
+    SYS_MMAP = const libc::SYS_mmap,
+    SYS_MPROTECT = const libc::SYS_mprotect,
+    SYS_MUNMAP = const libc::SYS_munmap,
+    SYS_MREMAP = const libc::SYS_mremap,
+    SYS_MSYNC = const libc::SYS_msync,
+    SYS_RT_SIGPROCMASK = const libc::SYS_rt_sigprocmask,
+    SIG_SETMASK = const libc::SIG_SETMASK,
+    SIGSET_BYTES = const KERNEL_SIGSET_BYTES,
+    PROT_READ_EXEC = const libc::PROT_READ | libc::PROT_EXEC,
+    PROT_READ_WRITE = const libc::PROT_READ | libc::PROT_WRITE,
+    MREMAP_MAYMOVE_FIXED = const libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+    MAP_SHARED_FIXED = const libc::MAP_SHARED | libc::MAP_FIXED,
+    MAP_PRIVATE_ANON_FIXED = const libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+    MS_ASYNC = const libc::MS_ASYNC,
+    PAGE = const PAGE,
+    EPERM = const libc::EPERM,
+    ENOMEM = const libc::ENOMEM,
+    FAIL_PROTECT = const Fail::Protect as u64,
+    FAIL_REMAP = const Fail::Remap as u64,
+    FAIL_REMAP_HOLE = const Fail::RemapHole as u64,
+    OUTCOME_SWAPPED = const OutcomeCode::Swapped as u64,
+    OUTCOME_PROTECT_FAILED = const OutcomeCode::ProtectFailed as u64,
+    OUTCOME_REMAP_FAILED = const OutcomeCode::RemapFailed as u64,
+    OUTCOME_RESTORED_BY_COPY = const OutcomeCode::RestoredByCopy as u64,
+    OUTCOME_RESTORED_BY_MAP = const OutcomeCode::RestoredByMap as u64,
+    OUTCOME_TEXT_LOST = const OutcomeCode::TextLost as u64,
+    OUTCOME_RESTORE_PROTECT_FAILED = const OutcomeCode::RestoreProtectFailed as u64,
+    options(att_syntax)
+);
+
+/// The kernel's `sigset_t` (64 signals), which rt_sigprocmask wants, not
+/// glibc's 128-byte one.
+const KERNEL_SIGSET_BYTES: usize = 8;
+
+#[cfg(target_arch = "x86_64")]
 extern "C" {
     static tiexec_trampoline_start: u8;
     static tiexec_trampoline_end: u8;
 }
 
 /// The routine's bytes in our own text.
-#[cfg(tiexec_trampoline)]
+#[cfg(target_arch = "x86_64")]
 fn routine_bytes() -> &'static [u8] {
-    // SAFETY: both symbols are defined by the asm file in the same section,
-    // start before end, and the bytes between them are read-only code that
-    // lives as long as this library.
+    // SAFETY: both symbols are defined by the asm in the same section, start
+    // before end, and the bytes between them are read-only code that lives
+    // as long as this library.
     unsafe {
         let start = core::ptr::addr_of!(tiexec_trampoline_start);
         let end = core::ptr::addr_of!(tiexec_trampoline_end);
@@ -99,68 +208,93 @@ fn routine_bytes() -> &'static [u8] {
     }
 }
 
-#[cfg(not(tiexec_trampoline))]
+#[cfg(not(target_arch = "x86_64"))]
 fn routine_bytes() -> &'static [u8] {
     &[]
 }
 
-/// Why the trampoline could not be made ready.
+/// Why the routine could not be made ready.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrampolineError {
     /// No routine for this architecture.
     Unsupported,
-    /// mmap of its page failed.
+    /// Mapping a page for a copy of it failed.
     Map(Errno),
-    /// mprotect r-x of its page failed.
+    /// Making that page r-x failed (memory-deny-write-execute refuses it when
+    /// the page was writable).
     Protect(Errno),
 }
 
-/// A private r-x copy of the routine, unmapped on drop.
-pub struct MappedTrampoline {
-    addr: *mut u8,
-    len: usize,
+/// Where the routine runs for one swap.
+pub enum Trampoline {
+    /// In tiexec's own text, which the swap leaves alone.
+    InPlace(&'static [u8]),
+    /// A private r-x copy, unmapped on drop.
+    Copied(Mapping),
 }
 
-impl MappedTrampoline {
-    /// Copies the routine into a fresh page and makes it r-x.
-    pub fn map() -> Result<MappedTrampoline, TrampolineError> {
+impl Trampoline {
+    /// Chooses where to run the routine for swapping `ranges`: in place when
+    /// its own pages lie outside all of them; else a copy (see the module
+    /// doc; `mdwe`: memory-deny-write-execute is on).
+    pub fn prepare(ranges: &[Range], mdwe: bool) -> Result<Trampoline, TrampolineError> {
         let code = routine_bytes();
         if code.is_empty() {
             return Err(TrampolineError::Unsupported);
         }
-        let len = crate::plan::align_up(code.len() as u64, crate::plan::PAGE) as usize;
+        let start = code.as_ptr() as u64;
+        let own = Range::new(
+            crate::plan::align_down(start, PAGE),
+            crate::plan::align_up(start + code.len() as u64, PAGE),
+        );
+        // The tests of the copy path force it.
+        let forced =
+            fault::at(fault::Step::TrampolineMap) || fault::at(fault::Step::TrampolineProtect);
+        if !forced && ranges.iter().all(|r| r.intersect(own).is_none()) {
+            return Ok(Trampoline::InPlace(code));
+        }
+        let len = crate::plan::align_up(code.len() as u64, PAGE) as usize;
         if fault::at(fault::Step::TrampolineMap) {
             return Err(TrampolineError::Map(Errno(libc::ENOMEM)));
         }
-        let addr = sys::mmap_anonymous(len, libc::PROT_READ | libc::PROT_WRITE, 0)
-            .map_err(TrampolineError::Map)?;
-        let mapped = MappedTrampoline { addr, len };
-        // SAFETY: `addr` is a fresh private mapping of `len >= code.len()`
-        // bytes, writable, not overlapping `code`.
-        unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), addr, code.len()) };
+        if mdwe {
+            return copy_through_memfd(code, len).map(Trampoline::Copied);
+        }
+        let mut page =
+            Mapping::anonymous(len, Prot::READ_WRITE, 0).map_err(TrampolineError::Map)?;
+        let bytes = page
+            .bytes_mut()
+            .ok_or(TrampolineError::Map(Errno(libc::EFAULT)))?;
+        if let Some(dst) = bytes.get_mut(..code.len()) {
+            dst.copy_from_slice(code);
+        }
         if fault::at(fault::Step::TrampolineProtect) {
             return Err(TrampolineError::Protect(Errno(libc::EACCES)));
         }
-        // SAFETY: the page is ours (mapped just above); from here on it is
-        // only read and executed.
-        unsafe { sys::mprotect(addr, len, libc::PROT_READ | libc::PROT_EXEC) }
+        page.protect(Prot::READ_EXEC)
             .map_err(TrampolineError::Protect)?;
-        Ok(mapped)
+        Ok(Trampoline::Copied(page))
     }
 
     /// Runs the routine over `ops`.
     ///
     /// # Safety
-    /// Every record must satisfy the asm contract: `staging` a single private
-    /// mapping of `len` bytes, 2 MiB aligned, populated, r-w, holding exactly
-    /// the bytes now at `text`; `text` 2 MiB aligned, mapped r-x private, and
-    /// not executed by any other thread meanwhile; no two records overlap.
-    /// On `Outcome::Swapped` the staging address range is no longer mapped.
+    /// Every record must satisfy the asm contract: `staging` a single mapping
+    /// of `len` bytes, 2 MiB aligned, populated, holding exactly the bytes
+    /// now at `text` (r-w and anonymous when `fd < 0`, else r-x from `fd`);
+    /// `text` 2 MiB aligned, mapped r-x private, and not executed by any
+    /// other thread meanwhile; no two records overlap, and none overlaps the
+    /// routine. On `Outcome::Swapped` the staging range is no longer mapped.
     pub unsafe fn run(&self, ops: &mut [SwapOp]) -> Result<(), Errno> {
         type Routine = unsafe extern "C" fn(*mut SwapOp, usize) -> i64;
-        // SAFETY: `addr` holds an exact copy of the position-independent
-        // routine, r-x; its ABI is the C one declared in the asm header.
-        let routine: Routine = unsafe { core::mem::transmute::<*mut u8, Routine>(self.addr) };
+        let entry = match self {
+            Trampoline::InPlace(code) => code.as_ptr(),
+            Trampoline::Copied(page) => page.as_ptr().cast_const(),
+        };
+        // SAFETY: `entry` is the first byte of the position-independent
+        // routine (in our text, or an exact copy of it, r-x); its ABI is the
+        // C one declared in the asm header.
+        let routine: Routine = unsafe { core::mem::transmute::<*const u8, Routine>(entry) };
         // SAFETY: the caller upholds the contract above; `ops` is a valid
         // mutable array of `ops.len()` records.
         let ret = unsafe { routine(ops.as_mut_ptr(), ops.len()) };
@@ -172,15 +306,18 @@ impl MappedTrampoline {
     }
 }
 
-impl Drop for MappedTrampoline {
-    fn drop(&mut self) {
-        // SAFETY: the page was mapped by `map` and nothing refers to it once
-        // `run` has returned.
-        let _ = unsafe { sys::munmap(self.addr, self.len) };
-    }
+/// A copy of `code` in a page that is never writable: written into a memfd,
+/// which is then mapped r-x.
+fn copy_through_memfd(code: &[u8], len: usize) -> Result<Mapping, TrampolineError> {
+    use std::os::fd::AsFd;
+    let fd = sys::memfd(c"tiexec-swap", false).map_err(TrampolineError::Map)?;
+    sys::write_all(fd.as_fd(), code).map_err(TrampolineError::Map)?;
+    sys::ftruncate(fd.as_fd(), len as u64).map_err(TrampolineError::Map)?;
+    Mapping::file(fd.as_fd(), 0, len, Prot::READ_EXEC, false, true)
+        .map_err(TrampolineError::Protect)
 }
 
-#[cfg(all(test, tiexec_trampoline))]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
@@ -198,24 +335,42 @@ mod tests {
     }
 
     #[test]
+    fn the_record_is_what_the_routine_expects() {
+        assert_eq!(core::mem::size_of::<SwapOp>(), 64);
+        assert_eq!(offset_of!(SwapOp, outcome), 56);
+    }
+
+    #[test]
     fn no_records_means_no_change() {
-        let t = MappedTrampoline::map().expect("map trampoline");
+        let t = Trampoline::prepare(&[], false).expect("prepare");
+        assert!(matches!(t, Trampoline::InPlace(_)));
         // SAFETY: an empty list satisfies the contract trivially.
         unsafe { t.run(&mut []) }.expect("run");
     }
 
     #[test]
+    fn a_copy_runs_too_written_either_way() {
+        let code = routine_bytes();
+        let own = Range::new(code.as_ptr() as u64, code.as_ptr() as u64 + 1);
+        for mdwe in [false, true] {
+            let t = Trampoline::prepare(&[own], mdwe).expect("prepare");
+            assert!(matches!(t, Trampoline::Copied(_)));
+            // SAFETY: as above.
+            unsafe { t.run(&mut []) }.expect("run");
+        }
+    }
+
+    #[test]
     fn a_bad_record_leaves_the_text_and_reports_why() {
-        // Staging that is not 2 MiB aligned: mremap over hugetlb-free memory
-        // still works in general, so use a staging address that is not mapped
-        // at all: mprotect fails and nothing else happens.
-        let t = MappedTrampoline::map().expect("map trampoline");
-        let text = sys::mmap_anonymous(4096, libc::PROT_READ, 0).expect("map");
+        // A staging address that is not mapped at all: mprotect fails and
+        // nothing else happens.
+        let t = Trampoline::prepare(&[], false).expect("prepare");
+        let text = Mapping::anonymous(4096, Prot::READ, 0).expect("map");
         let mut ops = [SwapOp {
             staging: 0x1000, // never mapped in a user process
-            text: text as u64,
+            text: text.start(),
             len: 4096,
-            probe: text as u64,
+            probe: text.start(),
             ..SwapOp::default()
         }];
         // SAFETY: the record violates the contract only in ways the routine
@@ -225,38 +380,37 @@ mod tests {
             ops[0].outcome(),
             Outcome::ProtectFailed(Errno(libc::ENOMEM))
         );
-        // SAFETY: our page, mapped above.
-        unsafe { sys::munmap(text, 4096) }.expect("unmap");
     }
 
     #[test]
     fn a_refused_mremap_leaves_the_text_mapped_and_readable() {
         // mremap refuses an unaligned target before touching anything: the
         // routine must see the text still mapped and report RemapFailed.
-        let t = MappedTrampoline::map().expect("map trampoline");
-        let text = sys::mmap_anonymous(8192, libc::PROT_READ | libc::PROT_WRITE, 0).expect("map");
-        // SAFETY: our own fresh page.
-        unsafe { text.write_bytes(0xab, 8192) };
-        let staging =
-            sys::mmap_anonymous(4096, libc::PROT_READ | libc::PROT_WRITE, 0).expect("map");
+        let t = Trampoline::prepare(&[], false).expect("prepare");
+        let mut text = Mapping::anonymous(8192, Prot::READ_WRITE, 0).expect("map");
+        text.bytes_mut().expect("writable").fill(0xab);
+        let staging = Mapping::anonymous(4096, Prot::READ_WRITE, 0).expect("map");
         let mut ops = [SwapOp {
-            staging: staging as u64,
-            text: text as u64 + 1, // unaligned: EINVAL
+            staging: staging.start(),
+            text: text.start() + 1, // unaligned: EINVAL
             len: 4096,
-            probe: text as u64,
+            probe: text.start(),
             ..SwapOp::default()
         }];
         // SAFETY: every address in the record is our own mapping; the
         // unaligned target only makes mremap fail.
         unsafe { t.run(&mut ops) }.expect("run");
         assert_eq!(ops[0].outcome(), Outcome::RemapFailed(Errno(libc::EINVAL)));
-        // SAFETY: the text pages are still mapped and readable.
-        let bytes = unsafe { core::slice::from_raw_parts(text, 8192) };
-        assert!(bytes.iter().all(|&b| b == 0xab));
-        // SAFETY: our own mappings.
-        unsafe {
-            sys::munmap(text, 8192).expect("unmap");
-            sys::munmap(staging, 4096).expect("unmap");
-        }
+        assert!(text
+            .bytes_mut()
+            .expect("writable")
+            .iter()
+            .all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn unknown_codes_decode_as_unknown() {
+        let op = SwapOp::default();
+        assert_eq!(op.outcome(), Outcome::Unknown(u64::MAX));
     }
 }

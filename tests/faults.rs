@@ -18,11 +18,11 @@ fn run_with_fault(step_name: &str, backend: &str) {
     let exe = common::fixture(PIE);
     let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
     let w = Waiting::start(
-        Command::new(&exe)
-            .env("LD_PRELOAD", common::preload_lib())
-            .env("TIEXEC_BACKEND", backend)
-            .env("TIEXEC_FAULT", step_name)
-            .args([CALLS, "wait"]),
+        common::preloaded(
+            &exe,
+            &[("TIEXEC_BACKEND", backend), ("TIEXEC_FAULT", step_name)],
+        )
+        .args([CALLS, "wait"]),
         T,
     );
     let pid = w.pid();
@@ -44,7 +44,14 @@ fn run_with_fault(step_name: &str, backend: &str) {
         huge_elsewhere.is_empty(),
         &format!("{what}: leaked huge {huge_elsewhere:?}"),
     );
-    o.check(cov.huge() == 0, &format!("{what}: nothing may be swapped"));
+    // A hole left by a failed mremap is filled again: with anonymous
+    // copies, by a copy of the bytes on 4 KiB pages (nothing huge); with
+    // file-backed replacements (pool copies, cache images), by mapping the
+    // same file there, which leaves the range as a swap would.
+    let restored_by_map = step_name == "remap-hole" && backend != "thp";
+    if !restored_by_map {
+        o.check(cov.huge() == 0, &format!("{what}: nothing may be swapped"));
+    }
     let ours: Vec<&str> = o
         .stderr
         .lines()
@@ -52,8 +59,13 @@ fn run_with_fault(step_name: &str, backend: &str) {
         .collect();
     o.check(!ours.is_empty(), &format!("{what}: says what failed"));
     if step_name == "remap-hole" {
+        let said = if restored_by_map {
+            "its image was mapped there instead"
+        } else {
+            "text restored on 4 KiB pages"
+        };
         o.check(
-            o.stderr.contains("text restored on 4 KiB pages"),
+            o.stderr.contains(said),
             &format!("{what}: the restore path ran"),
         );
     }
@@ -84,11 +96,11 @@ fn hugetlb_staging_failures_leave_the_program_as_it_was() {
 fn an_unknown_step_is_reported_and_ignored() {
     let exe = common::fixture(PIE);
     let o = common::run(
-        Command::new(&exe)
-            .env("LD_PRELOAD", common::preload_lib())
-            .env("TIEXEC_BACKEND", "thp")
-            .env("TIEXEC_FAULT", "everything")
-            .args(["1000", "run"]),
+        common::preloaded(
+            &exe,
+            &[("TIEXEC_BACKEND", "thp"), ("TIEXEC_FAULT", "everything")],
+        )
+        .args(["1000", "run"]),
         T,
     );
     o.check(o.status.success(), "runs");

@@ -125,6 +125,7 @@ proptest! {
                 "TIEXEC_STRATEGY" => PlanStrategy::parse(&value).is_some(),
                 "TIEXEC_MIN_TEXT" => config::parse_size(&value).is_some(),
                 "TIEXEC_FAULT" => tiexec::fault::Step::parse(&value).is_some(),
+                "TIEXEC_CACHE" => config::CachePath::parse(&value).is_some(),
                 _ => true, // free-form: patterns, report target
             };
             prop_assert_eq!(complained, !value.is_empty() && !accepted, "{} = {:?}", var, value);
@@ -191,7 +192,7 @@ proptest! {
             .map(|&(c, n)| Range::new(base - 0x400000 + c * HUGE_PAGE, base - 0x400000 + (c + n) * HUGE_PAGE))
             .collect();
         let strategy = if aggressive { PlanStrategy::Aggressive } else { PlanStrategy::Conservative };
-        let p = plan::plan_object(&[seg], &mappings, &huge, strategy);
+        let p = plan::plan_object(&[seg], &mappings, &huge, &[], strategy);
         let mut last_end = 0;
         let mut text_swapped = 0;
         for s in &p.swap {

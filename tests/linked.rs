@@ -18,9 +18,7 @@ fn check_linked(exe: &Path, plain_spec: Spec, env: &[(&str, &str)], expect_huge:
     let plain_exe = common::fixture(plain_spec);
     let plain = common::run(Command::new(&plain_exe).args([CALLS, "run"]), T);
     let mut cmd = Command::new(exe);
-    for v in ["LD_PRELOAD", "TIEXEC_BACKEND", "TIEXEC_LOG", "TIEXEC_FAULT"] {
-        cmd.env_remove(v);
-    }
+    common::isolate(&mut cmd);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -56,10 +54,19 @@ fn check_linked(exe: &Path, plain_spec: Spec, env: &[(&str, &str)], expect_huge:
 fn a_c_program_linked_with_libtiexec_a_moves_its_whole_text() {
     let exe = common::linked_fixture(PIE, "fixture-pie-32m-linked");
     // Silent by default; the whole text, tiexec's own code in it included.
-    let err = check_linked(&exe, PIE, &[], true);
+    let err = check_linked(&exe, PIE, &[("TIEXEC_BACKEND", "thp")], true);
     assert!(!err.contains("tiexec:"), "{err}");
-    let err = check_linked(&exe, PIE, &[("TIEXEC_LOG", "info")], true);
+    let err = check_linked(
+        &exe,
+        PIE,
+        &[("TIEXEC_BACKEND", "thp"), ("TIEXEC_LOG", "info")],
+        true,
+    );
     assert!(err.contains("fixture-pie-32m-linked: text"), "{err}");
+    // auto, with no cache and no past runs: this run is measured, not
+    // slowed down by a copy.
+    let err = check_linked(&exe, PIE, &[("TIEXEC_LOG", "info")], false);
+    assert!(err.contains("this first run is measured"), "{err}");
 }
 
 #[test]
@@ -69,7 +76,7 @@ fn a_static_c_program_linked_with_libtiexec_a_moves_its_whole_text() {
         ..NON_PIE
     };
     let exe = common::linked_fixture(spec, "fixture-static-32m-linked");
-    check_linked(&exe, NON_PIE, &[], true);
+    check_linked(&exe, NON_PIE, &[("TIEXEC_BACKEND", "thp")], true);
 }
 
 #[test]
@@ -89,7 +96,8 @@ fn a_forced_failure_leaves_the_linked_program_on_its_original_text() {
     ] {
         let exe = common::linked_fixture(spec, name);
         for step in ["remap-hole", "staging-populate", "protect"] {
-            let err = check_linked(&exe, plain, &[("TIEXEC_FAULT", step)], false);
+            let env = [("TIEXEC_BACKEND", "thp"), ("TIEXEC_FAULT", step)];
+            let err = check_linked(&exe, plain, &env, false);
             assert!(err.contains("left on 4 KiB pages"), "{step}: {err}");
         }
     }
@@ -149,7 +157,7 @@ fn check_example_output(o: &common::Outcome) {
 #[test]
 fn the_rust_example_optimises_itself() {
     let exe = build_example("example-dynamic", "", &[]);
-    let o = common::run(&mut Command::new(&exe), T);
+    let o = common::run(common::isolate(&mut Command::new(&exe)), T);
     check_example_output(&o);
 }
 
@@ -160,14 +168,20 @@ fn a_static_pie_rust_program_optimises_itself() {
     let file = std::fs::read(&exe).unwrap();
     let phdrs = tiexec::elf::program_headers(&file).unwrap();
     assert!(!tiexec::elf::has_interpreter(&phdrs), "not static");
-    let o = common::run(&mut Command::new(&exe), T);
+    let o = common::run(common::isolate(&mut Command::new(&exe)), T);
     check_example_output(&o);
 }
 
 #[test]
 fn with_the_constructor_feature_the_text_is_huge_before_main() {
     let exe = build_example("example-constructor", "", &["constructor"]);
-    let o = common::run(Command::new(&exe).env("TIEXEC_LOG", "info"), T);
+    // The constructor takes its settings from the environment.
+    let o = common::run(
+        common::isolate(&mut Command::new(&exe))
+            .env("TIEXEC_LOG", "info")
+            .env("TIEXEC_BACKEND", "thp"),
+        T,
+    );
     check_example_output(&o);
     // The constructor reported first; by main, nothing was left to swap.
     o.check(

@@ -21,10 +21,7 @@ fn scratch(name: &str) -> std::path::PathBuf {
 }
 
 fn preloaded(exe: &Path) -> Command {
-    let mut c = Command::new(exe);
-    c.env("LD_PRELOAD", common::preload_lib())
-        .env("TIEXEC_BACKEND", "thp");
-    c
+    common::preloaded(exe, &[("TIEXEC_BACKEND", "thp")])
 }
 
 #[test]

@@ -24,21 +24,27 @@ enum Expect {
     Untouched,
 }
 
-fn preloaded(exe: &std::path::Path, env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(exe);
-    cmd.env("LD_PRELOAD", common::preload_lib());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
+use common::preloaded;
 
 /// Runs `spec` under the preload with `env`, checks everything the kernel
 /// shows while it waits, and returns its stderr.
 fn run_and_check(spec: Spec, env: &[(&str, &str)], expect: Expect) -> String {
+    run_prepared_and_check(spec, env, expect, |_, _| {})
+}
+
+/// As [`run_and_check`], after `prepare(command, program)` (e.g. to give
+/// the program a run history).
+fn run_prepared_and_check(
+    spec: Spec,
+    env: &[(&str, &str)],
+    expect: Expect,
+    prepare: impl FnOnce(&Command, &std::path::Path),
+) -> String {
     let exe = common::fixture(spec);
     let plain = common::plain_run(&exe, &[CALLS, "run"]);
-    let w = Waiting::start(preloaded(&exe, env).args([CALLS, "wait"]), T);
+    let mut cmd = preloaded(&exe, env);
+    prepare(&cmd, &exe);
+    let w = Waiting::start(cmd.args([CALLS, "wait"]), T);
     let pid = w.pid();
     let segments = common::text_segments(pid, &exe);
     let interior = common::planned_interior(&segments);
@@ -142,30 +148,49 @@ fn non_pie_and_merged_rx_on_hugetlb_with_a_filled_pool() {
 }
 
 #[test]
-fn auto_prefers_hugetlb_when_the_pool_has_room() {
+fn auto_never_takes_the_pool_and_measures_a_first_run_instead_of_copying() {
+    // Without a cache, auto copies only where a copy pays off: nothing is
+    // known of this program yet, so this run is measured, not slowed down.
     let Some(_pool) = PoolGuard::set(64) else {
         return;
     };
-    let err = run_and_check(PIE, &[("TIEXEC_LOG", "info")], Expect::Hugetlb);
-    assert!(err.contains("via hugetlb"), "{err}");
+    let exe = common::fixture(PIE);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]);
+    let mut cmd = preloaded(&exe, &[("TIEXEC_LOG", "info")]);
+    let state = common::state_dir_of(&cmd);
+    let o = common::run(cmd.args([CALLS, "run"]), T);
+    o.check(
+        o.status.success() && o.stdout == plain.stdout,
+        "runs the same",
+    );
+    o.check(
+        o.stderr.contains("this first run is measured"),
+        "says why nothing was copied",
+    );
+    // The run was recorded for the next one.
+    let canon = std::fs::canonicalize(&exe).unwrap();
+    let runs = tiexec::state::StateDir::open(&state)
+        .expect("state")
+        .runs(canon.to_str().unwrap());
+    o.check(runs.len() == 1, &format!("one run recorded: {runs:?}"));
+    // Short runs stay short: the next run knows a copy would not pay off.
+    let o = common::run(cmd.args([CALLS, "run"]), T);
+    o.check(
+        o.stderr.contains("would not pay off: median run"),
+        "says the copy would not pay off",
+    );
 }
 
 #[test]
-fn auto_falls_back_to_thp_with_an_empty_pool() {
-    let Some(_pool) = PoolGuard::set(0) else {
+fn auto_copies_to_thp_for_a_program_known_to_run_long() {
+    // A filled pool stays untouched: it belongs to the machine's programs.
+    let Some(_pool) = PoolGuard::set(64) else {
         return;
     };
-    let err = run_and_check(PIE, &[("TIEXEC_LOG", "info")], Expect::Thp);
+    let err = run_prepared_and_check(PIE, &[("TIEXEC_LOG", "info")], Expect::Thp, |cmd, exe| {
+        common::remember_runs(cmd, exe, &[600_000, 900_000, 3_600_000])
+    });
     assert!(err.contains("via thp"), "{err}");
-}
-
-#[test]
-fn auto_with_a_pool_too_small_still_covers_everything() {
-    // 4 pages for 15 needed: auto goes to THP rather than half-covering.
-    let Some(_pool) = PoolGuard::set(4) else {
-        return;
-    };
-    run_and_check(PIE, &[], Expect::Thp);
 }
 
 #[test]
@@ -206,12 +231,9 @@ fn hugetlb_with_a_pool_smaller_than_the_text_covers_part_and_runs() {
     let o = w.finish(T);
     o.check(o.status.success() && first == plain.stdout, "output");
     o.check(text_check.is_ok(), &format!("{text_check:?}"));
-    // The pool's 4 pages are used, the rest stays as it was.
-    // (the first page may hold the headers too: 3 to 4 pages of text)
-    o.check(
-        cov.hugetlb > 3 << 21 && cov.hugetlb <= 4 << 21,
-        &format!("{cov:?}"),
-    );
+    // The pool's 4 pages are used, the rest stays as it was. (The first
+    // 2 MiB page, which holds the program's header, takes no pool page.)
+    o.check(cov.hugetlb == 4 << 21, &format!("{cov:?}"));
     o.check(
         o.stderr.contains("(4 pages: 4 new via hugetlb"),
         "all four pages used",
@@ -266,7 +288,7 @@ fn bad_settings_are_reported_once_and_the_program_runs() {
     let lines: Vec<&str> = o.stderr.lines().collect();
     o.check(lines.len() == 2, "one line per bad variable");
     o.check(
-        lines[0].contains("TIEXEC_BACKEND=\"fastest\": expected auto|hugetlb|thp|off"),
+        lines[0].contains("TIEXEC_BACKEND=\"fastest\": expected auto|cache|hugetlb|thp|off"),
         "names the variable, the value and what is accepted",
     );
 }
@@ -329,10 +351,8 @@ fn a_thread_started_before_the_constructor_means_hands_off() {
     preload.push(":");
     preload.push(&lib);
     let w = Waiting::start(
-        Command::new(&exe)
+        preloaded(&exe, &[("TIEXEC_BACKEND", "thp"), ("TIEXEC_LOG", "info")])
             .env("LD_PRELOAD", &preload)
-            .env("TIEXEC_BACKEND", "thp")
-            .env("TIEXEC_LOG", "info")
             .args([CALLS, "wait"]),
         T,
     );

@@ -48,14 +48,11 @@ fn with_thp_never_and_no_pool_nothing_is_done() {
         ("thp", "transparent huge pages are disabled"),
         (
             "auto",
-            "hugetlb pool too small and transparent huge pages disabled",
+            "transparent huge pages are disabled and no cache is set up",
         ),
     ] {
         let w = common::Waiting::start(
-            Command::new(&exe)
-                .env("LD_PRELOAD", common::preload_lib())
-                .env("TIEXEC_BACKEND", backend)
-                .env("TIEXEC_LOG", "info")
+            common::preloaded(&exe, &[("TIEXEC_BACKEND", backend), ("TIEXEC_LOG", "info")])
                 .args(["20000", "wait"]),
             Duration::from_secs(60),
         );

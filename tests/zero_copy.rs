@@ -95,10 +95,7 @@ fn a_primed_program_is_left_to_the_kernel_in_process() {
     p.check(p.status.success() && p.stdout.contains("primed"), "prime");
     // Raw preload, so that only the library acts (the wrapper would prime).
     let w = Waiting::start(
-        Command::new(&exe)
-            .env("LD_PRELOAD", common::preload_lib())
-            .env("TIEXEC_BACKEND", "thp")
-            .env("TIEXEC_LOG", "info")
+        common::preloaded(&exe, &[("TIEXEC_BACKEND", "thp"), ("TIEXEC_LOG", "info")])
             .args([CALLS, "wait"]),
         T,
     );

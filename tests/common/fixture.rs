@@ -419,6 +419,9 @@ const HOSTILE_C: &str = r#"
  *   seccomp-mremap    mremap fails with EPERM
  *   seccomp-hugetlb   mmap with MAP_HUGETLB fails with EPERM
  *   seccomp-madvise   madvise fails with EPERM
+ *   seccomp-memfd     memfd_create fails with EPERM
+ *   mdwe              PR_SET_MDWE (memory-deny-write-execute), as systemd's
+ *                     MemoryDenyWriteExecute=yes
  *   thp-off           PR_SET_THP_DISABLE
  *   rlimit-as=BYTES   RLIMIT_AS
  *   cgroup=DIR        joins the cgroup DIR (writes cgroup.procs) */
@@ -468,6 +471,8 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "seccomp-mremap")) r = deny_call(SYS_mremap);
     else if (!strcmp(m, "seccomp-madvise")) r = deny_call(SYS_madvise);
     else if (!strcmp(m, "seccomp-hugetlb")) r = deny_hugetlb_mmap();
+    else if (!strcmp(m, "seccomp-memfd")) r = deny_call(SYS_memfd_create);
+    else if (!strcmp(m, "mdwe")) r = prctl(65 /* PR_SET_MDWE */, 1 /* REFUSE_EXEC_GAIN */, 0, 0, 0);
     else if (!strcmp(m, "thp-off")) r = prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0);
     else if (!strncmp(m, "rlimit-as=", 10)) {
         struct rlimit l = { strtoull(m + 10, 0, 10), strtoull(m + 10, 0, 10) };
@@ -510,12 +515,22 @@ __attribute__((constructor)) static void install(void) {
 }
 "#;
 
-/// Builds C `source` into `dir/name` once (`shared`: a library).
+/// Builds C `source` into `dir` once per version of the source (`shared`: a
+/// library); the file is `name` with the source's digest before its
+/// extension, so an edited source is never served by an old build.
 fn build_c_once(dir: &Path, name: &str, source: &str, shared: bool) -> PathBuf {
-    let out = dir.join(name);
+    let digest = tiexec::state::fnv1a(source.as_bytes());
+    let (stem, ext) = name.split_once('.').unwrap_or((name, ""));
+    let versioned = if ext.is_empty() {
+        format!("{stem}-{digest:016x}")
+    } else {
+        format!("{stem}-{digest:016x}.{ext}")
+    };
+    let out = dir.join(&versioned);
     if out.exists() {
         return out;
     }
+    let name = versioned.as_str();
     std::fs::create_dir_all(dir).expect("fixture dir");
     let src = dir.join(format!("{name}.c"));
     std::fs::write(&src, source).expect("write");

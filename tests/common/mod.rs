@@ -118,20 +118,66 @@ pub fn tiexec_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tiexec"))
 }
 
-/// A command running `tiexec`, with none of the user's TIEXEC_* settings or
-/// preloads steering it.
+/// Makes `cmd` independent of the environment the tests run in: no
+/// `TIEXEC_*` setting, preload or audit module of the caller's, the image
+/// cache off (tests of the cache name one), and a state directory of its own
+/// (`XDG_CACHE_HOME`: run history, image records, the extracted library), so
+/// no test sees another's history.
+pub fn isolate(cmd: &mut Command) -> &mut Command {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("TIEXEC_") || k == "LD_PRELOAD" || k == "LD_AUDIT" {
+            cmd.env_remove(k);
+        }
+    }
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let state = scratch_dir()
+        .join("state")
+        .join(format!("{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).unwrap();
+    cmd.env("XDG_CACHE_HOME", &state).env("TIEXEC_CACHE", "off")
+}
+
+/// The state directory `isolate` gave `cmd` (its `XDG_CACHE_HOME`/tiexec).
+pub fn state_dir_of(cmd: &Command) -> PathBuf {
+    let xdg = cmd
+        .get_envs()
+        .find(|(k, _)| *k == "XDG_CACHE_HOME")
+        .and_then(|(_, v)| v)
+        .expect("isolated command");
+    Path::new(xdg).join("tiexec")
+}
+
+/// A command running `tiexec`, isolated (see [`isolate`]).
 pub fn tiexec_cmd() -> Command {
     let mut c = Command::new(tiexec_bin());
-    for v in [
-        "TIEXEC_BACKEND",
-        "TIEXEC_LOG",
-        "TIEXEC_CHILDREN",
-        "TIEXEC_LIBRARY",
-        "LD_PRELOAD",
-    ] {
-        c.env_remove(v);
-    }
+    isolate(&mut c);
     c
+}
+
+/// A command running `exe` with the freshly built library preloaded,
+/// isolated (see [`isolate`]), with `env` set.
+pub fn preloaded(exe: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(exe);
+    isolate(&mut cmd);
+    cmd.env("LD_PRELOAD", preload_lib());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Records `lifetimes_ms` as the past runs of `program` in the state
+/// directory of `cmd` (made with `isolate`), the way the library does.
+pub fn remember_runs(cmd: &Command, program: &Path, lifetimes_ms: &[u32]) {
+    let program = std::fs::canonicalize(program).unwrap();
+    let program = program.to_str().unwrap();
+    let dir = tiexec::state::StateDir::open(&state_dir_of(cmd)).expect("state dir");
+    for &ms in lifetimes_ms {
+        dir.record_run(program, ms).expect("record");
+    }
 }
 
 /// The freshly built `libtiexec.so`: the release build that build.rs makes
@@ -484,6 +530,89 @@ pub fn huge_memory_outside(pid: u32, segments: &[Range]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// A private hugetlbfs mount serving as the image cache for a test's
+/// processes (`TIEXEC_CACHE`), with its own pool pages (`size` and
+/// `min_size` both `pages`). Unmounted (lazily: processes may still map
+/// images) and removed on drop, before the pool is put back.
+pub struct CacheMount {
+    pub path: PathBuf,
+    pub pages: u64,
+    _pool: PoolGuard,
+}
+
+impl CacheMount {
+    /// Sets the pool to `pool` pages and mounts a cache of `pages` of them.
+    /// `None` (and a note) without root.
+    pub fn new(name: &str, pages: u64, pool: u64) -> Option<CacheMount> {
+        let guard = PoolGuard::set(pool)?;
+        let path = scratch_dir()
+            .join("caches")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&path);
+        let opts = format!(
+            "pagesize=2M,size={mib}M,min_size={mib}M,mode=1777",
+            mib = pages * 2
+        );
+        let o = run(
+            Command::new("mount")
+                .args(["-t", "hugetlbfs", "-o", &opts, "none"])
+                .arg(&path),
+            Duration::from_secs(30),
+        );
+        if !o.status.success() {
+            eprintln!("note: cannot mount hugetlbfs (not root?): test skipped\n{o}");
+            return None;
+        }
+        Some(CacheMount {
+            path,
+            pages,
+            _pool: guard,
+        })
+    }
+
+    /// The images (not lock files) in the cache, for every user.
+    pub fn images(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for user in std::fs::read_dir(&self.path)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for e in std::fs::read_dir(user.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.contains("@v1-") && !name.ends_with(".lock") {
+                    out.push(e.path());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Pages in use by the mount's files now (statfs).
+    pub fn used_pages(&self) -> u64 {
+        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: an all-zero statfs is valid; `c` is NUL-terminated.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid path and out-pointer.
+        assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+        st.f_blocks - st.f_bfree
+    }
+}
+
+impl Drop for CacheMount {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path of our own mount.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.path);
+    }
 }
 
 const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";

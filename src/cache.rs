@@ -1,0 +1,866 @@
+//! The shared image cache: ready huge-page copies of text ranges, as files on
+//! a hugetlbfs mount, so that the copy is paid once per machine and the pages
+//! are shared by every process of a program.
+//!
+//! An *image* holds exactly the bytes a process would otherwise copy for one
+//! range: the file's bytes of the mapped pieces at their offsets in the
+//! 2 MiB pages, zeros elsewhere. A process whose range has an image maps it
+//! `PROT_READ|PROT_EXEC`, `MAP_SHARED`, populated, from a read-only
+//! descriptor, and moves it over its text with the usual single `mremap`: no
+//! copy, no private memory, and no mapping that was ever writable (so it works
+//! under memory-deny-write-execute, and no process can write through it).
+//!
+//! Layout: `<root>/<uid>/<name>` where `<root>` is a hugetlbfs mount (made by
+//! `tiexec --setup`, default [`DEFAULT_ROOT`]) and `<uid>` the directory of
+//! one user (0700, owned by that user). `<name>` is the object's file name
+//! and the whole key (see [`ImageKey::file_name`]): a name is found only for
+//! the very bytes it holds. `<name>.lock` is a zero-length lock file.
+//!
+//! Building (a miss): from the file on disk, never from the process's memory
+//! (a debugger's breakpoint or a relocated text page must never be shared),
+//! under an exclusive lock per image (a second process that misses meanwhile
+//! does not wait: it runs without the image this time), into an unnamed file
+//! (`O_TMPFILE`) filled through a writable mapping that is then dropped, and
+//! published with `linkat`, which never replaces a name. A crashed builder
+//! leaves nothing behind: the unnamed file goes with its descriptor.
+//!
+//! Eviction only ever unlinks: a process that maps an image keeps its pages
+//! until it exits. Nothing here truncates a file (a truncated hugetlbfs file
+//! kills the processes mapping it with SIGBUS).
+//!
+//! Trust: an image is used only if it and its directory are owned by the
+//! current user, are not writable by group or others, and were reached
+//! without following a symlink. Anything else is left alone and reported.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use crate::config::Strategy;
+use crate::plan::HUGE_PAGE;
+use crate::state::{fnv1a, StateDir};
+use crate::sys::{self, Errno, Mapping, Prot};
+
+/// Where `tiexec --setup` mounts the cache, and where processes look for it
+/// unless `TIEXEC_CACHE` says otherwise.
+pub const DEFAULT_ROOT: &str = "/run/tiexec";
+
+/// The version of the image format, part of every name.
+const FORMAT: &str = "v1";
+
+/// Bytes of the object's file name kept in an image's name.
+const NAME_BYTES: usize = 40;
+
+/// Bytes of a build ID kept in an image's name (a SHA-1 ID is 20).
+const BUILD_ID_BYTES: usize = 20;
+
+/// Identity and version of a file: a different value means different bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// Device (`st_dev`).
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, in nanoseconds since the epoch.
+    pub mtime_ns: u64,
+    /// Last status change, in nanoseconds since the epoch (no one can set
+    /// it back).
+    pub ctime_ns: u64,
+}
+
+fn ns(sec: i64, nsec: i64) -> u64 {
+    (sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(nsec as u64)
+}
+
+impl FileIdentity {
+    /// From `fstat`'s answer.
+    pub fn of(st: &libc::stat) -> FileIdentity {
+        FileIdentity {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
+    /// Of an open file.
+    pub fn of_fd(fd: BorrowedFd<'_>) -> Result<FileIdentity, Errno> {
+        sys::fstat(fd).map(|st| FileIdentity::of(&st))
+    }
+}
+
+/// Everything an image's bytes depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageKey {
+    /// The object's file, identity and version.
+    pub file: FileIdentity,
+    /// Its ELF build ID (empty when it has none).
+    pub build_id: Vec<u8>,
+    /// Start of the range relative to the load bias.
+    pub offset: u64,
+    /// Length of the range, a multiple of 2 MiB.
+    pub len: u64,
+    /// The load bias modulo 2 MiB: where the file's bytes fall in the pages.
+    pub phase: u64,
+    /// A digest of the pieces: which bytes come from where in the file.
+    pub layout: u64,
+    /// The planning strategy that chose the range.
+    pub strategy: Strategy,
+}
+
+/// One part of an image that holds file bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Offset in the image.
+    pub at: u64,
+    /// Offset in the file.
+    pub file_offset: u64,
+    /// Length.
+    pub len: u64,
+}
+
+/// The digest of a layout, for the key.
+pub fn layout_digest(pieces: &[Piece]) -> u64 {
+    let mut bytes = Vec::with_capacity(pieces.len() * 24);
+    for p in pieces {
+        bytes.extend_from_slice(&p.at.to_le_bytes());
+        bytes.extend_from_slice(&p.file_offset.to_le_bytes());
+        bytes.extend_from_slice(&p.len.to_le_bytes());
+    }
+    fnv1a(&bytes)
+}
+
+/// A file name made safe: letters, digits and `._+-` kept, anything else
+/// `_`, at most `max` bytes.
+fn safe_name(name: &str, max: usize) -> String {
+    name.bytes()
+        .take(max)
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._+-".contains(&b) {
+                char::from(b)
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl ImageKey {
+    /// The image's file name: `<object file name>@v1-<key fields in hex>`.
+    /// Every field of the key is in it (the build ID cut to 20 bytes), so a
+    /// name matches only the bytes it was built from. At most ~240 bytes.
+    pub fn file_name(&self, object_path: &str) -> String {
+        let base = object_path.rsplit('/').next().unwrap_or("");
+        let mut id = String::with_capacity(BUILD_ID_BYTES * 2);
+        for b in self.build_id.iter().take(BUILD_ID_BYTES) {
+            id.push_str(&format!("{b:02x}"));
+        }
+        if id.is_empty() {
+            id.push('0');
+        }
+        let f = &self.file;
+        format!(
+            "{}@{FORMAT}-{:x}-{:x}-{:x}-{:x}-{:x}-{id}-{:x}-{:x}-{:x}-{:x}-{}",
+            safe_name(base, NAME_BYTES),
+            f.dev,
+            f.ino,
+            f.size,
+            f.mtime_ns,
+            f.ctime_ns,
+            self.offset,
+            self.len,
+            self.phase,
+            self.layout,
+            match self.strategy {
+                Strategy::Aggressive => 'a',
+                Strategy::Conservative => 'c',
+            }
+        )
+    }
+}
+
+/// The object a name was built from (its file name), and its length, when
+/// `name` is an image's name.
+pub fn parse_name(name: &str) -> Option<(&str, u64)> {
+    let (base, rest) = name.rsplit_once('@')?;
+    let mut fields = rest.split('-');
+    if fields.next()? != FORMAT {
+        return None;
+    }
+    let fields: Vec<&str> = fields.collect();
+    if fields.len() != 11 {
+        return None;
+    }
+    let len = u64::from_str_radix(fields.get(7)?, 16).ok()?;
+    Some((base, len))
+}
+
+/// Why the cache cannot be used by this process at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unusable {
+    /// `TIEXEC_CACHE=off`.
+    Off,
+    /// No hugetlbfs at the cache's path: `tiexec --setup` makes one.
+    NotSetUp,
+    /// The mount has no size limit: it would take pages from the pool that
+    /// belong to the machine's applications.
+    Unlimited,
+    /// The user's directory could not be made or opened.
+    UserDir(Errno),
+    /// The user's directory is owned by someone else.
+    ForeignDir(u32),
+    /// The user's directory is writable by group or others.
+    OpenDir,
+    /// The user's directory is a symlink.
+    SymlinkedDir,
+}
+
+impl core::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Unusable::Off => write!(f, "cache off"),
+            Unusable::NotSetUp => write!(f, "no cache set up (tiexec --setup)"),
+            Unusable::Unlimited => {
+                write!(
+                    f,
+                    "the cache's hugetlbfs has no size limit (tiexec --setup makes one)"
+                )
+            }
+            Unusable::UserDir(e) => write!(f, "cache directory unusable: {e}"),
+            Unusable::ForeignDir(uid) => {
+                write!(
+                    f,
+                    "cache directory owned by uid {uid}, not by this user: not used"
+                )
+            }
+            Unusable::OpenDir => {
+                write!(f, "cache directory writable by group or others: not used")
+            }
+            Unusable::SymlinkedDir => write!(f, "cache directory is a symlink: not used"),
+        }
+    }
+}
+
+/// Why one image was not used or made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// An entry with that name is not safe to use (owner, mode, type).
+    Untrusted(&'static str),
+    /// Another process is building this image right now.
+    Busy,
+    /// Not enough room, even after evicting what no process uses.
+    NoRoom {
+        /// 2 MiB pages needed.
+        needed: u64,
+        /// 2 MiB pages free.
+        free: u64,
+    },
+    /// Creating the unnamed file failed.
+    Create(Errno),
+    /// Mapping it (reserving its pages) failed.
+    Map(Errno),
+    /// Faulting its pages in failed.
+    Populate(Errno),
+    /// Reading the object's file failed.
+    Read(Errno),
+    /// The object's file changed while its image was built.
+    Changed,
+    /// Naming the finished image failed.
+    Link(Errno),
+    /// Opening the finished image read-only failed.
+    Reopen(Errno),
+}
+
+impl core::fmt::Display for Failure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Failure::Untrusted(why) => write!(f, "cache entry not used: {why}"),
+            Failure::Busy => write!(f, "another process is building its image"),
+            Failure::NoRoom { needed, free } => write!(
+                f,
+                "cache full: {needed} pages needed, {free} free after evicting unused images"
+            ),
+            Failure::Create(e) => write!(f, "creating the image failed: {e}"),
+            Failure::Map(e) => write!(f, "reserving the image's pages failed: {e}"),
+            Failure::Populate(e) => write!(f, "allocating the image's pages failed: {e}"),
+            Failure::Read(e) => write!(f, "reading the file for the image failed: {e}"),
+            Failure::Changed => write!(f, "the file changed while its image was built"),
+            Failure::Link(e) => write!(f, "publishing the image failed: {e}"),
+            Failure::Reopen(e) => write!(f, "reopening the image failed: {e}"),
+        }
+    }
+}
+
+/// A usable image: a read-only descriptor and what it holds.
+#[derive(Debug)]
+pub struct Image {
+    fd: OwnedFd,
+    len: u64,
+    /// Its name (also for private images, which have no name in the cache).
+    pub name: String,
+    /// Found ready (a hit), not built by this process.
+    pub hit: bool,
+}
+
+impl Image {
+    /// Maps it r-x, shared, populated: nothing left to allocate later, so no
+    /// SIGBUS; never writable, through this mapping or any other made from
+    /// the read-only descriptor.
+    pub fn map(&self) -> Result<Mapping, Errno> {
+        let len = usize::try_from(self.len).map_err(|_| Errno(libc::EINVAL))?;
+        Mapping::file(self.fd.as_fd(), 0, len, Prot::READ_EXEC, true, true)
+    }
+
+    /// The read-only descriptor (for the swap routine's restore path).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Its length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when it holds nothing (never: images are whole 2 MiB pages).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// What the bytes of a new image are: pieces of one open file.
+pub struct Content<'a> {
+    /// The object's file, opened by the caller and checked to be the file
+    /// that is mapped (same device and inode).
+    pub file: BorrowedFd<'a>,
+    /// Its identity when the key was made; checked again after building.
+    pub identity: FileIdentity,
+    /// Where its bytes go.
+    pub pieces: &'a [Piece],
+    /// The image's length.
+    pub len: u64,
+}
+
+/// One entry, for listings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its file name.
+    pub name: String,
+    /// Whose directory it is in.
+    pub uid: u32,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Last use (or build), in seconds since the epoch.
+    pub last_use: i64,
+}
+
+/// The cache of the current user, checked and open.
+pub struct Cache {
+    root: PathBuf,
+    root_fd: OwnedFd,
+    dir: OwnedFd,
+    uid: u32,
+}
+
+fn c(name: &str) -> Result<CString, Errno> {
+    CString::new(name).map_err(|_| Errno(libc::EINVAL))
+}
+
+/// True when `fd` is on a hugetlbfs mount.
+fn on_hugetlbfs(fd: BorrowedFd<'_>) -> bool {
+    sys::fstatfs(fd).is_ok_and(|s| s.f_type as u32 == libc::HUGETLBFS_MAGIC as u32)
+}
+
+/// 2 MiB pages the mount at `fd` allows in all, and has free (`None` when it
+/// has no size limit).
+fn mount_pages(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let s = sys::fstatfs(fd).ok()?;
+    let total = s.f_blocks;
+    // No limit shows as 0 (no subpool) or as -1 pages.
+    if total == 0 || total >= u64::MAX / 2 || s.f_bsize as u64 != HUGE_PAGE {
+        return None;
+    }
+    Some((total, s.f_bfree))
+}
+
+impl Cache {
+    /// Opens the cache at `root` for the current user: checks it is a
+    /// hugetlbfs mount with a size limit, and creates or checks the user's
+    /// directory.
+    pub fn open(root: &Path) -> Result<Cache, Unusable> {
+        // The path processes' maps will show for the images.
+        let root = std::fs::canonicalize(root).map_err(|_| Unusable::NotSetUp)?;
+        let root_c =
+            CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| Unusable::NotSetUp)?;
+        let root_fd = sys::open_dir_at(None, &root_c).map_err(|_| Unusable::NotSetUp)?;
+        if !on_hugetlbfs(root_fd.as_fd()) {
+            return Err(Unusable::NotSetUp);
+        }
+        if mount_pages(root_fd.as_fd()).is_none() {
+            return Err(Unusable::Unlimited);
+        }
+        let uid = sys::effective_uid();
+        let name = c(&uid.to_string()).map_err(Unusable::UserDir)?;
+        let dir = match sys::open_dir_at(Some(root_fd.as_fd()), &name) {
+            Ok(fd) => fd,
+            Err(Errno(libc::ENOENT)) => {
+                match sys::mkdir_at(root_fd.as_fd(), &name, 0o700) {
+                    Ok(()) | Err(Errno(libc::EEXIST)) => {}
+                    Err(e) => return Err(Unusable::UserDir(e)),
+                }
+                sys::open_dir_at(Some(root_fd.as_fd()), &name).map_err(|e| match e {
+                    Errno(libc::ELOOP) => Unusable::SymlinkedDir,
+                    e => Unusable::UserDir(e),
+                })?
+            }
+            // O_NOFOLLOW|O_DIRECTORY on a symlink: ELOOP, or ENOTDIR when
+            // it points at something other than a directory.
+            Err(Errno(libc::ELOOP | libc::ENOTDIR)) => {
+                let is_link = sys::lstat_at(root_fd.as_fd(), &name)
+                    .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+                return Err(if is_link {
+                    Unusable::SymlinkedDir
+                } else {
+                    Unusable::UserDir(Errno(libc::ENOTDIR))
+                });
+            }
+            Err(e) => return Err(Unusable::UserDir(e)),
+        };
+        let st = sys::fstat(dir.as_fd()).map_err(Unusable::UserDir)?;
+        if st.st_uid != uid {
+            return Err(Unusable::ForeignDir(st.st_uid));
+        }
+        if st.st_mode & 0o022 != 0 {
+            return Err(Unusable::OpenDir);
+        }
+        Ok(Cache {
+            root,
+            root_fd,
+            dir,
+            uid,
+        })
+    }
+
+    /// The mount's path.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The user's directory's path.
+    pub fn dir_path(&self) -> PathBuf {
+        self.root.join(self.uid.to_string())
+    }
+
+    /// 2 MiB pages the mount allows in all, and has free.
+    pub fn pages(&self) -> (u64, u64) {
+        mount_pages(self.root_fd.as_fd()).unwrap_or((0, 0))
+    }
+
+    /// Finds the image `name`: `Ok(None)` when there is none (an entry of
+    /// the wrong size is removed first), `Err` when one is there but not
+    /// safe to use.
+    pub fn lookup(&self, name: &str, len: u64) -> Result<Option<Image>, Failure> {
+        let name_c = c(name).map_err(|_| Failure::Untrusted("bad name"))?;
+        let fd = match sys::open_at(
+            Some(self.dir.as_fd()),
+            &name_c,
+            // O_NONBLOCK: a FIFO planted under the name must not hang us.
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+            0,
+        ) {
+            Ok(fd) => fd,
+            Err(Errno(libc::ENOENT)) => return Ok(None),
+            Err(Errno(libc::ELOOP)) => return Err(Failure::Untrusted("it is a symlink")),
+            Err(_) => return Err(Failure::Untrusted("it cannot be opened")),
+        };
+        let st = sys::fstat(fd.as_fd()).map_err(|_| Failure::Untrusted("it cannot be examined"))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(Failure::Untrusted("not a regular file"));
+        }
+        if st.st_uid != self.uid {
+            return Err(Failure::Untrusted("owned by another user"));
+        }
+        if st.st_mode & 0o022 != 0 {
+            return Err(Failure::Untrusted("writable by group or others"));
+        }
+        if st.st_size as u64 != len {
+            // Not what its name promises (truncated, or a stray file):
+            // remove the name; processes still mapping it keep their pages.
+            let _ = sys::unlink_at(self.dir.as_fd(), &name_c);
+            crate::tlog!(
+                crate::log::Level::Info,
+                "cache entry {name}: {} bytes where its key says {len}: removed",
+                st.st_size
+            );
+            return Ok(None);
+        }
+        // Last use, for eviction (owner may set the times of a 0400 file).
+        let _ = sys::touch(fd.as_fd());
+        Ok(Some(Image {
+            fd,
+            len,
+            name: name.to_string(),
+            hit: true,
+        }))
+    }
+
+    /// Returns the image `name` holding `content`: found (a hit), or built
+    /// now. With `publish`, a built image gets its name in the cache (under
+    /// the image's lock: a process that finds the lock taken gets
+    /// [`Failure::Busy`] at once instead of waiting); without, it stays
+    /// unnamed and private to this process (text whose load address is
+    /// random: no other process could use it).
+    pub fn get_or_build(
+        &self,
+        name: &str,
+        content: &Content<'_>,
+        publish: bool,
+        state: Option<&StateDir>,
+        object: &str,
+    ) -> Result<Image, Failure> {
+        let _lock = if publish {
+            if let Some(image) = self.lookup(name, content.len)? {
+                if let Some(s) = state {
+                    s.image_hit(name, object);
+                }
+                return Ok(image);
+            }
+            let lock = self.lock(name)?;
+            // Published between the lookup and the lock?
+            if let Some(image) = self.lookup(name, content.len)? {
+                if let Some(s) = state {
+                    s.image_hit(name, object);
+                }
+                return Ok(image);
+            }
+            Some(lock)
+        } else {
+            None
+        };
+        let pages = content.len / HUGE_PAGE;
+        self.make_room(pages, state)?;
+        let image = self.build(content)?;
+        if !publish {
+            return Ok(Image {
+                fd: sys::reopen_read_only(image.as_fd()).map_err(Failure::Reopen)?,
+                len: content.len,
+                name: name.to_string(),
+                hit: false,
+            });
+        }
+        let name_c = c(name).map_err(|_| Failure::Untrusted("bad name"))?;
+        match sys::link_tmpfile(image.as_fd(), self.dir.as_fd(), &name_c) {
+            Ok(()) => {}
+            // Published by a process that did not take the lock (its lock
+            // file was evicted meanwhile): use that one.
+            Err(Errno(libc::EEXIST)) => {
+                return self
+                    .lookup(name, content.len)?
+                    .ok_or(Failure::Link(Errno(libc::EEXIST)))
+            }
+            Err(e) => return Err(Failure::Link(e)),
+        }
+        if let Some(s) = state {
+            s.image_built(name, object);
+        }
+        Ok(Image {
+            fd: sys::reopen_read_only(image.as_fd()).map_err(Failure::Reopen)?,
+            len: content.len,
+            name: name.to_string(),
+            hit: false,
+        })
+    }
+
+    /// Takes the image's build lock, or reports that another process holds it.
+    fn lock(&self, name: &str) -> Result<OwnedFd, Failure> {
+        let lock_c = c(&format!("{name}.lock")).map_err(|_| Failure::Untrusted("bad name"))?;
+        let fd = sys::open_at(
+            Some(self.dir.as_fd()),
+            &lock_c,
+            libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW,
+            0o600,
+        )
+        .map_err(Failure::Create)?;
+        match sys::try_lock_exclusive(fd.as_fd()) {
+            Ok(true) => Ok(fd),
+            Ok(false) => Err(Failure::Busy),
+            Err(e) => Err(Failure::Create(e)),
+        }
+    }
+
+    /// Builds an unnamed image file holding `content`; returns its
+    /// read-write descriptor.
+    fn build(&self, content: &Content<'_>) -> Result<OwnedFd, Failure> {
+        let len = usize::try_from(content.len).map_err(|_| Failure::Map(Errno(libc::EINVAL)))?;
+        let file = sys::open_at(
+            Some(self.dir.as_fd()),
+            c".",
+            libc::O_TMPFILE | libc::O_RDWR,
+            0o400,
+        )
+        .map_err(Failure::Create)?;
+        sys::ftruncate(file.as_fd(), content.len).map_err(Failure::Create)?;
+        {
+            // A shared hugetlbfs mapping reserves its pages now: a shortage
+            // is ENOMEM here, not SIGBUS later.
+            let mut map = Mapping::file(file.as_fd(), 0, len, Prot::READ_WRITE, true, false)
+                .map_err(Failure::Map)?;
+            map.advise(sys::MADV_POPULATE_WRITE)
+                .map_err(Failure::Populate)?;
+            let bytes = map.bytes_mut().ok_or(Failure::Map(Errno(libc::EFAULT)))?;
+            for p in content.pieces {
+                let (at, n) = (p.at as usize, p.len as usize);
+                let dst = bytes
+                    .get_mut(at..at.saturating_add(n))
+                    .ok_or(Failure::Read(Errno(libc::EINVAL)))?;
+                // Past the end of the file (the last page of a segment) the
+                // mapping reads zeros, and so does the image.
+                sys::pread_full(content.file, dst, p.file_offset).map_err(Failure::Read)?;
+            }
+        }
+        if FileIdentity::of_fd(content.file).ok() != Some(content.identity) {
+            return Err(Failure::Changed);
+        }
+        Ok(file)
+    }
+
+    /// Evicts least recently used images that no process maps until `pages`
+    /// fit.
+    fn make_room(&self, pages: u64, state: Option<&StateDir>) -> Result<(), Failure> {
+        let (_, free) = self.pages();
+        if free >= pages {
+            return Ok(());
+        }
+        let mut entries = self.entries();
+        entries.sort_by_key(|e| e.last_use);
+        let in_use = images_in_use(&self.dir_path());
+        let mut free = free;
+        for e in entries {
+            if free >= pages {
+                break;
+            }
+            if in_use.contains(&e.name) {
+                continue;
+            }
+            if self.remove(&e.name).is_ok() {
+                if let Some(s) = state {
+                    s.image_removed(&e.name);
+                }
+                crate::tlog!(
+                    crate::log::Level::Debug,
+                    "cache: evicted {} ({} pages)",
+                    e.name,
+                    e.bytes / HUGE_PAGE
+                );
+            }
+            free = self.pages().1;
+        }
+        if free >= pages {
+            Ok(())
+        } else {
+            Err(Failure::NoRoom {
+                needed: pages,
+                free,
+            })
+        }
+    }
+
+    /// Unlinks image `name` and its lock file. Processes that map it keep
+    /// their pages until they exit; nothing is truncated.
+    pub fn remove(&self, name: &str) -> Result<(), Errno> {
+        let name_c = c(name)?;
+        sys::unlink_at(self.dir.as_fd(), &name_c)?;
+        if let Ok(lock) = c(&format!("{name}.lock")) {
+            let _ = sys::unlink_at(self.dir.as_fd(), &lock);
+        }
+        Ok(())
+    }
+
+    /// The user's images.
+    pub fn entries(&self) -> Vec<Entry> {
+        entries_in(&proc_fd_dir(self.dir.as_fd()), self.uid)
+    }
+}
+
+/// The directory behind `fd`, as a path that always reaches it.
+fn proc_fd_dir(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// The images in `dir` (which belongs to `uid`).
+pub fn entries_in(dir: &Path, uid: u32) -> Vec<Entry> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(list) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    list.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            parse_name(&name)?;
+            let meta = e.metadata().ok()?;
+            meta.is_file().then(|| Entry {
+                name,
+                uid,
+                bytes: meta.len(),
+                last_use: meta.mtime(),
+            })
+        })
+        .collect()
+}
+
+/// Names of the images under `dir` that some process of this user maps
+/// now (from /proc/*/maps; other users' processes cannot map them).
+pub fn images_in_use(dir: &Path) -> Vec<String> {
+    let prefix = format!("{}/", dir.display());
+    let mut names = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return names;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .as_encoded_bytes()
+            .iter()
+            .all(u8::is_ascii_digit)
+        {
+            continue;
+        }
+        let Ok(maps) = std::fs::read_to_string(p.path().join("maps")) else {
+            continue;
+        };
+        for line in maps.lines() {
+            if let Some(i) = line.find(&prefix) {
+                let name = line.get(i + prefix.len()..).unwrap_or("");
+                let name = name.strip_suffix(" (deleted)").unwrap_or(name);
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// The number of processes that map the image at `path` now.
+pub fn processes_mapping(path: &Path) -> usize {
+    let needle = path.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            p.file_name()
+                .as_encoded_bytes()
+                .iter()
+                .all(u8::is_ascii_digit)
+        })
+        .filter(|p| {
+            std::fs::read_to_string(p.path().join("maps")).is_ok_and(|m| {
+                m.lines()
+                    .any(|l| l.ends_with(&needle) || l.ends_with(&format!("{needle} (deleted)")))
+            })
+        })
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> ImageKey {
+        ImageKey {
+            file: FileIdentity {
+                dev: 0xfe00,
+                ino: 0x2f2a7,
+                size: 0x5f5e100,
+                mtime_ns: 0x1800000000000000,
+                ctime_ns: 0x1800000000000001,
+            },
+            build_id: vec![0xab; 20],
+            offset: 0x1200000,
+            len: 0x3c00000,
+            phase: 0,
+            layout: 0x1234,
+            strategy: Strategy::Aggressive,
+        }
+    }
+
+    #[test]
+    fn names_hold_the_whole_key_and_stay_short() {
+        let k = key();
+        let name = k.file_name("/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1");
+        assert!(name.starts_with("libLLVM.so.22.1@v1-fe00-2f2a7-"), "{name}");
+        assert!(name.len() < 255);
+        assert_eq!(parse_name(&name), Some(("libLLVM.so.22.1", 0x3c00000)));
+        // Any field changed: another name.
+        let mut changed = k.clone();
+        changed.file.ctime_ns += 1;
+        assert_ne!(
+            changed.file_name("/x/libLLVM.so.22.1"),
+            k.file_name("/x/libLLVM.so.22.1")
+        );
+        let mut phase = k.clone();
+        phase.phase = 0x1000;
+        assert_ne!(phase.file_name("/x/a"), k.file_name("/x/a"));
+        // The longest possible name still fits a file name.
+        let worst = ImageKey {
+            file: FileIdentity {
+                dev: u64::MAX,
+                ino: u64::MAX,
+                size: u64::MAX,
+                mtime_ns: u64::MAX,
+                ctime_ns: u64::MAX,
+            },
+            build_id: vec![0xff; 64],
+            offset: u64::MAX,
+            len: u64::MAX,
+            phase: u64::MAX,
+            layout: u64::MAX,
+            strategy: Strategy::Conservative,
+        };
+        let name = worst.file_name(&format!("/{}", "n".repeat(300)));
+        assert!(name.len() <= 255, "{} bytes", name.len());
+        assert!(parse_name(&name).is_some());
+    }
+
+    #[test]
+    fn odd_object_names_become_safe_names() {
+        let name = key().file_name("/opt/we ird/lib@x:y.so");
+        assert!(name.starts_with("lib_x_y.so@v1-"), "{name}");
+        assert!(parse_name("not-an-image").is_none());
+        assert!(parse_name("x@v2-1-2").is_none());
+        assert!(parse_name("x.lock").is_none());
+    }
+
+    #[test]
+    fn layouts_digest_every_field() {
+        let a = [Piece {
+            at: 0x1000,
+            file_offset: 0,
+            len: 0x1000,
+        }];
+        let b = [Piece {
+            at: 0x1000,
+            file_offset: 0x1000,
+            len: 0x1000,
+        }];
+        assert_ne!(layout_digest(&a), layout_digest(&b));
+    }
+
+    #[test]
+    fn a_directory_that_is_not_hugetlbfs_is_no_cache() {
+        assert_eq!(
+            Cache::open(&std::env::temp_dir()).err(),
+            Some(Unusable::NotSetUp)
+        );
+        assert_eq!(
+            Cache::open(Path::new("/nonexistent/tiexec")).err(),
+            Some(Unusable::NotSetUp)
+        );
+    }
+}
