@@ -30,6 +30,13 @@ fn main() {
         build_preload_library(&out_dir, &embedded);
     }
     println!("cargo:rustc-env=TIEXEC_EMBEDDED_LIB={}", embedded.display());
+    // Its digest names the extracted copy (FNV-1a, as tiexec::state::fnv1a):
+    // the binary finds its own library without reading it back.
+    let bytes = std::fs::read(&embedded).unwrap_or_default();
+    let digest = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    println!("cargo:rustc-env=TIEXEC_EMBEDDED_DIGEST={digest:016x}");
     println!(
         "cargo:rustc-env=TIEXEC_EMBEDDED_STATICLIB={}",
         out_dir.join("libtiexec-static.a").display()

@@ -105,7 +105,8 @@ fn time_fresh_fault(source: Source, len: usize) -> Option<f64> {
     let mut fresh = match source {
         Source::Hugetlb => Mapping::anonymous(len, Prot::READ_WRITE, libc::MAP_HUGETLB).ok()?,
         Source::Thp => {
-            let mut m = Mapping::anonymous_aligned(len, HUGE_PAGE as usize, Prot::READ_WRITE).ok()?;
+            let mut m =
+                Mapping::anonymous_aligned(len, HUGE_PAGE as usize, Prot::READ_WRITE).ok()?;
             m.advise(libc::MADV_HUGEPAGE).ok()?;
             m
         }

@@ -193,7 +193,7 @@ pub fn parse_name(name: &str) -> Option<(&str, u64)> {
         return None;
     }
     let fields: Vec<&str> = fields.collect();
-    if fields.len() != 11 {
+    if fields.len() != 11 || !matches!(fields.last(), Some(&("a" | "c"))) {
         return None;
     }
     let len = u64::from_str_radix(fields.get(7)?, 16).ok()?;
@@ -712,13 +712,14 @@ pub fn entries_in(dir: &Path, uid: u32) -> Vec<Entry> {
         .collect()
 }
 
-/// Names of the images under `dir` that some process of this user maps
-/// now (from /proc/*/maps; other users' processes cannot map them).
-pub fn images_in_use(dir: &Path) -> Vec<String> {
+/// Paths of files under `dir` that processes map now, with how many
+/// processes map each (from /proc/*/maps: those of this user, or all for
+/// root). A removed image that is still mapped counts under its old path.
+pub fn mapped_under(dir: &Path) -> Vec<(PathBuf, usize)> {
     let prefix = format!("{}/", dir.display());
-    let mut names = Vec::new();
+    let mut counts: Vec<(PathBuf, usize)> = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return names;
+        return counts;
     };
     for p in procs.flatten() {
         if !p
@@ -732,40 +733,56 @@ pub fn images_in_use(dir: &Path) -> Vec<String> {
         let Ok(maps) = std::fs::read_to_string(p.path().join("maps")) else {
             continue;
         };
+        let mut seen: Vec<&str> = Vec::new();
         for line in maps.lines() {
-            if let Some(i) = line.find(&prefix) {
-                let name = line.get(i + prefix.len()..).unwrap_or("");
-                let name = name.strip_suffix(" (deleted)").unwrap_or(name);
-                if !names.iter().any(|n| n == name) {
-                    names.push(name.to_string());
-                }
+            let Some(i) = line.find(&prefix) else {
+                continue;
+            };
+            let path = line.get(i..).unwrap_or("");
+            let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+            if seen.contains(&path) {
+                continue;
+            }
+            seen.push(path);
+            match counts.iter_mut().find(|(p, _)| p.as_os_str() == path) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((PathBuf::from(path), 1)),
             }
         }
     }
-    names
+    counts
 }
 
-/// The number of processes that map the image at `path` now.
-pub fn processes_mapping(path: &Path) -> usize {
-    let needle = path.display().to_string();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return 0;
+/// Names of the images under `dir` that some process maps now.
+pub fn images_in_use(dir: &Path) -> Vec<String> {
+    mapped_under(dir)
+        .into_iter()
+        .filter_map(|(p, _)| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .collect()
+}
+
+/// The users' directories in the cache at `root`: `(uid, path)`.
+pub fn user_dirs(root: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(list) = std::fs::read_dir(root) else {
+        return Vec::new();
     };
-    procs
+    let mut out: Vec<(u32, PathBuf)> = list
         .flatten()
-        .filter(|p| {
-            p.file_name()
-                .as_encoded_bytes()
-                .iter()
-                .all(u8::is_ascii_digit)
+        .filter_map(|e| {
+            let uid = e.file_name().to_str()?.parse().ok()?;
+            e.file_type().ok()?.is_dir().then(|| (uid, e.path()))
         })
-        .filter(|p| {
-            std::fs::read_to_string(p.path().join("maps")).is_ok_and(|m| {
-                m.lines()
-                    .any(|l| l.ends_with(&needle) || l.ends_with(&format!("{needle} (deleted)")))
-            })
-        })
-        .count()
+        .collect();
+    out.sort();
+    out
+}
+
+/// Removes image `name` and its lock file from the user directory `dir`
+/// (root's way to evict another user's images). Unlinks only.
+pub fn remove_in(dir: &Path, name: &str) -> std::io::Result<()> {
+    std::fs::remove_file(dir.join(name))?;
+    let _ = std::fs::remove_file(dir.join(format!("{name}.lock")));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -835,6 +852,8 @@ mod tests {
         assert!(parse_name("not-an-image").is_none());
         assert!(parse_name("x@v2-1-2").is_none());
         assert!(parse_name("x.lock").is_none());
+        let lock = format!("{}.lock", key().file_name("/x/libx.so"));
+        assert!(parse_name(&lock).is_none());
     }
 
     #[test]

@@ -198,39 +198,88 @@ pub struct BadValue<'a> {
     pub expected: &'static str,
 }
 
-/// One setting: its variable, what it accepts, and how it applies a value
-/// (false when the value is not understood).
-struct Setting {
-    var: &'static str,
-    expected: &'static str,
+/// How a setting is given on the `tiexec` command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flag {
+    /// The long option, without the dashes: `backend` for `--backend`.
+    pub long: &'static str,
+    /// The one-letter option, if any.
+    pub short: Option<char>,
+    /// `None`: the option takes a value (`--backend thp`); `Some(v)`: it
+    /// takes none and stands for the value `v` (`--no-children` for `0`).
+    pub switch: Option<&'static str>,
+    /// What the value is, for the usage text (`NAME`, `SIZE`).
+    pub value_name: &'static str,
+}
+
+/// One setting: its variable, its command-line option, what it accepts, and
+/// how it applies a value (false when the value is not understood). The CLI
+/// is derived from this table, so options and variables cannot drift apart.
+pub struct Setting {
+    /// The environment variable.
+    pub var: &'static str,
+    /// The `tiexec` option that sets it, if any.
+    pub flag: Option<Flag>,
+    /// The accepted values, for messages.
+    pub expected: &'static str,
+    /// One line of help for the usage text.
+    pub help: &'static str,
     apply: for<'a> fn(&mut Config<'a>, &'a [u8]) -> bool,
 }
 
+const fn flag(long: &'static str, short: Option<char>, value_name: &'static str) -> Option<Flag> {
+    Some(Flag {
+        long,
+        short,
+        switch: None,
+        value_name,
+    })
+}
+
+const fn switch(long: &'static str, value: &'static str) -> Option<Flag> {
+    Some(Flag {
+        long,
+        short: None,
+        switch: Some(value),
+        value_name: "",
+    })
+}
+
 /// Every variable, in the order they are reported.
-const SETTINGS: [Setting; 11] = [
+pub const SETTINGS: [Setting; 11] = [
     Setting {
         var: "TIEXEC_BACKEND",
+        flag: flag("backend", Some('b'), "NAME"),
         expected: "auto|cache|hugetlb|thp|off",
+        help: "where huge pages come from: auto (default), cache, hugetlb, thp, off",
         apply: |c, v| Backend::parse(v).map(|b| c.backend = b).is_some(),
     },
     Setting {
         var: "TIEXEC_LOG",
+        flag: flag("log", Some('l'), "LEVEL"),
         expected: "off|error|warn|info|debug",
+        help: "off, error, warn (default), info, debug",
         apply: |c, v| parse_level(v).map(|l| c.log = l).is_some(),
     },
     Setting {
         var: "TIEXEC_CHILDREN",
+        flag: switch("no-children", "0"),
         expected: "1|0",
+        help: "programs started by PROGRAM run without tiexec",
         apply: |c, v| parse_switch(v).map(|b| c.children = b).is_some(),
     },
     Setting {
         var: "TIEXEC_STRATEGY",
+        flag: flag("strategy", Some('s'), "NAME"),
         expected: "conservative|aggressive",
+        help: "aggressive (default: also the 2 MiB pages text shares with read-only data) or conservative",
         apply: |c, v| Strategy::parse(v).map(|s| c.strategy = s).is_some(),
     },
     Setting {
         var: "TIEXEC_INCLUDE",
+        flag: flag("include", None, "PATS"),
         expected: "patterns separated by ':'",
+        help: "only objects matching these ':'-separated globs",
         apply: |c, v| {
             c.include = Some(v);
             true
@@ -238,7 +287,9 @@ const SETTINGS: [Setting; 11] = [
     },
     Setting {
         var: "TIEXEC_EXCLUDE",
+        flag: flag("exclude", None, "PATS"),
         expected: "patterns separated by ':'",
+        help: "leave objects matching these ':'-separated globs alone",
         apply: |c, v| {
             c.exclude = Some(v);
             true
@@ -246,14 +297,18 @@ const SETTINGS: [Setting; 11] = [
     },
     Setting {
         var: "TIEXEC_MIN_TEXT",
+        flag: flag("min-text", None, "SIZE"),
         expected: "a byte count such as 4194304 or 4M",
+        help: "leave objects with less text alone (e.g. 8M)",
         apply: |c, v| parse_size(v).map(|n| c.min_text = n).is_some(),
     },
     Setting {
         var: "TIEXEC_FAULT",
+        flag: None,
         expected:
             "a step name (tests only): staging-map, staging-advise, staging-populate, \
                    staging-not-huge, trampoline-map, trampoline-protect, protect, remap, remap-hole",
+        help: "tests only: make one step of the swap fail",
         apply: |c, v| {
             crate::fault::Step::parse(v)
                 .map(|s| c.fault = Some(s))
@@ -262,7 +317,9 @@ const SETTINGS: [Setting; 11] = [
     },
     Setting {
         var: "TIEXEC_REPORT",
+        flag: flag("report", None, "PATH"),
         expected: "a file path (%p for the PID) or fd:N",
+        help: "write a JSON report per process to PATH (%p: the PID) or fd:N",
         apply: |c, v| {
             c.report = Some(v);
             true
@@ -270,15 +327,38 @@ const SETTINGS: [Setting; 11] = [
     },
     Setting {
         var: "TIEXEC_PERF_MAP",
+        flag: switch("perf-map", "1"),
         expected: "1|0",
+        help: "append moved functions to /tmp/perf-PID.map for perf",
         apply: |c, v| parse_switch(v).map(|b| c.perf_map = b).is_some(),
     },
     Setting {
         var: "TIEXEC_CACHE",
+        flag: flag("cache-dir", None, "DIR"),
         expected: "an absolute path of a hugetlbfs mount, or off",
+        help: "the image cache's hugetlbfs mount (default /run/tiexec), or off",
         apply: |c, v| CachePath::parse(v).map(|p| c.cache = p).is_some(),
     },
 ];
+
+/// The setting behind a long option (`backend`) or a one-letter one.
+pub fn setting_for_flag(long: Option<&str>, short: Option<char>) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| {
+        s.flag.is_some_and(|f| {
+            (long.is_some() && Some(f.long) == long) || (short.is_some() && f.short == short)
+        })
+    })
+}
+
+/// Checks one value for a setting: `Err(expected)` when it is not understood.
+pub fn check_value(setting: &Setting, value: &[u8]) -> Result<(), &'static str> {
+    let mut c = Config::default();
+    if (setting.apply)(&mut c, value) {
+        Ok(())
+    } else {
+        Err(setting.expected)
+    }
+}
 
 /// The names of all variables, for documentation and the CLI.
 pub fn variable_names() -> impl Iterator<Item = &'static str> {
@@ -462,6 +542,35 @@ mod tests {
         ] {
             assert_eq!(parse_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn options_and_variables_come_from_one_table() {
+        let b = setting_for_flag(Some("backend"), None).expect("--backend");
+        assert_eq!(b.var, "TIEXEC_BACKEND");
+        assert_eq!(
+            setting_for_flag(None, Some('b')).map(|s| s.var),
+            Some(b.var)
+        );
+        assert!(check_value(b, b"thp").is_ok());
+        assert_eq!(check_value(b, b"fast"), Err("auto|cache|hugetlb|thp|off"));
+        let c = setting_for_flag(Some("no-children"), None).expect("--no-children");
+        assert_eq!(c.flag.and_then(|f| f.switch), Some("0"));
+        assert!(
+            setting_for_flag(Some("fault"), None).is_none(),
+            "tests only"
+        );
+        let mut longs: Vec<&str> = SETTINGS
+            .iter()
+            .filter_map(|s| s.flag)
+            .map(|f| f.long)
+            .collect();
+        longs.sort_unstable();
+        longs.dedup();
+        assert_eq!(
+            longs.len(),
+            SETTINGS.iter().filter(|s| s.flag.is_some()).count()
+        );
     }
 
     #[test]

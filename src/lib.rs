@@ -36,6 +36,7 @@ pub mod json;
 pub mod log;
 pub mod plan;
 pub(crate) mod preload;
+pub mod preload_env;
 pub mod prime;
 pub mod profiling;
 pub mod remap;

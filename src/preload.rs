@@ -92,10 +92,8 @@ fn run() {
         }
     }
 
-    // Children (allocates: after the check above).
-    if !config.children {
-        remove_self_from_ld_preload();
-    }
+    // What children inherit (allocates: after the check above).
+    prepare_environment_for_children(config.children);
     let objects = discover::loaded_objects();
 
     // Step 4: the objects with text worth moving.
@@ -372,31 +370,59 @@ fn own_path() -> Option<Vec<u8>> {
     )
 }
 
-/// Removes this library from `LD_PRELOAD` and `LD_AUDIT`, so the program's
-/// children start without it. Other entries are kept, in order.
-fn remove_self_from_ld_preload() {
-    let Some(me) = own_path() else {
-        return;
+/// Sets (`Some`) or unsets (`None`) an environment variable.
+///
+/// Called only from the constructor, single-threaded, before `main`.
+fn set_env(var: &core::ffi::CStr, value: Option<&[u8]>) -> bool {
+    let result = match value {
+        // SAFETY: single-threaded (constructor, before main); the name is
+        // NUL-terminated.
+        None => unsafe { libc::unsetenv(var.as_ptr()) },
+        Some(v) => match std::ffi::CString::new(v) {
+            // SAFETY: as above; both strings are NUL-terminated.
+            Ok(value) => unsafe { libc::setenv(var.as_ptr(), value.as_ptr(), 1) },
+            Err(_) => -1,
+        },
     };
-    for var in [c"LD_PRELOAD", c"LD_AUDIT"] {
-        let Some(current) = config::getenv_bytes(var) else {
-            continue;
-        };
-        let kept = ld_preload_without(current, &me);
-        let result = if kept.is_empty() {
-            // SAFETY: single-threaded (constructor, before main); the name is
-            // NUL-terminated.
-            unsafe { libc::unsetenv(var.as_ptr()) }
-        } else {
-            match std::ffi::CString::new(kept) {
-                // SAFETY: as above; both strings are NUL-terminated.
-                Ok(value) => unsafe { libc::setenv(var.as_ptr(), value.as_ptr(), 1) },
-                Err(_) => -1,
+    result == 0
+}
+
+/// Makes the environment what the program's children should inherit (see
+/// `preload_env`): `LD_AUDIT` and `GLIBC_TUNABLES` as they were before
+/// `--dlopen` changed them for this program; without this library when
+/// `children` is false; with ASan's link-order check off when they keep it.
+fn prepare_environment_for_children(children: bool) {
+    use crate::preload_env;
+    if let Some(value) = config::getenv_bytes(preload_env::RESTORE_AUDIT_C) {
+        if let Some((audit, tunables)) = preload_env::decode_restore(value) {
+            let ok = set_env(c"LD_AUDIT", audit.as_deref())
+                & set_env(c"GLIBC_TUNABLES", tunables.as_deref())
+                & set_env(preload_env::RESTORE_AUDIT_C, None);
+            if !ok {
+                crate::tlog!(Level::Warn, "could not restore LD_AUDIT and GLIBC_TUNABLES");
             }
-        };
-        if result != 0 {
-            crate::tlog!(Level::Warn, "could not remove itself from {:?}", var);
         }
+    }
+    if !children {
+        let Some(me) = own_path() else {
+            return;
+        };
+        for var in [c"LD_PRELOAD", c"LD_AUDIT"] {
+            let Some(current) = config::getenv_bytes(var) else {
+                continue;
+            };
+            let kept = ld_preload_without(current, &me);
+            let kept = (!kept.is_empty()).then_some(kept.as_slice());
+            if !set_env(var, kept) {
+                crate::tlog!(Level::Warn, "could not remove itself from {:?}", var);
+            }
+        }
+        return;
+    }
+    if let Some(v) =
+        preload_env::asan_options_with_link_order(config::getenv_bytes(c"ASAN_OPTIONS"))
+    {
+        set_env(c"ASAN_OPTIONS", Some(&v));
     }
 }
 

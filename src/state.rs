@@ -183,6 +183,13 @@ impl StateDir {
 
     /// Records that the image `name` was built from `object`.
     pub fn image_built(&self, name: &str, object: &str) {
+        // The path as people know it (the loader's may hold "..").
+        let canonical = std::fs::canonicalize(object);
+        let object = canonical
+            .as_ref()
+            .ok()
+            .and_then(|p| p.to_str())
+            .unwrap_or(object);
         let _ = self.append_image_record(name, object, false);
     }
 

@@ -221,3 +221,27 @@ fn setuid_programs_get_a_clear_note() {
         "says LD_PRELOAD cannot act",
     );
 }
+
+#[test]
+fn a_word_is_always_a_program_never_one_of_tiexecs_commands() {
+    // `stat`, `check` and friends are programs: tiexec's own commands are
+    // options (`--stat`), recognised only as the first argument.
+    for (program, args) in [
+        ("stat", &["-c", "%n %s", "/etc/hostname"][..]),
+        ("true", &[][..]),
+    ] {
+        let plain = common::run(Command::new(program).args(args), T);
+        let o = common::run(common::tiexec_cmd().arg(program).args(args), T);
+        o.check(
+            o.status.code() == plain.status.code() && o.stdout == plain.stdout,
+            &format!("{program} ran as itself\nplain: {plain}"),
+        );
+    }
+    // A former command word that is no program gets a hint.
+    let o = common::run(common::tiexec_cmd().args(["run", "true"]), T);
+    o.check(o.status.code() == Some(127), "127");
+    o.check(o.stderr.contains("without a command word"), "hint");
+    // After the program, options are the program's.
+    let o = common::run(common::tiexec_cmd().args(["echo", "--stat", "--help"]), T);
+    o.check(o.stdout == "--stat --help\n", "echo got its arguments");
+}

@@ -225,9 +225,9 @@ fn stat_shows_coverage_pages_and_a_picture_matching_smaps() {
     let pid = w.pid();
     let segments = common::text_segments(pid, &exe);
     let cov = common::coverage(pid, &segments);
-    let text = common::run(common::tiexec_cmd().args(["stat", &pid.to_string()]), T);
+    let text = common::run(common::tiexec_cmd().args(["--stat", &pid.to_string()]), T);
     let json = common::run(
-        common::tiexec_cmd().args(["stat", "--json", &pid.to_string()]),
+        common::tiexec_cmd().args(["--stat", "--json", &pid.to_string()]),
         T,
     );
     w.finish(T);
@@ -274,7 +274,7 @@ fn stat_tree_follows_children() {
         T,
     );
     let out = common::run(
-        common::tiexec_cmd().args(["stat", "--tree", &w.pid().to_string()]),
+        common::tiexec_cmd().args(["--stat", "--tree", &w.pid().to_string()]),
         T,
     );
     w.finish(T);
@@ -290,7 +290,10 @@ fn check_describes_the_machine_and_plans_a_program() {
         return;
     };
     let exe = common::fixture(PIE);
-    let o = common::run(common::tiexec_cmd().args(["check", "--json"]).arg(&exe), T);
+    let o = common::run(
+        common::tiexec_cmd().args(["--check", "--json"]).arg(&exe),
+        T,
+    );
     o.check(o.status.success(), "ready: THP is available");
     let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("valid JSON");
     let pool = &v["machine"]["hugetlb_pool"];
@@ -310,7 +313,7 @@ fn check_describes_the_machine_and_plans_a_program() {
         plan["reserve_command"],
         format!("echo {pages} > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
     );
-    let text = common::run(common::tiexec_cmd().arg("check").arg(&exe), T);
+    let text = common::run(common::tiexec_cmd().arg("--check").arg(&exe), T);
     text.check(
         text.stdout
             .contains("not congruent: relink with -Wl,-z,max-page-size=0x200000"),
@@ -327,12 +330,12 @@ fn check_says_a_static_program_is_ready_once_primed() {
         ..common::NON_PIE
     };
     let exe = common::fresh_copy(&common::fixture(spec), &scratch("check-static"));
-    let before = common::run(common::tiexec_cmd().arg("check").arg(&exe), T);
+    let before = common::run(common::tiexec_cmd().arg("--check").arg(&exe), T);
     before.check(before.status.code() == Some(1), "not ready before priming");
     before.check(before.stdout.contains("statically linked"), "says why");
-    let p = common::run(common::tiexec_cmd().arg("prime").arg(&exe), T);
+    let p = common::run(common::tiexec_cmd().arg("--prime").arg(&exe), T);
     p.check(p.status.success(), "primed");
-    let after = common::run(common::tiexec_cmd().arg("check").arg(&exe), T);
+    let after = common::run(common::tiexec_cmd().arg("--check").arg(&exe), T);
     after.check(
         after.status.success() && after.stdout.contains("cached as 2 MiB folios"),
         "ready",

@@ -139,7 +139,7 @@ fn postgres_under_tiexec_serves_pgbench_with_every_process_on_huge_pages() {
     std::thread::sleep(Duration::from_secs(5));
     let pid = postmaster.id();
     let stat = common::run(
-        common::tiexec_cmd().args(["stat", "--tree", "--json", &pid.to_string()]),
+        common::tiexec_cmd().args(["--stat", "--tree", "--json", &pid.to_string()]),
         T,
     );
     let out = run.wait_with_output().unwrap();

@@ -30,7 +30,7 @@ const ALIGNED_ZC: Spec = Spec {
 };
 
 fn prime(args: &[&str], file: &Path) -> common::Outcome {
-    common::run(common::tiexec_cmd().arg("prime").args(args).arg(file), T)
+    common::run(common::tiexec_cmd().arg("--prime").args(args).arg(file), T)
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! `tiexec check [PROGRAM]`: is this machine ready, and what would tiexec do
+//! `tiexec --check [PROGRAM]`: is this machine ready, and what would tiexec do
 //! with PROGRAM? Kernel, THP, the hugetlb pool per NUMA node, what the
 //! kernel supports; for PROGRAM: how it is linked, how each object's text is
 //! aligned and cached, a dry-run plan with the pages it needs, and the exact
@@ -19,7 +19,7 @@ use tiexec::plan::{self, Range, HUGE_PAGE};
 use tiexec::prime::{self, State};
 
 const USAGE: &str = "\
-Usage: tiexec check [--json] [PROGRAM]
+Usage: tiexec --check [--json] [PROGRAM]
 
 Says whether this machine is ready for tiexec: kernel, transparent huge
 pages, the hugetlb pool (per NUMA node), and what the kernel supports. With
@@ -218,7 +218,7 @@ fn check_object(path: &Path) -> Option<ObjectCheck> {
     })
 }
 
-/// Runs `tiexec check`.
+/// Runs `tiexec --check`.
 pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     let mut json = false;
     let mut program: Option<OsString> = None;
@@ -230,12 +230,12 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             }
             Some("--json") => json = true,
             Some(s) if s.starts_with('-') => {
-                eprintln!("tiexec check: unknown option {s}\nTry 'tiexec check --help'.");
+                eprintln!("tiexec --check: unknown option {s}\nTry 'tiexec --check --help'.");
                 return ExitCode::from(2);
             }
             _ if program.is_none() => program = Some(arg),
             _ => {
-                eprintln!("tiexec check: one PROGRAM at most\nTry 'tiexec check --help'.");
+                eprintln!("tiexec --check: one PROGRAM at most\nTry 'tiexec --check --help'.");
                 return ExitCode::from(2);
             }
         }
@@ -262,15 +262,15 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         };
     };
 
-    let Some(path) = crate::run::resolve(&program) else {
+    let Some(path) = crate::path::resolve(&program) else {
         eprintln!(
-            "tiexec check: {}: not found or not executable",
+            "tiexec --check: {}: not found or not executable",
             program.to_string_lossy()
         );
         return ExitCode::from(1);
     };
-    let linkage = crate::run::linkage(&path);
-    let dynamic = linkage == crate::run::Linkage::Dynamic;
+    let linkage = crate::path::linkage(&path);
+    let dynamic = linkage == crate::path::Linkage::Dynamic;
     let setuid = std::fs::metadata(&path).is_ok_and(|md| md.permissions().mode() & 0o6000 != 0);
     let pie = std::fs::read(&path)
         .ok()
@@ -279,9 +279,10 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     let mut objects: Vec<ObjectCheck> = check_object(&path).into_iter().collect();
     if dynamic {
         objects.extend(
-            crate::run::libraries_of(&path)
+            crate::libs::startup_libraries(&path)
                 .iter()
-                .filter_map(|l| check_object(l)),
+                .filter(|l| l.file_size >= 2 << 20)
+                .filter_map(|l| check_object(&l.path)),
         );
     }
     // Dry run: what would be copied, what the page cache serves.
@@ -368,9 +369,9 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         println!(
             "  {}, {}{}",
             match linkage {
-                crate::run::Linkage::Dynamic => "dynamically linked",
-                crate::run::Linkage::Static => "statically linked (LD_PRELOAD cannot reach it: tiexec prime, or link libtiexec.a)",
-                crate::run::Linkage::NotElf => "not an ELF program (a script: its interpreter is what runs)",
+                crate::path::Linkage::Dynamic => "dynamically linked",
+                crate::path::Linkage::Static => "statically linked (LD_PRELOAD cannot reach it: tiexec --prime, or link libtiexec.a)",
+                crate::path::Linkage::NotElf => "not an ELF program (a script: its interpreter is what runs)",
             },
             if pie { "PIE" } else { "not PIE (fixed address)" },
             if setuid { ", setuid/setgid (the loader ignores LD_PRELOAD for it)" } else { "" }
@@ -409,7 +410,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         }
         if zero_copy_pages < copy_pages + zero_copy_pages {
             println!(
-                "  to serve congruent text from the page cache: tiexec prime {}",
+                "  to serve congruent text from the page cache: tiexec --prime {}",
                 path.display()
             );
         }

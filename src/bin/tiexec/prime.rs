@@ -1,4 +1,4 @@
-//! `tiexec prime FILE...`: bring the text of programs and libraries into the
+//! `tiexec --prime FILE...`: bring the text of programs and libraries into the
 //! page cache as 2 MiB folios, so that their next start maps it with 2 MiB
 //! pages at no cost (see `tiexec::prime`). For a service's start-up script,
 //! or before running a statically linked program.
@@ -11,7 +11,7 @@ use tiexec::log::Bytes;
 use tiexec::prime::{self, State};
 
 const USAGE: &str = "\
-Usage: tiexec prime [--check] FILE...
+Usage: tiexec --prime [--check] FILE...
 
 Brings the executable segments of each FILE into the page cache as 2 MiB
 folios, so that a program or library mapped from it with its address and
@@ -24,7 +24,7 @@ Exit status: 0 when every segment with a whole 2 MiB page is cached huge,
 1 when some is not (the lines say why), 2 for a usage error.
 ";
 
-/// Runs `tiexec prime`.
+/// Runs `tiexec --prime`.
 pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     let mut check_only = false;
     let mut files = Vec::new();
@@ -36,14 +36,14 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             }
             Some("--check") => check_only = true,
             Some(s) if s.starts_with('-') && files.is_empty() => {
-                eprintln!("tiexec prime: unknown option {s}\nTry 'tiexec prime --help'.");
+                eprintln!("tiexec --prime: unknown option {s}\nTry 'tiexec --prime --help'.");
                 return ExitCode::from(2);
             }
             _ => files.push(PathBuf::from(arg)),
         }
     }
     if files.is_empty() {
-        eprintln!("tiexec prime: missing FILE\nTry 'tiexec prime --help'.");
+        eprintln!("tiexec --prime: missing FILE\nTry 'tiexec --prime --help'.");
         return ExitCode::from(2);
     }
     let mut all_huge = true;

@@ -1,4 +1,4 @@
-//! `tiexec stat PID...`: how much of each object's text in a running process
+//! `tiexec --stat PID...`: how much of each object's text in a running process
 //! is on 2 MiB pages, of which kind, and what that saves in page-table (TLB)
 //! entries; a picture per 2 MiB for people who would rather look than read;
 //! JSON for machines.
@@ -11,7 +11,7 @@ use tiexec::json::Json;
 use tiexec::log::Bytes;
 
 const USAGE: &str = "\
-Usage: tiexec stat [--json] [--tree] [--all] PID...
+Usage: tiexec --stat [--json] [--tree] [--all] PID...
 
 For each object of each process with at least 2 MiB of text: text size,
 bytes on 2 MiB pages by kind (hugetlb, anonymous THP, file THP from the page
@@ -24,7 +24,7 @@ needs (4 KiB only -> now -> all huge), and one character per 2 MiB of text:
   --all    every object with text, not only those with 2 MiB or more
 ";
 
-/// Runs `tiexec stat`.
+/// Runs `tiexec --stat`.
 pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     let (mut json, mut tree, mut all) = (false, false, false);
     let mut pids = Vec::new();
@@ -40,18 +40,18 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             Some(s) => match s.parse::<u32>() {
                 Ok(p) => pids.push(p),
                 Err(_) => {
-                    eprintln!("tiexec stat: {s}: not a PID\nTry 'tiexec stat --help'.");
+                    eprintln!("tiexec --stat: {s}: not a PID\nTry 'tiexec --stat --help'.");
                     return ExitCode::from(2);
                 }
             },
             None => {
-                eprintln!("tiexec stat: bad argument\nTry 'tiexec stat --help'.");
+                eprintln!("tiexec --stat: bad argument\nTry 'tiexec --stat --help'.");
                 return ExitCode::from(2);
             }
         }
     }
     if pids.is_empty() {
-        eprintln!("tiexec stat: missing PID\nTry 'tiexec stat --help'.");
+        eprintln!("tiexec --stat: missing PID\nTry 'tiexec --stat --help'.");
         return ExitCode::from(2);
     }
     if tree {
@@ -64,7 +64,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         match inspect::process_objects(pid, min_text) {
             Ok(objects) => results.push((pid, command_name(pid), objects)),
             Err(e) => {
-                eprintln!("tiexec stat: {pid}: {e}");
+                eprintln!("tiexec --stat: {pid}: {e}");
                 failed = true;
             }
         }

@@ -1,0 +1,230 @@
+//! The wrapper's command line: `tiexec [OPTIONS] [--] PROGRAM [ARGS...]`.
+//!
+//! Options that stand for a setting come from the settings table
+//! (`tiexec::config::SETTINGS`): each sets its `TIEXEC_*` variable for the
+//! program, checked by the same rules the library applies. The first word
+//! that is not an option is PROGRAM; everything after it is PROGRAM's.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use tiexec::config::{self, SETTINGS};
+
+/// What the wrapper was asked to do.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Args {
+    /// `TIEXEC_*` variables to set for the program, in option order.
+    pub settings: Vec<(&'static str, OsString)>,
+    /// `--dlopen`: also cover libraries loaded later, through an audit module.
+    pub dlopen: bool,
+    /// `--no-prime`: do not prime the page cache before exec.
+    pub no_prime: bool,
+    /// `--library PATH`: preload this library instead of the built-in one.
+    pub library: Option<PathBuf>,
+    /// The program and its arguments.
+    pub program: OsString,
+    /// See above.
+    pub program_args: Vec<OsString>,
+}
+
+impl Args {
+    /// The value given for `var`, if any (the last one wins).
+    pub fn setting(&self, var: &str) -> Option<&OsString> {
+        self.settings
+            .iter()
+            .rev()
+            .find(|(v, _)| *v == var)
+            .map(|(_, value)| value)
+    }
+}
+
+/// What parsing came to.
+pub enum Parsed {
+    /// Run the program.
+    Run(Box<Args>),
+    /// Print this on stdout and exit 0 (help, version).
+    Print(String),
+    /// A usage error.
+    Usage(String),
+}
+
+/// The usage text, its options listed from the settings table.
+pub fn usage() -> String {
+    let mut options = String::new();
+    let mut line = |flags: String, help: &str, var: &str| {
+        let mut l = format!("  {flags:<22} {help}");
+        if !var.is_empty() {
+            l.push_str(&format!(" [{var}]"));
+        }
+        options.push_str(&l);
+        options.push('\n');
+    };
+    for s in SETTINGS.iter() {
+        let Some(f) = s.flag else {
+            continue;
+        };
+        let short = f.short.map_or("    ".to_string(), |c| format!("-{c}, "));
+        let value = if f.switch.is_some() {
+            String::new()
+        } else {
+            format!(" {}", f.value_name)
+        };
+        line(format!("{short}--{}{value}", f.long), s.help, s.var);
+    }
+    line(
+        "-v, --verbose".into(),
+        "same as --log info: one line per object",
+        "",
+    );
+    line(
+        "    --dlopen".into(),
+        "also cover libraries PROGRAM loads later with dlopen (an audit module; PROGRAM itself only, not its children)",
+        "",
+    );
+    line(
+        "    --no-prime".into(),
+        "do not cache PROGRAM's text (and its libraries') as 2 MiB folios first",
+        "",
+    );
+    line(
+        "    --library PATH".into(),
+        "preload this libtiexec.so instead of the built-in one",
+        "TIEXEC_LIBRARY",
+    );
+    line("-h, --help".into(), "show this help", "");
+    line("-V, --version".into(), "show the version", "");
+    format!(
+        "\
+Usage: tiexec [OPTIONS] [--] PROGRAM [ARGS...]
+       tiexec --setup [--pages N]        (root) reserve pages, mount the image cache
+       tiexec --cache [--clear [PATTERN]] list or evict the image cache
+       tiexec --stat PID...               what a running process's text is mapped with
+       tiexec --check [PROGRAM]           is the machine ready, and a dry run
+       tiexec --prime FILE...             cache files' text as 2 MiB folios
+
+Runs PROGRAM with its executable text on 2 MiB huge pages. PROGRAM keeps
+tiexec's PID, and tiexec exits with PROGRAM's status. A word is always a
+program: the management commands are options, and count only as the first
+argument (`tiexec stat FILE` runs stat).
+
+Options:
+{options}
+Exit status: PROGRAM's, or 127 when PROGRAM is not found, 126 when it
+cannot be executed, 2 for a usage error.
+"
+    )
+}
+
+/// Parses the wrapper's arguments (those after `tiexec`).
+pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Parsed {
+    match parse_inner(argv) {
+        Ok(p) => p,
+        Err(e) => Parsed::Usage(e.to_string()),
+    }
+}
+
+fn parse_inner(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexopt::Error> {
+    use lexopt::Arg::{Long, Short, Value};
+    let mut parser = lexopt::Parser::from_args(argv);
+    let mut args = Args::default();
+    while let Some(arg) = parser.next()? {
+        let setting = match &arg {
+            Long(name) => config::setting_for_flag(Some(name), None),
+            Short(c) => config::setting_for_flag(None, Some(*c)),
+            Value(_) => None,
+        };
+        if let Some(s) = setting {
+            let flag = s.flag.ok_or(lexopt::Error::from("no such option"))?;
+            let value = match flag.switch {
+                Some(v) => OsString::from(v),
+                None => parser.value()?,
+            };
+            if let Err(expected) = config::check_value(s, value.as_bytes()) {
+                return Ok(Parsed::Usage(format!(
+                    "--{} {}: expected {expected}",
+                    flag.long,
+                    value.to_string_lossy()
+                )));
+            }
+            args.settings.push((s.var, value));
+            continue;
+        }
+        match arg {
+            Short('h') | Long("help") => return Ok(Parsed::Print(usage())),
+            Short('V') | Long("version") => {
+                return Ok(Parsed::Print(format!(
+                    "tiexec {}\n",
+                    env!("CARGO_PKG_VERSION")
+                )))
+            }
+            Short('v') | Long("verbose") => args.settings.push((config::VAR_LOG, "info".into())),
+            Long("dlopen") => args.dlopen = true,
+            Long("no-prime") => args.no_prime = true,
+            Long("library") => args.library = Some(parser.value()?.into()),
+            Value(program) => {
+                args.program = program;
+                args.program_args = parser.raw_args()?.collect();
+                return Ok(Parsed::Run(Box::new(args)));
+            }
+            other => return Err(other.unexpected()),
+        }
+    }
+    Ok(Parsed::Usage("missing PROGRAM".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(v: &[&str]) -> Option<Args> {
+        match parse(v.iter().map(OsString::from)) {
+            Parsed::Run(a) => Some(*a),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn options_stop_at_the_program() {
+        let a = run(&["-b", "thp", "--log=info", "g++", "-O2", "--backend", "x"]).unwrap();
+        assert_eq!(a.setting("TIEXEC_BACKEND").unwrap(), "thp");
+        assert_eq!(a.setting("TIEXEC_LOG").unwrap(), "info");
+        assert_eq!(a.program, "g++");
+        assert_eq!(a.program_args, ["-O2", "--backend", "x"]);
+        let a = run(&["--", "-weird-name", "--help"]).unwrap();
+        assert_eq!(a.program, "-weird-name");
+        assert_eq!(a.program_args, ["--help"]);
+        let a = run(&["--no-children", "-v", "--min-text", "8M", "stat", "/etc"]).unwrap();
+        assert_eq!(a.setting("TIEXEC_CHILDREN").unwrap(), "0");
+        assert_eq!(a.setting("TIEXEC_MIN_TEXT").unwrap(), "8M");
+        assert_eq!(a.program, "stat", "a word is always a program");
+    }
+
+    #[test]
+    fn bad_values_and_unknown_options_are_usage_errors() {
+        for bad in [
+            &["--backend", "bogus", "ls"][..],
+            &["--frobnicate", "ls"],
+            &["--min-text", "4 M", "ls"],
+            &["--cache-dir", "relative", "ls"],
+            &[],
+            &["-b"],
+        ] {
+            assert!(
+                matches!(parse(bad.iter().map(OsString::from)), Parsed::Usage(_)),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_settings_option_is_in_the_help() {
+        let text = usage();
+        for s in SETTINGS.iter() {
+            if let Some(f) = s.flag {
+                assert!(text.contains(&format!("--{}", f.long)), "{}", f.long);
+                assert!(text.contains(s.var), "{}", s.var);
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The preload library the `tiexec` binary carries inside itself, written
+//! once to a private directory where the loader can map it executable.
+//!
+//! Named by its content (a digest computed when it was built), so a binary
+//! finds its own library with one `lstat`, without reading it back. A
+//! directory is used only if it is a real directory of this user that others
+//! cannot write to, and only if a library there can be mapped executable:
+//! a cache directory on a `noexec` mount (or one a security module forbids)
+//! would make the loader refuse the preload in every process.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The preload library, built by build.rs from these same sources.
+static EMBEDDED_LIBRARY: &[u8] = include_bytes!(env!("TIEXEC_EMBEDDED_LIB"));
+
+/// Its digest, computed by build.rs.
+const DIGEST: &str = env!("TIEXEC_EMBEDDED_DIGEST");
+
+/// Why no place for the library was found.
+#[derive(Debug)]
+pub enum Unplaced {
+    /// This binary was built without its library.
+    NotEmbedded,
+    /// Every candidate directory failed; the reasons, in order.
+    Nowhere(Vec<(PathBuf, String)>),
+}
+
+impl std::fmt::Display for Unplaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unplaced::NotEmbedded => write!(f, "this tiexec was built without its library"),
+            Unplaced::Nowhere(tried) => {
+                write!(
+                    f,
+                    "no directory where libtiexec.so can be mapped executable"
+                )?;
+                for (dir, why) in tried {
+                    write!(f, "; {}: {why}", dir.display())?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Directories to try, in order: the user's cache directory, then private
+/// directories in the temporary places.
+fn candidates() -> Vec<PathBuf> {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let mut out = Vec::new();
+    if let Some(p) = tiexec::state::default_path() {
+        out.push(p);
+    }
+    let private = format!("tiexec-{uid}");
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        if d.is_absolute() {
+            out.push(d.join("tiexec"));
+        }
+    }
+    out.push(std::env::temp_dir().join(&private));
+    for d in ["/tmp", "/var/tmp", "/dev/shm"] {
+        let p = Path::new(d).join(&private);
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A directory only this user can write to (made 0700 if missing).
+fn private_dir(dir: &Path) -> Result<(), String> {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir);
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Err("not a directory (or a symlink)".into());
+    }
+    if meta.uid() != uid {
+        return Err(format!("owned by uid {}", meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err("writable by group or others".into());
+    }
+    Ok(())
+}
+
+/// True when `file` can be mapped executable (what the loader will do).
+fn mappable_executable(file: &std::fs::File) -> Result<(), String> {
+    // SAFETY: a fresh read-only, executable private mapping of one page of
+    // our own file at an address of the kernel's choosing, unmapped at once.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "cannot be mapped executable ({}; a noexec mount?)",
+                std::io::Error::last_os_error()
+            ));
+        }
+        libc::munmap(p, 4096);
+    }
+    Ok(())
+}
+
+/// The library in `dir`: the existing file when it is ours and whole, else
+/// written now (under a unique name, then renamed: a concurrent tiexec never
+/// sees half a library, and nothing is followed or clobbered).
+fn place_in(dir: &Path) -> Result<PathBuf, String> {
+    private_dir(dir)?;
+    let path = dir.join(format!(
+        "libtiexec-{}-{DIGEST}.so",
+        env!("CARGO_PKG_VERSION")
+    ));
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let ours = std::fs::symlink_metadata(&path)
+        .is_ok_and(|m| m.is_file() && m.uid() == uid && m.len() == EMBEDDED_LIBRARY.len() as u64);
+    if !ours {
+        let tmp = dir.join(format!(".libtiexec-{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| e.to_string())?;
+        let written = f
+            .write_all(EMBEDDED_LIBRARY)
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.to_string());
+        }
+    }
+    let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+    mappable_executable(&file)?;
+    Ok(path)
+}
+
+/// The path of the library, written where it can serve if needed.
+pub fn library() -> Result<PathBuf, Unplaced> {
+    if EMBEDDED_LIBRARY.is_empty() {
+        return Err(Unplaced::NotEmbedded);
+    }
+    let mut tried = Vec::new();
+    for dir in candidates() {
+        match place_in(&dir) {
+            Ok(p) => return Ok(p),
+            Err(why) => tried.push((dir, why)),
+        }
+    }
+    Err(Unplaced::Nowhere(tried))
+}
