@@ -216,7 +216,7 @@ pub enum Unusable {
     ForeignDir(u32),
     /// The user's directory is writable by group or others.
     OpenDir,
-    /// The user's directory is a symlink.
+    /// The user's directory, or the mount's path, is a symlink.
     SymlinkedDir,
 }
 
@@ -241,7 +241,9 @@ impl core::fmt::Display for Unusable {
             Unusable::OpenDir => {
                 write!(f, "cache directory writable by group or others: not used")
             }
-            Unusable::SymlinkedDir => write!(f, "cache directory is a symlink: not used"),
+            Unusable::SymlinkedDir => {
+                write!(f, "cache directory (or its mount) is a symlink: not used")
+            }
         }
     }
 }
@@ -392,11 +394,23 @@ impl Cache {
     /// hugetlbfs mount with a size limit, and creates or checks the user's
     /// directory.
     pub fn open(root: &Path) -> Result<Cache, Unusable> {
-        // The path processes' maps will show for the images.
-        let root = std::fs::canonicalize(root).map_err(|_| Unusable::NotSetUp)?;
+        // The path processes' maps will show for the images: its parents
+        // resolved (/var/run -> /run), the mount point itself never followed.
+        let (Some(parent), Some(name)) = (root.parent(), root.file_name()) else {
+            return Err(Unusable::NotSetUp);
+        };
+        let root = std::fs::canonicalize(parent)
+            .map_err(|_| Unusable::NotSetUp)?
+            .join(name);
         let root_c =
             CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| Unusable::NotSetUp)?;
-        let root_fd = sys::open_dir_at(None, &root_c).map_err(|_| Unusable::NotSetUp)?;
+        let root_fd = match sys::open_dir_at(None, &root_c) {
+            Ok(fd) => fd,
+            Err(_) if std::fs::symlink_metadata(&root).is_ok_and(|m| m.is_symlink()) => {
+                return Err(Unusable::SymlinkedDir)
+            }
+            Err(_) => return Err(Unusable::NotSetUp),
+        };
         if !on_hugetlbfs(root_fd.as_fd()) {
             return Err(Unusable::NotSetUp);
         }
@@ -567,8 +581,15 @@ impl Cache {
         if let Some(s) = state {
             s.image_built(name, object);
         }
+        // Opened by its name, so that /proc/PID/maps shows it (what the
+        // unnamed file's descriptor would show is a temporary name): that
+        // is how eviction and `tiexec --stat` tell who maps it.
+        let fd = match self.lookup(name, content.len) {
+            Ok(Some(found)) => found.fd,
+            _ => sys::reopen_read_only(image.as_fd()).map_err(Failure::Reopen)?,
+        };
         Ok(Image {
-            fd: sys::reopen_read_only(image.as_fd()).map_err(Failure::Reopen)?,
+            fd,
             len: content.len,
             name: name.to_string(),
             hit: false,

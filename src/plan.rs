@@ -597,6 +597,8 @@ pub enum NoSupply {
     /// It names the program (see [`SwapRange::names_program`]) and no
     /// anonymous copy is allowed.
     NamesProgram,
+    /// The cache could serve, but not this range's bytes.
+    NotCacheable(NotCacheable),
 }
 
 impl core::fmt::Display for NoSupply {
@@ -627,6 +629,7 @@ impl core::fmt::Display for NoSupply {
                 "a private copy (~{copy_ms} ms) would not pay off: median run {median_ms} ms over {runs} runs"
             ),
             NoSupply::WouldNotPay(Payoff::Pays) => write!(f, "a private copy pays off"),
+            NoSupply::NotCacheable(why) => write!(f, "not cacheable: {}", why.describe()),
             NoSupply::NamesProgram => write!(
                 f,
                 "holds the program's ELF header, by whose mapping symbolizers name the program: only the page cache or THP may replace it"
@@ -665,7 +668,10 @@ pub fn supplies(
     match backend {
         Backend::Off => Err(NoSupply::Off),
         Backend::Cache if cache_serves => Ok(vec![image]),
-        Backend::Cache => Err(NoSupply::NoCache),
+        Backend::Cache => Err(match facts.cacheable {
+            Err(why) if offer.cache => NoSupply::NotCacheable(why),
+            _ => NoSupply::NoCache,
+        }),
         Backend::Hugetlb if offer.pool_available == 0 => Err(NoSupply::PoolEmpty),
         Backend::Hugetlb => Ok(vec![Supply::Pool]),
         Backend::Thp if offer.mdwe => Err(NoSupply::Mdwe),
@@ -683,6 +689,8 @@ pub fn supplies(
             }
             if !out.is_empty() {
                 Ok(out)
+            } else if let (true, Err(why)) = (offer.cache, facts.cacheable) {
+                Err(NoSupply::NotCacheable(why))
             } else if !thp && !cache_serves {
                 Err(if offer.mdwe {
                     NoSupply::Mdwe
@@ -1021,12 +1029,19 @@ mod tests {
         );
         // ... and never text that differs from its file.
         assert_eq!(auto(server, modified, Payoff::Pays), Ok(vec![Supply::Thp]));
+        assert_eq!(
+            auto(server, modified, Payoff::Unknown),
+            Err(NoSupply::NotCacheable(NotCacheable::Modified))
+        );
         // MDWE: images only.
         assert_eq!(
             auto(hardened, stable, Payoff::Pays),
             Ok(vec![Supply::SharedImage])
         );
-        assert_eq!(auto(hardened, modified, Payoff::Pays), Err(NoSupply::Mdwe));
+        assert_eq!(
+            auto(hardened, modified, Payoff::Pays),
+            Err(NoSupply::NotCacheable(NotCacheable::Modified))
+        );
         assert_eq!(
             supplies(Backend::Thp, hardened, stable, Payoff::Pays),
             Err(NoSupply::Mdwe)

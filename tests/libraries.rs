@@ -3,55 +3,19 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Waiting, BIG_RODATA, HUGE_ALIGNED};
+use common::{BIG_RODATA, HUGE_ALIGNED};
 
 const T: Duration = Duration::from_secs(120);
 const CALLS: &str = "200000";
-
-struct Seen {
-    interior: u64,
-    text: u64,
-    cov: tiexec::smaps::Coverage,
-    stdout_first: String,
-    outcome: common::Outcome,
-}
-
-/// Starts `cmd` (a fixture in wait mode), and reads the coverage of
-/// `object`'s text and its read-only bytes while it waits.
-fn observe(cmd: &mut Command, object: &Path) -> Seen {
-    let w = Waiting::start(cmd, T);
-    let pid = w.pid();
-    let segments = common::text_segments(pid, object);
-    let cov = common::coverage(pid, &segments);
-    let bytes = common::read_only_segments_match_file(pid, object);
-    let wx = common::writable_executable_mappings(pid);
-    let stdout_first = w.first_line.clone();
-    let outcome = w.finish(T);
-    let context = format!("segments {segments:x?}, coverage {cov:?}");
-    outcome.check(outcome.status.success(), &format!("exit status; {context}"));
-    outcome.check(
-        bytes.is_ok(),
-        &format!("bytes changed: {bytes:?}; {context}"),
-    );
-    outcome.check(wx.is_empty(), &format!("W+X mappings {wx:?}"));
-    Seen {
-        interior: common::planned_interior(&segments),
-        text: segments.iter().map(|s| s.len()).sum(),
-        cov,
-        stdout_first,
-        outcome,
-    }
-}
 
 #[test]
 fn a_library_linked_at_start_up_is_covered() {
     let (host, lib) = common::linked_library_fixture();
     let plain = common::run(Command::new(&host).args([CALLS, "run"]), T);
-    let seen = observe(
+    let seen = common::observe(
         common::tiexec_cmd()
             .args(["-v", "--no-prime", "-b", "thp"])
             .arg(&host)
@@ -81,7 +45,7 @@ fn a_library_dlopened_while_another_thread_runs_is_covered() {
     let (host, lib) = common::dlopen_library_fixture();
     let plain = common::run(Command::new(&host).args([CALLS, "run"]).arg(&lib), T);
     plain.check(plain.status.success(), "plain run");
-    let seen = observe(
+    let seen = common::observe(
         common::tiexec_cmd()
             .args(["-v", "--no-prime", "-b", "thp", "--dlopen"])
             .arg(&host)
@@ -110,7 +74,7 @@ fn a_library_dlopened_while_another_thread_runs_is_covered() {
 #[test]
 fn by_default_a_dlopened_library_is_left_alone() {
     let (host, lib) = common::dlopen_library_fixture();
-    let seen = observe(
+    let seen = common::observe(
         common::tiexec_cmd()
             .args(["--no-prime", "-b", "thp"])
             .arg(&host)
@@ -127,7 +91,7 @@ fn by_default_a_dlopened_library_is_left_alone() {
 #[test]
 fn excluded_libraries_are_left_alone() {
     let (host, lib) = common::linked_library_fixture();
-    let seen = observe(
+    let seen = common::observe(
         common::tiexec_cmd()
             .args(["--no-prime", "-b", "thp", "--exclude", "libbig*"])
             .arg(&host)
@@ -136,7 +100,7 @@ fn excluded_libraries_are_left_alone() {
     );
     seen.outcome
         .check(seen.cov.anon_thp == 0, &format!("{:?}", seen.cov));
-    let seen = observe(
+    let seen = common::observe(
         common::tiexec_cmd()
             .args(["--no-prime", "-b", "thp", "--include", "no-such-lib*"])
             .arg(&host)
@@ -151,7 +115,7 @@ fn excluded_libraries_are_left_alone() {
 fn aggressive_covers_all_text_when_its_neighbours_are_read_only() {
     let exe = common::fixture(BIG_RODATA);
     let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
-    let aggressive = observe(
+    let aggressive = common::observe(
         common::tiexec_cmd()
             .args(["-v", "--no-prime", "-b", "thp", "--strategy", "aggressive"])
             .arg(&exe)
@@ -167,7 +131,7 @@ fn aggressive_covers_all_text_when_its_neighbours_are_read_only() {
         &format!("not 100 %: {:?} of {}", aggressive.cov, aggressive.text),
     );
 
-    let conservative = observe(
+    let conservative = common::observe(
         common::tiexec_cmd()
             .args([
                 "-v",
@@ -212,7 +176,7 @@ fn congruent_text_is_tried_in_place_and_copied_when_the_kernel_refuses() {
         &common::scratch_dir().join(format!("in-place-{}", std::process::id())),
     );
     let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
-    let seen = observe(
+    let seen = common::observe(
         common::tiexec_cmd()
             .args(["-v", "--no-prime", "-b", "thp"])
             .arg(&exe)

@@ -363,6 +363,73 @@ pub fn build_library(name: &str, text_mib: u64, dir: &Path) -> PathBuf {
     lib
 }
 
+/// Builds `lib<name>.so` like [`build_library`], plus one function whose
+/// code holds an absolute address (`movabs`), linked with `-z notext`: the
+/// library has text relocations (`DT_TEXTREL`), so the loader writes into
+/// its text and the text in memory differs from the file.
+pub fn build_textrel_library(name: &str, text_mib: u64, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("fixture dir");
+    let lib = dir.join(format!("lib{name}.so"));
+    if lib.exists() {
+        return lib;
+    }
+    let asm = dir.join(format!("lib{name}.S"));
+    let mut text = assembly_named("lib", text_mib * 256, false, 0);
+    text.push_str(
+        "    .text
+    .globl lib_textrel
+    .type lib_textrel, @function
+         lib_textrel:
+    movabs $lib_table, %rax
+    ret
+    .size lib_textrel, .-lib_textrel
+",
+    );
+    std::fs::write(&asm, text).expect("write asm");
+    let tmp = dir.join(format!("lib{name}.so.tmp{}", std::process::id()));
+    gcc(
+        &[
+            "-shared".as_ref(),
+            "-fPIC".as_ref(),
+            "-Wl,-z,notext".as_ref(),
+            asm.as_os_str(),
+            "-o".as_ref(),
+            tmp.as_os_str(),
+        ],
+        name,
+    );
+    rewrite_in_small_pages(&tmp);
+    std::fs::rename(&tmp, &lib).expect("rename library");
+    lib
+}
+
+/// The file offset of symbol `name`'s first byte in the ELF file `bytes`.
+pub fn symbol_file_offset(bytes: &[u8], name: &str) -> Option<usize> {
+    let elf = goblin::elf::Elf::parse(bytes).ok()?;
+    let sym = elf
+        .syms
+        .iter()
+        .find(|s| elf.strtab.get_at(s.st_name) == Some(name))?;
+    let load = elf.program_headers.iter().find(|p| {
+        p.p_type == goblin::elf::program_header::PT_LOAD
+            && p.p_vaddr <= sym.st_value
+            && sym.st_value < p.p_vaddr + p.p_filesz
+    })?;
+    usize::try_from(sym.st_value - load.p_vaddr + load.p_offset).ok()
+}
+
+/// `exe`'s bytes with the code of `fixture_fn_<index>` changed (the low
+/// byte of its `xor` immediate): same size, same layout, another checksum
+/// whenever that function is called.
+pub fn patched_text(exe: &Path, index: u64) -> Vec<u8> {
+    let mut bytes = std::fs::read(exe).expect("read fixture");
+    let at = symbol_file_offset(&bytes, &format!("fixture_fn_{index}")).expect("symbol");
+    // imul $imm32, %rdi, %rax (7 bytes), then xor $imm32, %rax (48 35 imm32)
+    assert_eq!(bytes[at + 7..at + 9], [0x48, 0x35], "layout of fixture_fn");
+    bytes[at + 9] ^= 1;
+    bytes
+}
+
 /// Builds the host program into `dir` (once): linked against `linked_lib`,
 /// or, with `None`, dlopening the library named on its command line.
 pub fn build_host(name: &str, linked_lib: Option<&Path>, dir: &Path) -> PathBuf {

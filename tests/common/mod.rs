@@ -42,6 +42,10 @@ pub const HUGE_ALIGNED: Spec = Spec {
     huge_aligned: true,
     ..Spec::new("fixture-pie-aligned-24m", 24, true)
 };
+/// The non-PIE fixture with 64 MiB of text.
+pub const NON_PIE_64: Spec = Spec::new("fixture-nopie-64m", 64, false);
+/// The PIE fixture with 64 MiB of text.
+pub const PIE_64: Spec = Spec::new("fixture-pie-64m", 64, true);
 /// A small static program.
 pub const STATIC_SMALL: Spec = Spec {
     static_link: true,
@@ -452,6 +456,47 @@ pub fn read_only_segments_match_file(pid: u32, exe: &Path) -> Result<(), String>
         return Err("no read-only segment".into());
     }
     Ok(())
+}
+
+/// What a fixture run under observation showed.
+pub struct Seen {
+    pub pid: u32,
+    pub interior: u64,
+    pub text: u64,
+    pub cov: smaps::Coverage,
+    pub stdout_first: String,
+    pub outcome: Outcome,
+}
+
+/// Starts `cmd` (a fixture in wait mode), reads the coverage of `object`'s
+/// text and checks its read-only bytes while it waits, then lets it finish;
+/// checks it exited 0, its bytes matched the file, and nothing was writable
+/// and executable.
+pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
+    let t = Duration::from_secs(120);
+    let w = Waiting::start(cmd, t);
+    let pid = w.pid();
+    let segments = text_segments(pid, object);
+    let cov = coverage(pid, &segments);
+    let bytes = read_only_segments_match_file(pid, object);
+    let wx = writable_executable_mappings(pid);
+    let stdout_first = w.first_line.clone();
+    let outcome = w.finish(t);
+    let context = format!("segments {segments:x?}, coverage {cov:?}");
+    outcome.check(outcome.status.success(), &format!("exit status; {context}"));
+    outcome.check(
+        bytes.is_ok(),
+        &format!("bytes changed: {bytes:?}; {context}"),
+    );
+    outcome.check(wx.is_empty(), &format!("W+X mappings {wx:?}"));
+    Seen {
+        pid,
+        interior: planned_interior(&segments),
+        text: segments.iter().map(|s| s.len()).sum(),
+        cov,
+        stdout_first,
+        outcome,
+    }
 }
 
 /// The 2 MiB-aligned interior of the segments: what must end up huge.
