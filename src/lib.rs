@@ -32,6 +32,7 @@ pub mod discover;
 pub mod elf;
 pub mod fault;
 pub mod inspect;
+pub mod interpose;
 pub mod json;
 pub mod log;
 pub mod plan;

@@ -56,6 +56,9 @@ fn run() {
     if linked_in && !cfg!(feature = "constructor") {
         return;
     }
+    // The program's mprotect calls go through tiexec's (see `interpose`):
+    // find the one they would have reached.
+    crate::interpose::resolve_next();
 
     // Step 2: settings.
     let parsed = config::from_process_env();
@@ -297,7 +300,7 @@ fn linked_into_main_program() -> bool {
 
 /// True when this copy of the library lives in the program's own link-map
 /// namespace (not in the one the loader makes for audit modules).
-fn in_base_namespace() -> bool {
+pub(crate) fn in_base_namespace() -> bool {
     let mut info = libc::Dl_info {
         dli_fname: core::ptr::null(),
         dli_fbase: core::ptr::null_mut(),

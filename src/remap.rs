@@ -556,7 +556,17 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], ctx: &Context) -> Vec<Obje
                     report.in_place_error = r.in_place_error;
                 }
                 match (r.result, r.source) {
-                    (Ok(()), Some(source)) => report.swapped.push((r.range, source)),
+                    (Ok(()), Some(source)) => {
+                        if matches!(
+                            source,
+                            Source::CacheHit | Source::CacheBuilt | Source::Hugetlb
+                        ) {
+                            // hugetlb pages cannot be split: a later
+                            // mprotect of part of them needs tiexec's help.
+                            crate::interpose::register(r.range);
+                        }
+                        report.swapped.push((r.range, source))
+                    }
                     (Err(e), _) => report.failed.push((r.range, e)),
                     (Ok(()), None) => {}
                 }

@@ -53,6 +53,7 @@ const DRIVER_C: &str = r#"
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 
 typedef unsigned long (*fixture_fn)(unsigned long);
@@ -64,7 +65,7 @@ extern const unsigned long fixture_rodata_len;
 static const char rodata_message[] = "tiexec-fixture-rodata";
 static unsigned long writable_counter = 7;
 
-/* usage: fixture [CALLS [wait|run|fork [EXIT_CODE]]]
+/* usage: fixture [CALLS [wait|run|fork|patch|hog [EXIT_CODE|PAGES]]]
  * Calls CALLS functions chosen by xorshift, prints the checksum; with "wait",
  * prints "ready" and its pid (stderr), then blocks until stdin closes; with
  * "fork", a child calls every function once and the parent reports how the
@@ -85,6 +86,29 @@ int main(int argc, char **argv) {
     printf("functions %lu calls %lu checksum %016lx rodata %s %016lx counter %lu\n",
            fixture_count, calls, acc, rodata_message, rodata_sum, writable_counter);
     fflush(stdout);
+    if (argc > 3 && strcmp(argv[2], "hog") == 0) {
+        /* Like a database with huge_pages=on: maps the PAGES hugetlb pages
+         * it was configured for, and fails to start without them. */
+        unsigned long pages = strtoul(argv[3], 0, 10);
+        size_t len = pages << 21;
+        void *p = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+        if (p == MAP_FAILED) { perror("hog: mmap of its huge pages"); return 5; }
+        for (size_t off = 0; off < len; off += 1UL << 21) ((volatile char *)p)[off] = 1;
+        printf("hog: %lu huge pages\n", pages);
+        fflush(stdout);
+        code = 0;
+    }
+    if (argc > 2 && strcmp(argv[2], "patch") == 0) {
+        /* What hooking libraries do: make one 4 KiB page of text writable,
+         * change a function there, make it executable again, call it. */
+        unsigned char *f = (unsigned char *)fixture_table[fixture_count / 2];
+        unsigned char *page = (unsigned char *)((unsigned long)f & ~4095UL);
+        if (mprotect(page, 4096, PROT_READ | PROT_WRITE | PROT_EXEC)) { perror("mprotect rwx"); return 3; }
+        f[9] ^= 1; /* the low byte of its xor immediate */
+        if (mprotect(page, 4096, PROT_READ | PROT_EXEC)) { perror("mprotect r-x"); return 4; }
+        printf("patched %016lx\n", fixture_table[fixture_count / 2](12345));
+        fflush(stdout);
+    }
     if (argc > 2 && strcmp(argv[2], "fork") == 0) {
         fflush(stdout);
         pid_t child = fork();
@@ -336,6 +360,101 @@ fn gcc(args: &[&std::ffi::OsStr], what: &str) {
         "building {what}: gcc {args:?}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+const PANICKER_RS: &str = r#"
+// A Rust program with big text (the fixture's functions, linked in) that
+// panics a few calls deep: its backtrace must name every frame.
+extern "C" {
+    static fixture_table: [extern "C" fn(u64) -> u64; 1];
+    static fixture_count: u64;
+}
+
+#[inline(never)]
+fn third(x: u64) -> u64 {
+    if std::hint::black_box(x) > 0 {
+        panic!("tiexec fixture panic after {x}");
+    }
+    x
+}
+
+#[inline(never)]
+fn second(x: u64) -> u64 {
+    third(x) + 1
+}
+
+#[inline(never)]
+fn first(x: u64) -> u64 {
+    second(x) * 3
+}
+
+fn main() {
+    // SAFETY: the linked-in table has at least one function.
+    let (f, n) = unsafe { (fixture_table[0], fixture_count) };
+    println!("functions {n} first {:x}", f(n));
+    let wait = std::env::args().nth(1).is_some_and(|a| a == "wait");
+    if wait {
+        eprintln!("pid {}", std::process::id());
+        println!("ready");
+        let mut s = String::new();
+        let _ = std::io::stdin().read_line(&mut s);
+    }
+    first(std::hint::black_box(n));
+}
+"#;
+
+/// Builds the Rust program that panics (24 MiB of text, PIE, line tables)
+/// into `dir` (once), with `rustc`.
+pub fn build_rust_panicker(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("fixture dir");
+    let digest = tiexec::state::fnv1a(PANICKER_RS.as_bytes());
+    let exe = dir.join(format!("panicker-{digest:016x}"));
+    if exe.exists() {
+        return exe;
+    }
+    let asm = dir.join("panicker-text.S");
+    let obj = dir.join(format!("panicker-text-{}.o", std::process::id()));
+    std::fs::write(&asm, assembly(24 * 256, false, 0)).expect("write asm");
+    gcc(
+        &[
+            "-c".as_ref(),
+            "-fPIC".as_ref(),
+            asm.as_os_str(),
+            "-o".as_ref(),
+            obj.as_os_str(),
+        ],
+        "panicker text",
+    );
+    let src = dir.join("panicker.rs");
+    std::fs::write(&src, PANICKER_RS).expect("write source");
+    let tmp = dir.join(format!("panicker.tmp{}", std::process::id()));
+    let out = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
+        .args([
+            "--edition",
+            "2021",
+            "-C",
+            "opt-level=1",
+            "-C",
+            "debuginfo=1",
+            "-C",
+            "strip=none",
+        ])
+        .arg("-C")
+        .arg(format!("link-arg={}", obj.display()))
+        .arg(&src)
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .expect("run rustc");
+    assert!(
+        out.status.success(),
+        "building the panicker: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&obj);
+    rewrite_in_small_pages(&tmp);
+    std::fs::rename(&tmp, &exe).expect("rename");
+    exe
 }
 
 /// Builds `lib<name>.so` with `text_mib` MiB of text into `dir` (once).

@@ -52,6 +52,12 @@ pub const STATIC_SMALL: Spec = Spec {
     ..Spec::new("fixture-static-1m", 1, false)
 };
 
+/// A digest of a fixture's source, for its file name: an edited source is
+/// never served by an old build.
+pub fn fixture_digest(source: &str) -> u64 {
+    tiexec::state::fnv1a(source.as_bytes())
+}
+
 /// Where fixtures and scratch files go.
 pub fn scratch_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tiexec-tests")

@@ -1,0 +1,341 @@
+//! `mprotect` as the program sees it, over text on hugetlb pages.
+//!
+//! Code that patches itself (hooking and mocking libraries, hot patching,
+//! some JITs) makes a 4 KiB page of its text writable with `mprotect`, writes
+//! a jump, and makes it executable again. On text moved to hugetlb pages
+//! (cache images, pool copies) that call fails: a hugetlb mapping cannot be
+//! split (EINVAL), and an image is never writable (EACCES). So tiexec
+//! defines `mprotect` itself: when the range touches such text, each 2 MiB
+//! page concerned is first put back on ordinary 4 KiB pages holding the same
+//! bytes (a private copy, moved over it with one `mremap`: no moment without
+//! code, and other threads running there see the same instructions), then
+//! the call proceeds as it would have without tiexec. Nothing is ever written
+//! through a shared image.
+//!
+//! The registry of such ranges is filled after each swap, and shared with
+//! the copy of the library that serves as audit module (`--dlopen`), which
+//! lives in a link-map namespace of its own: that copy registers into the
+//! preloaded copy's registry (same file, same layout).
+//!
+//! Every other call goes straight to the next `mprotect` (libc's, or another
+//! interposer's), found once with `dlsym(RTLD_NEXT)`; without a loader (a
+//! static program), the system call itself.
+
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use crate::plan::{align_down, align_up, Range, HUGE_PAGE};
+use crate::sys::{Mapping, Prot};
+
+/// Ranges at most: more are not registered (their chunks are then split
+/// only if the kernel refuses the call, see `mprotect`).
+const SLOTS: usize = 64;
+
+/// Text ranges on pages that cannot be split, as `[start, end)` pairs.
+pub struct Registry {
+    starts: [AtomicU64; SLOTS],
+    ends: [AtomicU64; SLOTS],
+    used: AtomicUsize,
+    lock: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
+
+static REGISTRY: Registry = Registry {
+    starts: [ZERO; SLOTS],
+    ends: [ZERO; SLOTS],
+    used: AtomicUsize::new(0),
+    lock: AtomicBool::new(false),
+};
+
+/// Holds the registry's lock (a spin lock: held for a copy of 2 MiB at
+/// most, and taken only by calls that touch registered text).
+struct Locked<'a>(&'a Registry);
+
+impl<'a> Locked<'a> {
+    fn take(r: &'a Registry) -> Locked<'a> {
+        while r
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        Locked(r)
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.0.lock.store(false, Ordering::Release);
+    }
+}
+
+impl Registry {
+    fn ranges(&self) -> impl Iterator<Item = (usize, Range)> + '_ {
+        let n = self.used.load(Ordering::Acquire).min(SLOTS);
+        (0..n).filter_map(move |i| {
+            let (s, e) = (
+                self.starts.get(i)?.load(Ordering::Acquire),
+                self.ends.get(i)?.load(Ordering::Acquire),
+            );
+            (s < e).then(|| (i, Range::new(s, e)))
+        })
+    }
+
+    fn add(&self, r: Range) {
+        let _held = Locked::take(self);
+        let n = self.used.load(Ordering::Relaxed);
+        // Reuse an emptied slot first.
+        let slot = (0..n.min(SLOTS))
+            .find(|&i| {
+                self.starts.get(i).map(|a| a.load(Ordering::Relaxed))
+                    >= self.ends.get(i).map(|a| a.load(Ordering::Relaxed))
+            })
+            .or((n < SLOTS).then_some(n));
+        let Some(i) = slot else {
+            return;
+        };
+        if let (Some(s), Some(e)) = (self.starts.get(i), self.ends.get(i)) {
+            s.store(r.start, Ordering::Release);
+            e.store(r.end, Ordering::Release);
+        }
+        if i == n {
+            self.used.store(n + 1, Ordering::Release);
+        }
+    }
+
+    /// Takes `chunk` out of the range in slot `i` (whose part it is).
+    fn remove_chunk(&self, i: usize, chunk: Range) {
+        let (Some(s), Some(e)) = (self.starts.get(i), self.ends.get(i)) else {
+            return;
+        };
+        let (start, end) = (s.load(Ordering::Relaxed), e.load(Ordering::Relaxed));
+        if chunk.start == start {
+            s.store(chunk.end, Ordering::Release);
+        } else if chunk.end == end {
+            e.store(chunk.start, Ordering::Release);
+        } else {
+            // The middle: the slot keeps the head, a new one the tail.
+            e.store(chunk.start, Ordering::Release);
+            let n = self.used.load(Ordering::Relaxed);
+            if n < SLOTS {
+                if let (Some(s2), Some(e2)) = (self.starts.get(n), self.ends.get(n)) {
+                    s2.store(chunk.end, Ordering::Release);
+                    e2.store(end, Ordering::Release);
+                    self.used.store(n + 1, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
+/// The registry of the preloaded copy of this library: ours, unless this
+/// copy is the audit module, whose namespace is not the program's.
+fn shared_registry() -> &'static Registry {
+    if crate::preload::in_base_namespace() {
+        return &REGISTRY;
+    }
+    base_namespace_registry().unwrap_or(&REGISTRY)
+}
+
+/// Finds the other copy of this very file (same path, another load address)
+/// and the registry inside it: at the same offset from its load address.
+fn base_namespace_registry() -> Option<&'static Registry> {
+    let ours = core::ptr::addr_of!(REGISTRY) as u64;
+    let objects = crate::discover::loaded_objects();
+    let me = objects.iter().find(|o| o.contains(ours))?;
+    let twin = objects.iter().find(|o| {
+        o.path == me.path
+            && o.bias != me.bias
+            && o.build_id == me.build_id
+            && !o.build_id.is_empty()
+    })?;
+    let theirs = ours.wrapping_sub(me.bias).wrapping_add(twin.bias);
+    if !twin.contains(theirs) {
+        return None;
+    }
+    // SAFETY: `theirs` is REGISTRY in another mapping of the same file (same
+    // build ID, same path): a `Registry` (atomics only) with static lifetime,
+    // loaded as long as the program runs.
+    Some(unsafe { &*(theirs as *const Registry) })
+}
+
+/// Records that `range` now holds text on pages that cannot be split.
+pub fn register(range: Range) {
+    shared_registry().add(range);
+}
+
+/// The next `mprotect` in the lookup order (libc's, or another interposer's).
+static NEXT: AtomicPtr<libc::c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+type MprotectFn = unsafe extern "C" fn(*mut libc::c_void, libc::size_t, libc::c_int) -> libc::c_int;
+
+/// Finds the next `mprotect` (once, from the constructor: not from inside a
+/// call, where the loader's lock might be held).
+pub fn resolve_next() {
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name; it returns a
+    // function pointer or null.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"mprotect".as_ptr()) };
+    let own = mprotect as MprotectFn as *mut libc::c_void;
+    if !f.is_null() && f != own {
+        NEXT.store(f, Ordering::Release);
+    }
+}
+
+fn next_mprotect(addr: *mut libc::c_void, len: libc::size_t, prot: libc::c_int) -> libc::c_int {
+    let f = NEXT.load(Ordering::Acquire);
+    if f.is_null() {
+        // SAFETY: the system call itself, with the caller's arguments: what
+        // libc's mprotect does.
+        return unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot) } as libc::c_int;
+    }
+    // SAFETY: `f` is the address dlsym gave for the next `mprotect`, which
+    // has this C signature.
+    let f: MprotectFn = unsafe { core::mem::transmute::<*mut libc::c_void, MprotectFn>(f) };
+    // SAFETY: the caller's arguments, passed on unchanged.
+    unsafe { f(addr, len, prot) }
+}
+
+/// Puts the 2 MiB page `chunk` (text on hugetlb pages) back on 4 KiB pages
+/// holding the same bytes: a private copy, made r-x, moved over it with one
+/// `mremap`. Returns false when that could not be done (the text is then as
+/// it was).
+fn split(chunk: Range) -> bool {
+    let len = HUGE_PAGE as usize;
+    let Ok(mut copy) = Mapping::anonymous(len, Prot::READ_WRITE, 0) else {
+        return false;
+    };
+    // Ordinary pages, even with THP set to "always".
+    let _ = copy.advise(libc::MADV_NOHUGEPAGE);
+    let Some(bytes) = copy.bytes_mut() else {
+        return false;
+    };
+    // SAFETY: `chunk` is registered text: mapped and readable, 2 MiB long.
+    let text = unsafe { core::slice::from_raw_parts(chunk.start as *const u8, len) };
+    bytes.copy_from_slice(text);
+    if copy.protect(Prot::READ_EXEC).is_err() {
+        return false; // memory-deny-write-execute: the call fails as before
+    }
+    // SAFETY: moves our private copy over the chunk in one call: the same
+    // bytes at the same addresses before and after, no moment without code.
+    let moved = unsafe {
+        libc::mremap(
+            copy.as_ptr().cast(),
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            chunk.start as *mut libc::c_void,
+        )
+    };
+    if moved as u64 != chunk.start {
+        return false; // `copy` is unmapped on drop; the chunk is unchanged
+    }
+    copy.release();
+    true
+}
+
+/// Puts back on 4 KiB pages every registered 2 MiB page that a call on
+/// `[start, end)` with `prot` would otherwise find unsplittable: those it
+/// covers only in part, and all it would make writable.
+fn split_for(start: u64, end: u64, prot: libc::c_int) {
+    let registry = &REGISTRY;
+    let hit = |r: Range| r.start < end && start < r.end;
+    if registry.used.load(Ordering::Acquire) == 0 || !registry.ranges().any(|(_, r)| hit(r)) {
+        return;
+    }
+    let _held = Locked::take(registry);
+    let mut chunk_start = align_down(start, HUGE_PAGE);
+    while chunk_start < align_up(end, HUGE_PAGE) {
+        let chunk = Range::new(chunk_start, chunk_start + HUGE_PAGE);
+        chunk_start += HUGE_PAGE;
+        let whole = start <= chunk.start && chunk.end <= end;
+        if whole && prot & libc::PROT_WRITE == 0 {
+            continue; // the kernel does this on huge pages too
+        }
+        let slot = registry
+            .ranges()
+            .find(|(_, r)| r.contains(chunk))
+            .map(|(i, _)| i);
+        if let Some(i) = slot {
+            if split(chunk) {
+                registry.remove_chunk(i, chunk);
+            }
+        }
+    }
+}
+
+/// `mprotect(2)`, as libc's, with text on hugetlb pages put back on 4 KiB
+/// pages first where the call needs it (see the module doc).
+///
+/// # Safety
+/// As libc's `mprotect`: the caller owns the range.
+#[no_mangle]
+pub unsafe extern "C" fn mprotect(
+    addr: *mut libc::c_void,
+    len: libc::size_t,
+    prot: libc::c_int,
+) -> libc::c_int {
+    let start = addr as u64;
+    split_for(start, start.saturating_add(len as u64), prot);
+    next_mprotect(addr, len, prot)
+}
+
+/// How many bytes are registered now (for tests and reports).
+pub fn registered_bytes() -> u64 {
+    shared_registry().ranges().map(|(_, r)| r.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys;
+
+    #[test]
+    fn ranges_are_added_and_chunks_taken_out() {
+        let r = Registry {
+            starts: [ZERO; SLOTS],
+            ends: [ZERO; SLOTS],
+            used: AtomicUsize::new(0),
+            lock: AtomicBool::new(false),
+        };
+        const M: u64 = HUGE_PAGE;
+        r.add(Range::new(10 * M, 20 * M));
+        r.add(Range::new(40 * M, 42 * M));
+        let all = |r: &Registry| r.ranges().map(|(_, x)| x).collect::<Vec<_>>();
+        assert_eq!(
+            all(&r),
+            [Range::new(10 * M, 20 * M), Range::new(40 * M, 42 * M)]
+        );
+        r.remove_chunk(0, Range::new(10 * M, 11 * M));
+        r.remove_chunk(0, Range::new(19 * M, 20 * M));
+        r.remove_chunk(0, Range::new(15 * M, 16 * M));
+        let mut got = all(&r);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                Range::new(11 * M, 15 * M),
+                Range::new(16 * M, 19 * M),
+                Range::new(40 * M, 42 * M)
+            ]
+        );
+        r.remove_chunk(1, Range::new(40 * M, 41 * M));
+        r.remove_chunk(1, Range::new(41 * M, 42 * M));
+        // The emptied slot is reused.
+        r.add(Range::new(60 * M, 62 * M));
+        assert_eq!(r.used.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn calls_on_unregistered_memory_pass_through() {
+        let m = Mapping::anonymous(8192, Prot::READ_WRITE, 0).expect("map");
+        // SAFETY: our own mapping.
+        let r = unsafe { mprotect(m.as_ptr().cast(), 4096, libc::PROT_READ) };
+        assert_eq!(r, 0);
+        // SAFETY: an unaligned address: EINVAL, as from libc.
+        let r = unsafe { mprotect(m.as_ptr().wrapping_add(1).cast(), 4096, libc::PROT_READ) };
+        assert_eq!(r, -1);
+        assert_eq!(sys::Errno::last().0, libc::EINVAL);
+    }
+}
