@@ -19,28 +19,68 @@ fn main() {
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let embedded = out_dir.join("libtiexec-embedded.so");
+    let stub = out_dir.join("libtiexec-stub.so");
     if env::var_os("TIEXEC_INNER_BUILD").is_some() {
         // The inner build itself: nothing to embed.
-        std::fs::write(&embedded, b"").expect("write placeholder");
-        std::fs::write(out_dir.join("libtiexec-static.a"), b"").expect("write placeholder");
+        for placeholder in [&embedded, &stub, &out_dir.join("libtiexec-static.a")] {
+            std::fs::write(placeholder, b"").expect("write placeholder");
+        }
     } else {
         println!("cargo:rerun-if-changed=src");
         println!("cargo:rerun-if-changed=asm");
         println!("cargo:rerun-if-changed=Cargo.toml");
         build_preload_library(&out_dir, &embedded);
+        build_stub(&stub);
     }
-    println!("cargo:rustc-env=TIEXEC_EMBEDDED_LIB={}", embedded.display());
-    // Its digest names the extracted copy (FNV-1a, as tiexec::state::fnv1a):
-    // the binary finds its own library without reading it back.
-    let bytes = std::fs::read(&embedded).unwrap_or_default();
-    let digest = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    });
-    println!("cargo:rustc-env=TIEXEC_EMBEDDED_DIGEST={digest:016x}");
+    // Their digests name the extracted copies: the binary finds its own
+    // libraries without reading them back.
+    for (var, file) in [("LIB", &embedded), ("STUB", &stub)] {
+        println!("cargo:rustc-env=TIEXEC_EMBEDDED_{var}={}", file.display());
+        println!(
+            "cargo:rustc-env=TIEXEC_EMBEDDED_{var}_DIGEST={:016x}",
+            fnv1a(&std::fs::read(file).unwrap_or_default())
+        );
+    }
     println!(
         "cargo:rustc-env=TIEXEC_EMBEDDED_STATICLIB={}",
         out_dir.join("libtiexec-static.a").display()
     );
+}
+
+/// FNV-1a, as tiexec::state::fnv1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Compiles src/preload_stub.rs (no_std, panic=abort, libc only) into the
+/// small library the wrapper preloads, with the same rustc and target.
+fn build_stub(out: &std::path::Path) {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("manifest dir"));
+    let tmp = out.with_extension("so.tmp");
+    let mut cmd = Command::new(rustc);
+    cmd.args(["--edition", "2021", "--crate-type", "cdylib"])
+        .args(["--crate-name", "tiexec_stub"])
+        .args([
+            "-C",
+            "panic=abort",
+            "-C",
+            "opt-level=2",
+            "-C",
+            "debuginfo=0",
+        ])
+        .arg(manifest_dir.join("src").join("preload_stub.rs"))
+        .arg("-o")
+        .arg(&tmp);
+    if let Ok(target) = env::var("TARGET") {
+        cmd.arg("--target").arg(target);
+    }
+    let status = cmd.status().expect("run rustc for the stub library");
+    assert!(status.success(), "building the stub library failed");
+    // Renamed over, like the full library: a running program may map it.
+    std::fs::rename(&tmp, out).unwrap_or_else(|e| panic!("rename {}: {e}", tmp.display()));
 }
 
 /// Runs `cargo build --release --lib` of this same package into a private

@@ -265,6 +265,52 @@ fn split_for(start: u64, end: u64, prot: libc::c_int) {
     }
 }
 
+/// The handler the wrapper's stub library calls before each `mprotect` of
+/// the program (it defines `mprotect` itself, and loaded this library only
+/// when there was work to do).
+unsafe extern "C" fn stub_handler(addr: *mut libc::c_void, len: libc::size_t, prot: libc::c_int) {
+    let start = addr as u64;
+    split_for(start, start.saturating_add(len as u64), prot);
+}
+
+type SetHandlerFn =
+    unsafe extern "C" fn(unsafe extern "C" fn(*mut libc::c_void, libc::size_t, libc::c_int));
+
+/// When the wrapper's stub library loaded this one, has the program's
+/// `mprotect` calls (which reach the stub's `mprotect`) run our handler.
+pub fn attach_to_stub() {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
+    let f = unsafe {
+        libc::dlsym(
+            libc::RTLD_DEFAULT,
+            c"tiexec_stub_set_mprotect_handler".as_ptr(),
+        )
+    };
+    if f.is_null() {
+        return;
+    }
+    // SAFETY: the stub defines this function with this C signature.
+    let set: SetHandlerFn = unsafe { core::mem::transmute::<*mut libc::c_void, SetHandlerFn>(f) };
+    // SAFETY: registers a function of this library, which is never unloaded.
+    unsafe { set(stub_handler) };
+}
+
+/// The path of the wrapper's stub library, when it is loaded.
+pub fn stub_path() -> Option<Vec<u8>> {
+    type PathFn = unsafe extern "C" fn() -> *const libc::c_char;
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
+    let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"tiexec_stub_path".as_ptr()) };
+    if f.is_null() {
+        return None;
+    }
+    // SAFETY: the stub defines this function with this C signature.
+    let f: PathFn = unsafe { core::mem::transmute::<*mut libc::c_void, PathFn>(f) };
+    // SAFETY: it returns null or the loader's NUL-terminated name.
+    let p = unsafe { f() };
+    // SAFETY: non-null: a NUL-terminated string owned by the loader.
+    (!p.is_null()).then(|| unsafe { core::ffi::CStr::from_ptr(p) }.to_bytes().to_vec())
+}
+
 /// `mprotect(2)`, as libc's, with text on hugetlb pages put back on 4 KiB
 /// pages first where the call needs it (see the module doc).
 ///

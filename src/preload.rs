@@ -57,8 +57,10 @@ fn run() {
         return;
     }
     // The program's mprotect calls go through tiexec's (see `interpose`):
-    // find the one they would have reached.
+    // find the one they would have reached, or have the wrapper's stub
+    // (which defines the program's) call ours.
     crate::interpose::resolve_next();
+    crate::interpose::attach_to_stub();
 
     // Step 2: settings.
     let parsed = config::from_process_env();
@@ -407,19 +409,24 @@ fn prepare_environment_for_children(children: bool) {
         }
     }
     if !children {
-        let Some(me) = own_path() else {
-            return;
-        };
+        // This library, and the wrapper's stub that loaded it.
+        let ours: Vec<Vec<u8>> = own_path()
+            .into_iter()
+            .chain(crate::interpose::stub_path())
+            .collect();
         for var in [c"LD_PRELOAD", c"LD_AUDIT"] {
             let Some(current) = config::getenv_bytes(var) else {
                 continue;
             };
-            let kept = ld_preload_without(current, &me);
+            let kept = ours
+                .iter()
+                .fold(current.to_vec(), |list, me| ld_preload_without(&list, me));
             let kept = (!kept.is_empty()).then_some(kept.as_slice());
             if !set_env(var, kept) {
                 crate::tlog!(Level::Warn, "could not remove itself from {:?}", var);
             }
         }
+        set_env(c"TIEXEC_LIB", None);
         return;
     }
     if let Some(v) =

@@ -7,9 +7,9 @@
 //! whose file name matches a glob). Evicting only unlinks: processes that map
 //! an image keep its pages until they exit.
 
+use crate::ExitCode;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use tiexec::cache::{self, Entry};
 use tiexec::json::Json;

@@ -7,10 +7,10 @@
 //! It changes nothing: it reads files (their pages may enter the page
 //! cache) and /proc and /sys.
 
+use crate::ExitCode;
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use tiexec::discover::{self, ThpMode};
 use tiexec::json::Json;
@@ -279,7 +279,9 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     let mut objects: Vec<ObjectCheck> = check_object(&path).into_iter().collect();
     if dynamic {
         objects.extend(
-            crate::libs::startup_libraries(&path)
+            crate::libs::read_object(&path)
+                .map(|p| crate::libs::startup_libraries(&p))
+                .unwrap_or_default()
                 .iter()
                 .filter(|l| l.file_size >= 2 << 20)
                 .filter_map(|l| check_object(&l.path)),

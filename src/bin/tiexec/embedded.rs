@@ -13,11 +13,35 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// The preload library, built by build.rs from these same sources.
-static EMBEDDED_LIBRARY: &[u8] = include_bytes!(env!("TIEXEC_EMBEDDED_LIB"));
+/// One library carried inside the binary.
+struct Embedded {
+    /// Its file name's stem.
+    stem: &'static str,
+    /// Its bytes, built by build.rs from these same sources.
+    bytes: &'static [u8],
+    /// Their digest, computed by build.rs.
+    digest: &'static str,
+}
 
-/// Its digest, computed by build.rs.
-const DIGEST: &str = env!("TIEXEC_EMBEDDED_DIGEST");
+const FULL: Embedded = Embedded {
+    stem: "libtiexec",
+    bytes: include_bytes!(env!("TIEXEC_EMBEDDED_LIB")),
+    digest: env!("TIEXEC_EMBEDDED_LIB_DIGEST"),
+};
+
+const STUB: Embedded = Embedded {
+    stem: "libtiexec-stub",
+    bytes: include_bytes!(env!("TIEXEC_EMBEDDED_STUB")),
+    digest: env!("TIEXEC_EMBEDDED_STUB_DIGEST"),
+};
+
+/// Where the libraries were placed.
+pub struct Placed {
+    /// The full library.
+    pub full: PathBuf,
+    /// The stub the wrapper preloads.
+    pub stub: PathBuf,
+}
 
 /// Why no place for the library was found.
 #[derive(Debug)]
@@ -75,11 +99,16 @@ fn candidates() -> Vec<PathBuf> {
 fn private_dir(dir: &Path) -> Result<(), String> {
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let _ = std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir);
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(_) => {
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+            std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?
+        }
+    };
     if !meta.is_dir() {
         return Err("not a directory (or a symlink)".into());
     }
@@ -116,21 +145,22 @@ fn mappable_executable(file: &std::fs::File) -> Result<(), String> {
     Ok(())
 }
 
-/// The library in `dir`: the existing file when it is ours and whole, else
+/// `lib` in `dir`: the existing file when it is ours and whole, else
 /// written now (under a unique name, then renamed: a concurrent tiexec never
 /// sees half a library, and nothing is followed or clobbered).
-fn place_in(dir: &Path) -> Result<PathBuf, String> {
-    private_dir(dir)?;
+fn place_one(dir: &Path, lib: &Embedded) -> Result<PathBuf, String> {
     let path = dir.join(format!(
-        "libtiexec-{}-{DIGEST}.so",
-        env!("CARGO_PKG_VERSION")
+        "{}-{}-{}.so",
+        lib.stem,
+        env!("CARGO_PKG_VERSION"),
+        lib.digest
     ));
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
     let ours = std::fs::symlink_metadata(&path)
-        .is_ok_and(|m| m.is_file() && m.uid() == uid && m.len() == EMBEDDED_LIBRARY.len() as u64);
+        .is_ok_and(|m| m.is_file() && m.uid() == uid && m.len() == lib.bytes.len() as u64);
     if !ours {
-        let tmp = dir.join(format!(".libtiexec-{}.tmp", std::process::id()));
+        let tmp = dir.join(format!(".{}-{}.tmp", lib.stem, std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -140,7 +170,7 @@ fn place_in(dir: &Path) -> Result<PathBuf, String> {
             .open(&tmp)
             .map_err(|e| e.to_string())?;
         let written = f
-            .write_all(EMBEDDED_LIBRARY)
+            .write_all(lib.bytes)
             .and_then(|()| f.sync_all())
             .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
             .and_then(|()| std::fs::rename(&tmp, &path));
@@ -149,14 +179,25 @@ fn place_in(dir: &Path) -> Result<PathBuf, String> {
             return Err(e.to_string());
         }
     }
-    let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-    mappable_executable(&file)?;
     Ok(path)
 }
 
-/// The path of the library, written where it can serve if needed.
-pub fn library() -> Result<PathBuf, Unplaced> {
-    if EMBEDDED_LIBRARY.is_empty() {
+/// Both libraries in `dir`, where they can be mapped executable (one test
+/// serves both: same directory, same mount).
+fn place_in(dir: &Path) -> Result<Placed, String> {
+    private_dir(dir)?;
+    let placed = Placed {
+        full: place_one(dir, &FULL)?,
+        stub: place_one(dir, &STUB)?,
+    };
+    let file = std::fs::File::open(&placed.stub).map_err(|e| e.to_string())?;
+    mappable_executable(&file)?;
+    Ok(placed)
+}
+
+/// The paths of the libraries, written where they can serve if needed.
+pub fn libraries() -> Result<Placed, Unplaced> {
+    if FULL.bytes.is_empty() || STUB.bytes.is_empty() {
         return Err(Unplaced::NotEmbedded);
     }
     let mut tried = Vec::new();

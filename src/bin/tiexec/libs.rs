@@ -44,6 +44,8 @@ pub struct Object {
     pub static_tls: u64,
     /// Size of its file.
     pub file_size: u64,
+    /// It names an interpreter (a dynamically linked program).
+    pub interpreter: bool,
 }
 
 /// Reads `path`'s dynamic section (names, search paths, TLS needs).
@@ -54,6 +56,7 @@ pub fn read_object(path: &Path) -> Option<Object> {
     let mut obj = Object {
         path: path.to_path_buf(),
         file_size,
+        interpreter: tiexec::elf::has_interpreter(&phdrs),
         ..Object::default()
     };
     let Some(dynamic) = phdrs.iter().find(|p| p.p_type == PT_DYNAMIC) else {
@@ -77,12 +80,16 @@ pub fn read_object(path: &Path) -> Option<Object> {
         .collect();
     let value = |tag| entries.iter().find(|(t, _)| *t == tag).map(|&(_, v)| v);
     let strtab = file_offset(&phdrs, value(DT_STRTAB)?)?;
-    let strsz = value(DT_STRSZ).unwrap_or(0).min(16 << 20);
-    let mut strings = vec![0u8; usize::try_from(strsz).ok()?];
-    file.read_exact_at(&mut strings, strtab).ok()?;
+    let strsz = value(DT_STRSZ).unwrap_or(0);
+    // Only the few strings needed, not the whole table (libc's is 32 KiB).
     let string = |off: u64| -> Option<Vec<u8>> {
-        let rest = strings.get(usize::try_from(off).ok()?..)?;
-        Some(rest.split(|&b| b == 0).next()?.to_vec())
+        let mut buf = [0u8; 4096];
+        let len = usize::try_from(strsz.checked_sub(off)?)
+            .ok()?
+            .min(buf.len());
+        let buf = buf.get_mut(..len)?;
+        let n = file.read_at(buf, strtab.checked_add(off)?).ok()?;
+        Some(buf.get(..n)?.split(|&b| b == 0).next()?.to_vec())
     };
     for &(tag, v) in &entries {
         match tag {
@@ -126,65 +133,63 @@ fn search_dirs(list: &[u8], origin: &Path) -> Vec<PathBuf> {
 }
 
 /// The loader's cache of library names and paths (`/etc/ld.so.cache`, the
-/// "glibc-ld.so.cache1.1" format), for x86-64 libc6 entries.
+/// "glibc-ld.so.cache1.1" format), for x86-64 libc6 entries. Looked up in
+/// place: a program needs a handful of its thousands of entries.
 pub struct LdCache {
-    entries: Vec<(Vec<u8>, PathBuf)>,
+    bytes: Vec<u8>,
+    /// Where the new format starts (it may follow an old-format table).
+    start: Option<usize>,
 }
 
 /// `FLAG_ELF_LIBC6 | FLAG_X8664_LIB64`, the type of x86-64 entries.
 const X86_64_LIBC6: i32 = 0x0303;
 
 impl LdCache {
-    /// Reads and parses the cache (empty when absent or unknown).
+    /// Reads the cache (empty when absent or unknown).
     pub fn read(path: &Path) -> LdCache {
-        let bytes = std::fs::read(path).unwrap_or_default();
-        LdCache {
-            entries: parse_ld_cache(&bytes),
-        }
+        LdCache::from_bytes(std::fs::read(path).unwrap_or_default())
+    }
+
+    /// The cache in `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> LdCache {
+        const MAGIC: &[u8] = b"glibc-ld.so.cache1.1";
+        let start = bytes.windows(MAGIC.len()).position(|w| w == MAGIC);
+        LdCache { bytes, start }
+    }
+
+    fn u32_at(&self, at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(
+            self.bytes.get(at..at + 4)?.try_into().ok()?,
+        ))
+    }
+
+    /// A string of the new format (offsets count from its header).
+    fn string(&self, off: u32) -> Option<&[u8]> {
+        let rest = self.bytes.get(self.start? + off as usize..)?;
+        rest.split(|&b| b == 0).next()
+    }
+
+    /// Its x86-64 entries: `(name, path)`.
+    fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let start = self.start.unwrap_or(0);
+        let nlibs = self.start.and_then(|s| self.u32_at(s + 20)).unwrap_or(0) as usize;
+        (0..nlibs).filter_map(move |i| {
+            let at = start + 48 + i * 24;
+            let (flags, key, value) =
+                (self.u32_at(at)?, self.u32_at(at + 4)?, self.u32_at(at + 8)?);
+            if flags as i32 & 0xffff != X86_64_LIBC6 {
+                return None;
+            }
+            Some((self.string(key)?, self.string(value)?))
+        })
     }
 
     /// The path the cache gives for `name`.
-    pub fn find(&self, name: &[u8]) -> Option<&Path> {
-        self.entries
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, p)| p.as_path())
+    pub fn find(&self, name: &[u8]) -> Option<PathBuf> {
+        self.entries()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| PathBuf::from(OsStr::from_bytes(p)))
     }
-}
-
-/// Parses the new-format loader cache (it may follow an old-format one).
-pub fn parse_ld_cache(bytes: &[u8]) -> Vec<(Vec<u8>, PathBuf)> {
-    const MAGIC: &[u8] = b"glibc-ld.so.cache1.1";
-    let Some(start) = bytes.windows(MAGIC.len()).position(|w| w == MAGIC) else {
-        return Vec::new();
-    };
-    let u32_at = |at: usize| -> Option<u32> {
-        Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-    };
-    let Some(nlibs) = u32_at(start + 20) else {
-        return Vec::new();
-    };
-    let header = 48;
-    let string = |off: u32| -> Option<&[u8]> {
-        // Offsets in the new format count from its header.
-        let rest = bytes.get(start + off as usize..)?;
-        rest.split(|&b| b == 0).next()
-    };
-    let mut out = Vec::new();
-    for i in 0..nlibs as usize {
-        let at = start + header + i * 24;
-        let (Some(flags), Some(key), Some(value)) = (u32_at(at), u32_at(at + 4), u32_at(at + 8))
-        else {
-            break;
-        };
-        if flags as i32 & 0xffff != X86_64_LIBC6 {
-            continue;
-        }
-        if let (Some(k), Some(v)) = (string(key), string(value)) {
-            out.push((k.to_vec(), PathBuf::from(OsStr::from_bytes(v))));
-        }
-    }
-    out
 }
 
 /// The directories searched last (Debian's multiarch layout first).
@@ -234,7 +239,7 @@ fn find_library(
         }
     }
     if let Some(p) = cache.find(name) {
-        return Some(p.to_path_buf());
+        return Some(p);
     }
     DEFAULT_DIRS
         .iter()
@@ -244,10 +249,8 @@ fn find_library(
 
 /// Every library the loader loads for `program` at start-up, in load
 /// order (breadth first, each once), with what it needs.
-pub fn startup_libraries(program: &Path) -> Vec<Object> {
-    let Some(main) = read_object(program) else {
-        return Vec::new();
-    };
+pub fn startup_libraries(program: &Object) -> Vec<Object> {
+    let main = program.clone();
     let cache = LdCache::read(Path::new("/etc/ld.so.cache"));
     let ld_library_path: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH")
         .map(|v| search_dirs(v.as_bytes(), Path::new(".")))
@@ -328,7 +331,7 @@ mod tests {
     #[test]
     fn the_loader_cache_of_this_machine_names_libc() {
         let cache = LdCache::read(Path::new("/etc/ld.so.cache"));
-        if cache.entries.is_empty() {
+        if cache.entries().next().is_none() {
             return; // no cache here
         }
         let libc = cache.find(b"libc.so.6").expect("libc in the cache");
@@ -337,7 +340,7 @@ mod tests {
 
     #[test]
     fn a_program_s_libraries_are_found_like_ldd_finds_them() {
-        let libs = startup_libraries(Path::new("/bin/sh"));
+        let libs = startup_libraries(&read_object(Path::new("/bin/sh")).unwrap());
         let names: Vec<String> = libs
             .iter()
             .map(|l| l.path.file_name().unwrap().to_string_lossy().into_owned())

@@ -3,9 +3,9 @@
 //! pages at no cost (see `tiexec::prime`). For a service's start-up script,
 //! or before running a statically linked program.
 
+use crate::ExitCode;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use tiexec::log::Bytes;
 use tiexec::prime::{self, State};

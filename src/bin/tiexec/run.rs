@@ -12,7 +12,9 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
+
+use crate::ExitCode;
 
 use tiexec::config::{self, Backend};
 use tiexec::log::Level;
@@ -27,15 +29,14 @@ const FORMER_COMMANDS: [&str; 6] = ["run", "stat", "check", "prime", "setup", "c
 /// Caches the text of the program, and of the libraries the loader gives
 /// it, as 2 MiB folios where that lets the kernel map it huge for free.
 /// Says what it primed when `verbose`.
-fn prime_before_exec(program: &Path, libraries: &[libs::Object], verbose: bool) {
-    let files = std::iter::once(program.to_path_buf()).chain(
-        libraries
-            .iter()
-            .filter(|l| l.file_size >= 2 << 20)
-            .map(|l| l.path.clone()),
-    );
+fn prime_before_exec(program: &libs::Object, libraries: &[libs::Object], verbose: bool) {
+    // A file of less than 2 MiB holds no whole 2 MiB page of text.
+    let files = std::iter::once(program)
+        .chain(libraries)
+        .filter(|o| o.file_size >= 2 << 20)
+        .map(|o| &o.path);
     for f in files {
-        let Ok(segments) = tiexec::prime::prime_file(&f, true) else {
+        let Ok(segments) = tiexec::prime::prime_file(f, true) else {
             continue;
         };
         for s in segments
@@ -53,16 +54,36 @@ fn prime_before_exec(program: &Path, libraries: &[libs::Object], verbose: bool) 
     }
 }
 
-fn library_path(args: &Args) -> Result<PathBuf, String> {
+/// What to preload: the built-in stub (which loads the full library only
+/// where there is work), or the library the user named (preloaded as it
+/// is); and the full library (for `--dlopen`'s audit module).
+struct Preload {
+    preload: PathBuf,
+    full: PathBuf,
+    through_stub: bool,
+}
+
+fn what_to_preload(args: &Args) -> Result<Preload, String> {
     let explicit = args.library.clone().or_else(|| {
         std::env::var_os("TIEXEC_LIBRARY")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     });
     if let Some(p) = explicit {
-        return std::fs::canonicalize(&p).map_err(|e| format!("library {}: {e}", p.display()));
+        let full =
+            std::fs::canonicalize(&p).map_err(|e| format!("library {}: {e}", p.display()))?;
+        return Ok(Preload {
+            preload: full.clone(),
+            full,
+            through_stub: false,
+        });
     }
-    crate::embedded::library().map_err(|e| e.to_string())
+    let placed = crate::embedded::libraries().map_err(|e| e.to_string())?;
+    Ok(Preload {
+        preload: placed.stub,
+        full: placed.full,
+        through_stub: true,
+    })
 }
 
 /// `lib` first, then the entries of `existing` (':' or ' ' separated) other
@@ -148,17 +169,24 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         }
     };
 
-    let linked = path::linkage(&path);
+    // The program's headers, read once: how it is linked, what it needs.
+    let program = libs::read_object(&path);
+    let linked = match &program {
+        None => Linkage::NotElf,
+        Some(o) if o.interpreter => Linkage::Dynamic,
+        Some(_) => Linkage::Static,
+    };
     let off = backend == Some(Backend::Off);
     let prime = !args.no_prime && !off;
     // The loader's libraries: for priming, and for --dlopen's TLS.
-    let libraries = if linked == Linkage::Dynamic && (prime || args.dlopen) {
-        libs::startup_libraries(&path)
-    } else {
-        Vec::new()
+    let libraries = match &program {
+        Some(p) if linked == Linkage::Dynamic && (prime || args.dlopen) => {
+            libs::startup_libraries(p)
+        }
+        _ => Vec::new(),
     };
-    if prime {
-        prime_before_exec(&path, &libraries, verbose);
+    if let (true, Some(p)) = (prime, &program) {
+        prime_before_exec(p, &libraries, verbose);
     }
 
     let mut cmd = Command::new(&path);
@@ -184,12 +212,16 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     }
 
     if preload {
-        match library_path(&args) {
-            Ok(lib) => {
+        match what_to_preload(&args) {
+            Ok(libs) => {
                 cmd.env(
                     "LD_PRELOAD",
-                    ld_list_with(std::env::var_os("LD_PRELOAD"), &lib),
+                    ld_list_with(std::env::var_os("LD_PRELOAD"), &libs.preload),
                 );
+                if libs.through_stub {
+                    cmd.env("TIEXEC_LIB", &libs.full);
+                }
+                let lib = &libs.full;
                 // See tiexec::preload_env: ASan programs must accept the
                 // preload; the library does the same for PROGRAM's children.
                 let asan = std::env::var_os("ASAN_OPTIONS");
@@ -204,7 +236,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                     // constructor puts LD_AUDIT and GLIBC_TUNABLES back the
                     // way they were before PROGRAM starts anything.
                     let original_tunables = std::env::var_os("GLIBC_TUNABLES");
-                    cmd.env("LD_AUDIT", ld_list_with(std::env::var_os("LD_AUDIT"), &lib));
+                    cmd.env("LD_AUDIT", ld_list_with(std::env::var_os("LD_AUDIT"), lib));
                     cmd.env(
                         tiexec::preload_env::RESTORE_AUDIT,
                         tiexec::preload_env::encode_restore(

@@ -6,9 +6,9 @@
 //! are never taken from the pool that the machine's programs (a database
 //! with `huge_pages=on`) count on, and the cache can never grow beyond them.
 
+use crate::ExitCode;
 use std::ffi::{CString, OsString};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use tiexec::cache::DEFAULT_ROOT;
 use tiexec::discover;

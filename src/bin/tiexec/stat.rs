@@ -3,8 +3,8 @@
 //! entries; a picture per 2 MiB for people who would rather look than read;
 //! JSON for machines.
 
+use crate::ExitCode;
 use std::ffi::OsString;
-use std::process::ExitCode;
 
 use tiexec::inspect::{self, ObjectStat};
 use tiexec::json::Json;

@@ -1,0 +1,288 @@
+//! The small library the `tiexec` wrapper preloads (`libtiexec-stub.so`).
+//!
+//! Not a module of the crate: build.rs compiles this file on its own
+//! (`no_std`, `panic=abort`, only libc) into a library of a few KiB whose
+//! loading costs a program ~20 µs, where the full library (Rust's std, the
+//! unwinder) costs ~0.2 ms. Most processes a build or a script starts have
+//! no text worth moving (`sh`, `sed`, `as`): for them the stub is all that
+//! loads. Its constructor, before `main`:
+//!
+//! 1. does nothing in a secure-execution process, or with the backend `off`;
+//! 2. hands the process to the full library (`dlopen` of `TIEXEC_LIB`) when
+//!    there is anything for it to do: an object with an executable segment
+//!    of 2 MiB or more (the full library's own first test), or environment
+//!    to prepare for children (`--dlopen`'s restore, `--no-children`);
+//!    the full library's constructor then does everything;
+//! 3. otherwise only turns off AddressSanitizer's link-order check for the
+//!    children, which inherit the preload (see `tiexec::preload_env`).
+//!
+//! It also defines `mprotect`, for the program's calls: when the full
+//! library has registered its handler (text on hugetlb pages that a call
+//! must first put back on 4 KiB pages, see `tiexec::interpose`), that runs
+//! first; then the next `mprotect` (libc's), found once with `RTLD_NEXT`.
+//!
+//! What it may not do: allocate, panic (it aborts: there is nothing here that
+//! can), or touch anything but the environment and its own statics.
+
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use core::ffi::{c_char, c_int, c_void, CStr};
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // SAFETY: abort has no preconditions. Nothing in this file panics:
+    // no indexing, no arithmetic that can overflow, no unwrap.
+    unsafe { abort() }
+}
+
+#[repr(C)]
+struct DlPhdrInfo {
+    addr: u64,
+    name: *const c_char,
+    phdr: *const Elf64Phdr,
+    phnum: u16,
+}
+
+#[repr(C)]
+struct Elf64Phdr {
+    p_type: u32,
+    p_flags: u32,
+    p_offset: u64,
+    p_vaddr: u64,
+    p_paddr: u64,
+    p_filesz: u64,
+    p_memsz: u64,
+    p_align: u64,
+}
+
+#[repr(C)]
+struct DlInfo {
+    fname: *const c_char,
+    fbase: *mut c_void,
+    sname: *const c_char,
+    saddr: *mut c_void,
+}
+
+type PhdrCallback = unsafe extern "C" fn(*mut DlPhdrInfo, usize, *mut c_void) -> c_int;
+
+#[link(name = "c")]
+extern "C" {
+    fn abort() -> !;
+    fn getenv(name: *const c_char) -> *const c_char;
+    fn setenv(name: *const c_char, value: *const c_char, overwrite: c_int) -> c_int;
+    fn getauxval(kind: u64) -> u64;
+    fn dlopen(path: *const c_char, flags: c_int) -> *mut c_void;
+    fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void;
+    fn dlerror() -> *const c_char;
+    fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
+    fn dl_iterate_phdr(callback: PhdrCallback, data: *mut c_void) -> c_int;
+    fn write(fd: c_int, buf: *const c_void, count: usize) -> isize;
+    fn syscall(number: i64, ...) -> i64;
+}
+
+const AT_SECURE: u64 = 23;
+const PT_LOAD: u32 = 1;
+const PF_X: u32 = 1;
+const RTLD_NOW: c_int = 2;
+const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
+const SYS_MPROTECT: i64 = 10;
+const HUGE_PAGE: u64 = 2 << 20;
+
+fn env(name: &CStr) -> Option<&'static [u8]> {
+    // SAFETY: getenv returns null or a NUL-terminated string of the
+    // environment, which nothing changes while the constructor reads it.
+    let p = unsafe { getenv(name.as_ptr()) };
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (see above).
+        Some(unsafe { CStr::from_ptr(p) }.to_bytes())
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Writes `parts` to stderr as one line.
+fn say(parts: &[&[u8]]) {
+    let mut line = [0u8; 512];
+    let mut n = 0;
+    for part in parts.iter().chain([&b"\n"[..]].iter()) {
+        for &b in part.iter() {
+            if let Some(slot) = line.get_mut(n) {
+                *slot = b;
+                n += 1;
+            }
+        }
+    }
+    // SAFETY: a valid buffer of `n` bytes; a closed fd 2 only fails.
+    unsafe { write(2, line.as_ptr().cast(), n) };
+}
+
+/// True when some loaded object (the vDSO and this stub aside) has an
+/// executable segment of 2 MiB or more: the full library's first test.
+fn big_text_loaded() -> bool {
+    unsafe extern "C" fn visit(info: *mut DlPhdrInfo, _: usize, data: *mut c_void) -> c_int {
+        // SAFETY: the loader passes a valid record for each object.
+        let info = unsafe { &*info };
+        if info.phdr.is_null() {
+            return 0;
+        }
+        // SAFETY: `phdr` points at `phnum` headers of a loaded object.
+        let phdrs = unsafe { core::slice::from_raw_parts(info.phdr, usize::from(info.phnum)) };
+        let big = phdrs
+            .iter()
+            .any(|p| p.p_type == PT_LOAD && p.p_flags & PF_X != 0 && p.p_memsz >= HUGE_PAGE);
+        if big {
+            // SAFETY: `data` is the &mut bool passed below.
+            unsafe { *data.cast::<bool>() = true };
+            return 1; // stop
+        }
+        0
+    }
+    let mut found = false;
+    // SAFETY: the callback only reads the loader's records and writes
+    // `found`, which outlives the call.
+    unsafe { dl_iterate_phdr(visit, (&mut found as *mut bool).cast()) };
+    found
+}
+
+/// ASan's link-order check off for the children (the preload comes first
+/// in their library list), keeping the options they have.
+fn asan_options_for_children() {
+    const OPTION: &[u8] = b"verify_asan_link_order=0";
+    let existing = env(c"ASAN_OPTIONS").unwrap_or(b"");
+    if contains(existing, b"verify_asan_link_order") {
+        return;
+    }
+    let mut value = [0u8; 1024];
+    let total = existing.len() + usize::from(!existing.is_empty()) + OPTION.len();
+    if total >= value.len() {
+        return; // options that long: leave them
+    }
+    let mut n = 0;
+    for &b in existing
+        .iter()
+        .chain(if existing.is_empty() { &b""[..] } else { b":" })
+        .chain(OPTION)
+    {
+        if let Some(slot) = value.get_mut(n) {
+            *slot = b;
+            n += 1;
+        }
+    }
+    // `value` is zeroed past `n`: NUL-terminated.
+    // SAFETY: before main, single-threaded; both strings NUL-terminated.
+    unsafe { setenv(c"ASAN_OPTIONS".as_ptr(), value.as_ptr().cast(), 1) };
+}
+
+/// The next `mprotect` (libc's), and the full library's handler.
+static NEXT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static HANDLER: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+type MprotectFn = unsafe extern "C" fn(*mut c_void, usize, c_int) -> c_int;
+type HandlerFn = unsafe extern "C" fn(*mut c_void, usize, c_int);
+
+/// Called by the full library once loaded: `handler` runs before every
+/// `mprotect` of the program.
+#[no_mangle]
+pub extern "C" fn tiexec_stub_set_mprotect_handler(handler: HandlerFn) {
+    HANDLER.store(handler as *mut c_void, Ordering::Release);
+}
+
+/// `mprotect(2)` as libc's, after the full library's handler if any.
+///
+/// # Safety
+/// As libc's `mprotect`.
+#[no_mangle]
+pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: usize, prot: c_int) -> c_int {
+    let h = HANDLER.load(Ordering::Acquire);
+    if !h.is_null() {
+        // SAFETY: the full library registered a function of this type,
+        // which stays loaded (it is never unloaded).
+        let h: HandlerFn = unsafe { core::mem::transmute::<*mut c_void, HandlerFn>(h) };
+        // SAFETY: the caller's arguments.
+        unsafe { h(addr, len, prot) };
+    }
+    let next = NEXT.load(Ordering::Acquire);
+    if next.is_null() {
+        // SAFETY: the system call, as libc's mprotect makes it.
+        return unsafe { syscall(SYS_MPROTECT, addr, len, prot) } as c_int;
+    }
+    // SAFETY: dlsym's address of the next `mprotect`, of this type.
+    let next: MprotectFn = unsafe { core::mem::transmute::<*mut c_void, MprotectFn>(next) };
+    // SAFETY: the caller's arguments.
+    unsafe { next(addr, len, prot) }
+}
+
+extern "C" fn constructor() {
+    // SAFETY: getauxval has no preconditions.
+    if unsafe { getauxval(AT_SECURE) } != 0 {
+        return;
+    }
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+    let next = unsafe { dlsym(RTLD_NEXT, c"mprotect".as_ptr()) };
+    if !next.is_null() && next != mprotect as MprotectFn as *mut c_void {
+        NEXT.store(next, Ordering::Release);
+    }
+    if env(c"TIEXEC_BACKEND") == Some(b"off") {
+        return;
+    }
+    let children = env(c"TIEXEC_CHILDREN") != Some(b"0");
+    let needed = big_text_loaded() || env(c"TIEXEC_RESTORE_AUDIT").is_some() || !children;
+    if children {
+        asan_options_for_children();
+    }
+    if !needed {
+        return;
+    }
+    let Some(full) = env(c"TIEXEC_LIB") else {
+        return;
+    };
+    // `full` is NUL-terminated in the environment.
+    // SAFETY: a NUL-terminated path from the environment.
+    let handle = unsafe { dlopen(full.as_ptr().cast(), RTLD_NOW) };
+    if handle.is_null() {
+        let quiet = matches!(env(c"TIEXEC_LOG"), Some(b"off" | b"error"));
+        if !quiet {
+            // SAFETY: dlerror returns null or a NUL-terminated message.
+            let why = unsafe { dlerror() };
+            let why = if why.is_null() {
+                &b"unknown error"[..]
+            } else {
+                // SAFETY: non-null and NUL-terminated.
+                unsafe { CStr::from_ptr(why) }.to_bytes()
+            };
+            say(&[
+                b"tiexec: cannot load the library; program left as it was: ",
+                why,
+            ]);
+        }
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+/// The stub's own path, for the full library (which removes it from
+/// `LD_PRELOAD` under `--no-children`).
+#[no_mangle]
+pub extern "C" fn tiexec_stub_path() -> *const c_char {
+    let mut info = DlInfo {
+        fname: core::ptr::null(),
+        fbase: core::ptr::null_mut(),
+        sname: core::ptr::null(),
+        saddr: core::ptr::null_mut(),
+    };
+    // SAFETY: dladdr only reads the loader's tables and writes `info`.
+    let found = unsafe { dladdr(tiexec_stub_path as *const c_void, &mut info) };
+    if found == 0 {
+        core::ptr::null()
+    } else {
+        info.fname
+    }
+}
