@@ -150,6 +150,12 @@ fn safe_name(name: &str, max: usize) -> String {
         .collect()
 }
 
+/// Whether `path` names a cache image of this format (what `tiexec --stat`
+/// looks for among a process's mappings).
+pub fn is_image_path(path: &str) -> bool {
+    parse_name(path.rsplit('/').next().unwrap_or("")).is_some()
+}
+
 impl ImageKey {
     /// The image's file name: `<object file name>@v1-<key fields in hex>`.
     /// Every field of the key is in it (the build ID cut to 20 bytes), so a
@@ -875,6 +881,11 @@ mod tests {
         assert!(parse_name("x.lock").is_none());
         let lock = format!("{}.lock", key().file_name("/x/libx.so"));
         assert!(parse_name(&lock).is_none());
+        assert!(is_image_path(&format!(
+            "/run/c/{}",
+            key().file_name("/x/libx.so")
+        )));
+        assert!(!is_image_path("/run/c/x@v1-"));
     }
 
     #[test]

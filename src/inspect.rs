@@ -51,6 +51,17 @@ impl Chunk {
     }
 }
 
+/// A cache image that serves part of an object's text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageUse {
+    /// The image file.
+    pub path: String,
+    /// Bytes of the object's text it serves.
+    pub bytes: u64,
+    /// Processes that map it now (this one included).
+    pub processes: usize,
+}
+
 /// One object of a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectStat {
@@ -62,6 +73,53 @@ pub struct ObjectStat {
     pub coverage: Coverage,
     /// One entry per 2 MiB page the text touches, in address order.
     pub chunks: Vec<Chunk>,
+    /// The cache images its text is on (their bytes count as hugetlb in
+    /// `coverage`).
+    pub images: Vec<ImageUse>,
+}
+
+impl ObjectStat {
+    /// Bytes of text served by cache images.
+    pub fn cache_bytes(&self) -> u64 {
+        self.images.iter().map(|i| i.bytes).sum()
+    }
+}
+
+/// The cache images among `vmas` that hold part of `text`, with how many
+/// processes map each (`sharing`: paths and counts under the cache).
+fn images_of(
+    text: &[Range],
+    vmas: &[Vma],
+    sharing: &[(std::path::PathBuf, usize)],
+) -> Vec<ImageUse> {
+    let mut out: Vec<ImageUse> = Vec::new();
+    for v in vmas
+        .iter()
+        .filter(|v| v.is_hugetlb() && crate::cache::is_image_path(&v.path))
+    {
+        let bytes: u64 = text
+            .iter()
+            .filter_map(|t| t.intersect(v.range()))
+            .map(|r| r.len())
+            .sum();
+        if bytes == 0 {
+            continue;
+        }
+        let path = v.path.strip_suffix(" (deleted)").unwrap_or(&v.path);
+        let processes = sharing
+            .iter()
+            .find(|(p, _)| p.as_os_str() == path)
+            .map_or(1, |(_, n)| *n);
+        match out.iter_mut().find(|i| i.path == path) {
+            Some(i) => i.bytes += bytes,
+            None => out.push(ImageUse {
+                path: path.to_string(),
+                bytes,
+                processes,
+            }),
+        }
+    }
+    out
 }
 
 impl ObjectStat {
@@ -155,11 +213,26 @@ fn chunk_kinds(pid: u32, text: &[Range], vmas: &[Vma]) -> Vec<Chunk> {
 /// least `min_text` bytes of text.
 pub fn process_objects(pid: u32, min_text: u64) -> std::io::Result<Vec<ObjectStat>> {
     let vmas = smaps::read(Some(pid))?;
+    // Processes sharing the images this one maps (one /proc scan per cache
+    // directory).
+    let mut sharing: Vec<(std::path::PathBuf, usize)> = Vec::new();
+    let mut dirs: Vec<&std::path::Path> = Vec::new();
+    for v in vmas
+        .iter()
+        .filter(|v| v.is_hugetlb() && crate::cache::is_image_path(&v.path))
+    {
+        if let Some(dir) = std::path::Path::new(&v.path).parent() {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+                sharing.extend(crate::cache::mapped_under(dir));
+            }
+        }
+    }
     let mut seen: Vec<(String, u64)> = Vec::new();
     let mut out = Vec::new();
     for v in vmas
         .iter()
-        .filter(|v| v.inode != 0 && v.path.starts_with('/'))
+        .filter(|v| v.inode != 0 && v.path.starts_with('/') && !v.is_hugetlb())
     {
         if seen.iter().any(|(p, i)| *p == v.path && *i == v.inode) {
             continue;
@@ -184,11 +257,13 @@ pub fn process_objects(pid: u32, min_text: u64) -> std::io::Result<Vec<ObjectSta
             coverage.add(smaps::coverage(&vmas, *s));
         }
         let chunks = chunk_kinds(pid, &text, &vmas);
+        let images = images_of(&text, &vmas, &sharing);
         out.push(ObjectStat {
             path: v.path.clone(),
             text,
             coverage,
             chunks,
+            images,
         });
     }
     Ok(out)

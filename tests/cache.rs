@@ -97,6 +97,24 @@ fn a_miss_builds_the_image_and_the_next_process_maps_it() {
     }
 }
 
+/// The `--stat --json` object for `exe` in `o`'s output.
+fn stat_of(o: &common::Outcome, exe: &Path) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+    let want = exe.to_string_lossy();
+    v[0]["objects"]
+        .as_array()
+        .and_then(|objects| {
+            objects
+                .iter()
+                .find(|o| o["path"].as_str() == Some(&want))
+                .cloned()
+        })
+        .unwrap_or_else(|| {
+            o.check(false, "the program among the objects");
+            serde_json::Value::Null
+        })
+}
+
 #[test]
 fn six_concurrent_processes_hold_one_copy() {
     // 64 MiB of text, six processes at once: the pages held stay within
@@ -116,6 +134,24 @@ fn six_concurrent_processes_hold_one_copy() {
         covered.push(common::coverage(w.pid(), &segments).hugetlb);
     }
     let held = cache.used_pages() * (2 << 20);
+    // What `tiexec --stat` says of one of them: the text from the cache, the
+    // image mapped by all six.
+    let pid = waiting[0].pid().to_string();
+    let text = common::run(common::tiexec_cmd().args(["--stat", &pid]), T);
+    let json = common::run(common::tiexec_cmd().args(["--stat", "--json", &pid]), T);
+    let stat = stat_of(&json, &exe);
+    let images = stat["images"].as_array().cloned().unwrap_or_default();
+    json.check(
+        stat["cache_bytes"].as_u64() == Some(covered[0])
+            && !images.is_empty()
+            && images.iter().all(|i| i["processes"].as_u64() == Some(6)),
+        &format!("cache bytes {} and six processes per image", covered[0]),
+    );
+    text.check(
+        text.stdout.contains("from the image cache")
+            && text.stdout.contains("mapped by up to 6 process(es)"),
+        "the text report names the cache and the sharing",
+    );
     let mut built = 0;
     for w in waiting {
         let first = w.first_line.clone();

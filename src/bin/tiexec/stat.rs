@@ -15,9 +15,11 @@ Usage: tiexec --stat [--json] [--tree] [--all] PID...
 
 For each object of each process with at least 2 MiB of text: text size,
 bytes on 2 MiB pages by kind (hugetlb, anonymous THP, file THP from the page
-cache), bytes left on 4 KiB pages, coverage, the page-table entries the text
-needs (4 KiB only -> now -> all huge), and one character per 2 MiB of text:
-'#' huge, '+' partly, '.' 4 KiB pages (or not yet faulted in).
+cache), bytes left on 4 KiB pages, coverage, how much comes from tiexec's
+image cache and how many processes share those images, the page-table
+entries the text needs (4 KiB only -> now -> all huge), and one character
+per 2 MiB of text: '#' huge, '+' partly, '.' 4 KiB pages (or not yet
+faulted in).
 
   --json   one JSON document on stdout
   --tree   also the descendants of each PID
@@ -142,6 +144,14 @@ fn print_process(pid: u32, name: &str, objects: &[ObjectStat]) {
             Bytes(c.file_thp),
             Bytes(c.small())
         );
+        if !o.images.is_empty() {
+            let most = o.images.iter().map(|i| i.processes).max().unwrap_or(1);
+            println!(
+                "    {} of it from the image cache ({} image(s), mapped by up to {most} process(es))",
+                Bytes(o.cache_bytes()),
+                o.images.len(),
+            );
+        }
         println!(
             "    page-table entries for the text: {} on 4 KiB pages only -> {} now -> {} with all of it huge",
             o.pages_if_small(),
@@ -174,7 +184,17 @@ fn to_json(results: &[(u32, String, Vec<ObjectStat>)]) -> String {
                 .uint("entries_small_only", o.pages_if_small())
                 .uint("entries_now", o.pages_now())
                 .uint("entries_all_huge", o.pages_if_all_huge())
-                .str("picture", &o.picture());
+                .str("picture", &o.picture())
+                .uint("cache_bytes", o.cache_bytes());
+            j.begin_array(Some("images"));
+            for i in &o.images {
+                j.begin_object(None)
+                    .str("path", &i.path)
+                    .uint("bytes", i.bytes)
+                    .uint("processes", i.processes as u64)
+                    .end_object();
+            }
+            j.end_array();
             j.begin_array(Some("text"));
             for t in &o.text {
                 j.begin_object(None)
