@@ -324,10 +324,15 @@ pub fn memory_cgroup_headroom() -> Option<u64> {
 }
 
 /// What the machine offers this process now (`cache`: whether the image
-/// cache opened).
-pub fn offer(cache: bool) -> Offer {
+/// cache opened). The pool is read only for the one backend that takes from
+/// it (three sysfs files every process would otherwise read for nothing).
+pub fn offer(cache: bool, backend: crate::config::Backend) -> Offer {
     Offer {
-        pool_available: hugetlb_pool().available(),
+        pool_available: if backend == crate::config::Backend::Hugetlb {
+            hugetlb_pool().available()
+        } else {
+            0
+        },
         thp_usable: thp_mode() != ThpMode::Never && !sys::thp_disabled_for_process(),
         cache,
         mdwe: sys::mdwe_refuses_exec_gain(),

@@ -417,7 +417,8 @@ pub fn split_at_budget(swaps: Vec<SwapRange>, budget: u64) -> Vec<SwapRange> {
 pub struct Offer {
     /// Free 2 MiB pages in the hugetlb pool not already promised to others
     /// (`free_hugepages - resv_hugepages`). Only an explicit `hugetlb`
-    /// backend takes them: the pool belongs to the machine's applications.
+    /// backend takes them: the pool belongs to the machine's applications
+    /// (and for any other backend it is not read: 0).
     pub pool_available: u64,
     /// THP usable here: not `never` system-wide, not disabled for this
     /// process.

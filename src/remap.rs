@@ -78,7 +78,7 @@ impl Context {
             Some(Ok(c)) => (Some(c), None),
             Some(Err(e)) => (None, Some(e)),
         };
-        let offer = discover::offer(cache.is_some());
+        let offer = discover::offer(cache.is_some(), request.backend);
         (
             Context {
                 request,

@@ -157,22 +157,32 @@ pub fn parse(text: &str) -> Vec<Vma> {
 
 /// Reads and parses `/proc/<pid>/smaps` (`pid` `None` = this process).
 pub fn read(pid: Option<u32>) -> std::io::Result<Vec<Vma>> {
-    let text = match pid {
-        Some(p) => std::fs::read_to_string(format!("/proc/{p}/smaps"))?,
-        None => std::fs::read_to_string("/proc/self/smaps")?,
+    Ok(parse(&read_proc_text(pid, "smaps")?))
+}
+
+/// `/proc/<pid>/<name>` as text (paths that are not UTF-8 come out lossy,
+/// not as an error that would hide every other mapping). Read into a large
+/// buffer at once: the file reports size 0, and small reads each restart
+/// the kernel's walk of the mappings.
+fn read_proc_text(pid: Option<u32>, name: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/{name}"),
+        None => format!("/proc/self/{name}"),
     };
-    Ok(parse(&text))
+    let mut bytes = Vec::with_capacity(64 << 10);
+    std::fs::File::open(path)?.read_to_end(&mut bytes)?;
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
 }
 
 /// Reads and parses `/proc/<pid>/maps`: the same mappings without the page
 /// figures (all zero), at a fraction of the cost (the kernel walks no page
 /// tables for it).
 pub fn read_maps(pid: Option<u32>) -> std::io::Result<Vec<Vma>> {
-    let text = match pid {
-        Some(p) => std::fs::read_to_string(format!("/proc/{p}/maps"))?,
-        None => std::fs::read_to_string("/proc/self/maps")?,
-    };
-    Ok(parse(&text))
+    Ok(parse(&read_proc_text(pid, "maps")?))
 }
 
 /// How much of an address range is on 2 MiB pages, by kind.
