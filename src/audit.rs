@@ -37,6 +37,13 @@ const LA_ACT_CONSISTENT: libc::c_uint = 0;
 /// Set once the loader reported the start-up objects complete.
 static STARTED: AtomicBool = AtomicBool::new(false);
 
+/// `LM_ID_BASE`: the program's own link-map namespace.
+const LM_ID_BASE: libc::c_long = 0;
+
+/// The start-up objects of the program's namespace (bias, name), collected
+/// only for a forecast.
+static STARTUP: std::sync::Mutex<Vec<(u64, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
+
 /// The public head of glibc's `struct link_map`.
 #[repr(C)]
 pub struct LinkMap {
@@ -69,10 +76,30 @@ pub extern "C" fn la_activity(_cookie: *mut usize, flag: libc::c_uint) {
 #[no_mangle]
 pub unsafe extern "C" fn la_objopen(
     map: *mut LinkMap,
-    _lmid: libc::c_long,
+    lmid: libc::c_long,
     _cookie: *mut usize,
 ) -> libc::c_uint {
-    if !STARTED.load(Ordering::Acquire) || map.is_null() {
+    if map.is_null() {
+        return 0;
+    }
+    if !STARTED.load(Ordering::Acquire) {
+        if lmid == LM_ID_BASE && crate::forecast::wanted() {
+            // SAFETY: as below: a valid link map, its name NUL-terminated.
+            let (bias, name) = unsafe { ((*map).l_addr as u64, (*map).l_name) };
+            let name = if name.is_null() {
+                Vec::new()
+            } else {
+                // SAFETY: l_name is a NUL-terminated string owned by the loader.
+                unsafe { core::ffi::CStr::from_ptr(name) }
+                    .to_bytes()
+                    .to_vec()
+            };
+            let _ = std::panic::catch_unwind(|| {
+                if let Ok(mut objects) = STARTUP.lock() {
+                    objects.push((bias, name));
+                }
+            });
+        }
         return 0;
     }
     // SAFETY: the loader passes a valid link map that lives at least as long
@@ -90,6 +117,31 @@ pub unsafe extern "C" fn la_objopen(
     }
     // No LA_FLG_BINDTO / LA_FLG_BINDFROM: no symbol-binding hooks.
     0
+}
+
+/// Every start-up object is mapped and relocated; no initializer of the
+/// program has run. For `tiexec --check` (and only then) this is where the
+/// forecast is made and the process ends: nothing of the program runs.
+///
+/// # Safety
+/// Called by the loader.
+#[no_mangle]
+pub unsafe extern "C" fn la_preinit(_cookie: *mut usize) {
+    if !crate::forecast::wanted() {
+        return;
+    }
+    let startup = STARTUP.lock().map(|o| o.clone()).unwrap_or_default();
+    let status = match std::panic::catch_unwind(|| crate::forecast::run(&startup)) {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => {
+            crate::tlog!(Level::Error, "forecast failed: {e}");
+            crate::forecast::FAILED
+        }
+        Err(_) => crate::forecast::FAILED,
+    };
+    // SAFETY: ends the process at once: no atexit handler, no destructor,
+    // nothing of the program runs.
+    unsafe { libc::_exit(status) };
 }
 
 fn object_opened(bias: u64, name: &[u8]) {
@@ -149,7 +201,11 @@ fn object_opened(bias: u64, name: &[u8]) {
 /// Builds the object's description from its program headers, read from its
 /// file (the header table is not always in a mapped page), after checking
 /// that the file is the one mapped (same inode as a mapping of it).
-fn object_from_mappings(path: &str, bias: u64, vmas: &[smaps::Vma]) -> Option<LoadedObject> {
+pub(crate) fn object_from_mappings(
+    path: &str,
+    bias: u64,
+    vmas: &[smaps::Vma],
+) -> Option<LoadedObject> {
     use std::os::unix::fs::MetadataExt;
     let file = std::fs::File::open(path).ok()?;
     let inode = file.metadata().ok()?.ino();

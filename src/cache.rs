@@ -480,6 +480,22 @@ impl Cache {
         mount_pages(self.root_fd.as_fd()).unwrap_or((0, 0))
     }
 
+    /// The status of an entry opened in the cache, if it may be used: a
+    /// regular file of this user that only the user can write.
+    fn trusted(&self, fd: BorrowedFd<'_>) -> Result<libc::stat, Failure> {
+        let st = sys::fstat(fd).map_err(|_| Failure::Untrusted("it cannot be examined"))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(Failure::Untrusted("not a regular file"));
+        }
+        if st.st_uid != self.uid {
+            return Err(Failure::Untrusted("owned by another user"));
+        }
+        if st.st_mode & 0o022 != 0 {
+            return Err(Failure::Untrusted("writable by group or others"));
+        }
+        Ok(st)
+    }
+
     /// Finds the image `name`: `Ok(None)` when there is none (an entry of
     /// the wrong size is removed first), `Err` when one is there but not
     /// safe to use.
@@ -497,16 +513,7 @@ impl Cache {
             Err(Errno(libc::ELOOP)) => return Err(Failure::Untrusted("it is a symlink")),
             Err(_) => return Err(Failure::Untrusted("it cannot be opened")),
         };
-        let st = sys::fstat(fd.as_fd()).map_err(|_| Failure::Untrusted("it cannot be examined"))?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(Failure::Untrusted("not a regular file"));
-        }
-        if st.st_uid != self.uid {
-            return Err(Failure::Untrusted("owned by another user"));
-        }
-        if st.st_mode & 0o022 != 0 {
-            return Err(Failure::Untrusted("writable by group or others"));
-        }
+        let st = self.trusted(fd.as_fd())?;
         if st.st_size as u64 != len {
             // Not what its name promises (truncated, or a stray file):
             // remove the name; processes still mapping it keep their pages.
@@ -526,6 +533,47 @@ impl Cache {
             name: name.to_string(),
             hit: true,
         }))
+    }
+
+    /// What [`Cache::get_or_build`] would do for image `name` of `len`
+    /// bytes, without doing it or touching anything: `Ok(true)` a hit,
+    /// `Ok(false)` a build that fits (counting what eviction could free),
+    /// `Err` why it would fail. A published image is found by name; a
+    /// private one (`shared` false) is always built.
+    pub fn foresee(&self, name: &str, len: u64, shared: bool) -> Result<bool, Failure> {
+        if shared {
+            let name_c = c(name).map_err(|_| Failure::Untrusted("bad name"))?;
+            if let Ok(fd) = sys::open_at(
+                Some(self.dir.as_fd()),
+                &name_c,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                0,
+            ) {
+                if self.trusted(fd.as_fd())?.st_size as u64 == len {
+                    return Ok(true);
+                }
+            }
+        }
+        let pages = len / HUGE_PAGE;
+        let (_, free) = self.pages();
+        if free >= pages {
+            return Ok(false);
+        }
+        let in_use = images_in_use(&self.dir_path());
+        let evictable: u64 = self
+            .entries()
+            .iter()
+            .filter(|e| !in_use.contains(&e.name))
+            .map(|e| e.bytes / HUGE_PAGE)
+            .sum();
+        if free + evictable >= pages {
+            Ok(false)
+        } else {
+            Err(Failure::NoRoom {
+                needed: pages,
+                free: free + evictable,
+            })
+        }
     }
 
     /// Returns the image `name` holding `content`: found (a hit), or built

@@ -31,6 +31,7 @@ pub mod config;
 pub mod discover;
 pub mod elf;
 pub mod fault;
+pub mod forecast;
 pub mod inspect;
 pub mod interpose;
 pub mod json;

@@ -458,6 +458,17 @@ impl Source {
         }
     }
 
+    /// Its key in JSON reports.
+    pub fn key(self) -> &'static str {
+        match self {
+            Source::PageCache => "page_cache",
+            Source::CacheHit => "cache_hit",
+            Source::CacheBuilt => "cache_built",
+            Source::Hugetlb => "hugetlb",
+            Source::Thp => "thp",
+        }
+    }
+
     /// Every source, in report order.
     pub const ALL: [Source; 5] = [
         Source::PageCache,

@@ -52,6 +52,17 @@ fn run() {
     if !in_base_namespace() {
         return;
     }
+    // A forecast (`tiexec --check`) ends in the audit hook, before any
+    // initializer: reaching this one means the hook was not loaded. The
+    // program must not run on.
+    if crate::forecast::wanted() {
+        crate::tlog!(
+            Level::Error,
+            "forecast: the audit module did not stop the program; stopped here"
+        );
+        // SAFETY: ends the process at once; nothing else runs.
+        unsafe { libc::_exit(crate::forecast::FAILED) };
+    }
     let linked_in = linked_into_main_program();
     if linked_in && !cfg!(feature = "constructor") {
         return;

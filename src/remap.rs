@@ -357,16 +357,24 @@ fn range_facts(
     )
 }
 
+/// One way of supplying a range, tried: for real (mapped pages) or in a
+/// forecast (the source it would be).
+type Attempt<'a, T> = dyn FnMut(Supply, &[Piece]) -> Result<T, SwapError> + 'a;
+
 /// Gets huge pages holding `req`'s bytes: tries each way `plan::supplies`
-/// allows, in order; returns the first that works, or the last error.
-fn supply_range(
+/// allows, in order, through `attempt`; returns the first that works, or
+/// the last error. The order and the payoff rules live here once, for a
+/// real run (`attempt` maps pages) and a forecast (`attempt` only says what
+/// would happen) alike.
+fn supply_range<T>(
     req: &SwapRange,
     object: &LoadedObject,
     file: Option<&ObjectFile>,
     vmas: &[Vma],
     ctx: &Context,
     payoff: &dyn Fn() -> Payoff,
-) -> Result<Staged, SwapError> {
+    attempt: &mut Attempt<'_, T>,
+) -> Result<T, SwapError> {
     let (facts, pieces) = range_facts(req, object, file, vmas);
     let backend = ctx.request.backend;
     // The payoff is weighed (the run history read) only where it decides
@@ -402,24 +410,8 @@ fn supply_range(
                 continue;
             }
         }
-        let got = match way {
-            Supply::SharedImage | Supply::PrivateImage => match (ctx.cache.as_ref(), file) {
-                (Some(cache), Some(file)) => image_for(
-                    req,
-                    object,
-                    file,
-                    &pieces,
-                    cache,
-                    ctx,
-                    way == Supply::SharedImage,
-                ),
-                _ => Err(SwapError::NoSupply(plan::NoSupply::NoCache)),
-            },
-            Supply::Pool => swap::pool_copy(req),
-            Supply::Thp => swap::thp_copy(req),
-        };
-        match got {
-            Ok(staged) => return Ok(staged),
+        match attempt(way, &pieces) {
+            Ok(got) => return Ok(got),
             Err(e) => {
                 crate::tlog!(
                     crate::log::Level::Debug,
@@ -436,6 +428,26 @@ fn supply_range(
     Err(last)
 }
 
+/// The cache key of `req`'s image, as a file name.
+fn image_name(
+    req: &SwapRange,
+    object: &LoadedObject,
+    file: &ObjectFile,
+    pieces: &[Piece],
+    strategy: Strategy,
+) -> String {
+    ImageKey {
+        file: file.identity,
+        build_id: object.build_id.clone(),
+        offset: req.range.start.wrapping_sub(object.bias),
+        len: req.range.len(),
+        phase: object.bias % HUGE_PAGE,
+        layout: cache::layout_digest(pieces),
+        strategy,
+    }
+    .file_name(&object.path)
+}
+
 /// The range's image from the cache (found, or built now), mapped r-x.
 fn image_for(
     req: &SwapRange,
@@ -446,16 +458,7 @@ fn image_for(
     ctx: &Context,
     shared: bool,
 ) -> Result<Staged, SwapError> {
-    let key = ImageKey {
-        file: file.identity,
-        build_id: object.build_id.clone(),
-        offset: req.range.start.wrapping_sub(object.bias),
-        len: req.range.len(),
-        phase: object.bias % HUGE_PAGE,
-        layout: cache::layout_digest(pieces),
-        strategy: ctx.request.strategy,
-    };
-    let name = key.file_name(&object.path);
+    let name = image_name(req, object, file, pieces, ctx.request.strategy);
     let content = Content {
         file: file.file.as_fd(),
         identity: file.identity,
@@ -480,6 +483,194 @@ fn image_for(
     })
 }
 
+/// What `attempt` would get for `way`, without getting it: the image found
+/// (a hit) or one that could be built (room in the cache, counting what
+/// eviction could free); a copy where the machine offers its kind. Without
+/// a cache (`ctx.cache` none while the offer says there is one: the
+/// forecast of what `tiexec --setup` would bring) an image would be built.
+fn foresee(
+    way: Supply,
+    req: &SwapRange,
+    object: &LoadedObject,
+    file: Option<&ObjectFile>,
+    pieces: &[Piece],
+    ctx: &Context,
+) -> Result<Source, SwapError> {
+    match way {
+        Supply::SharedImage | Supply::PrivateImage => {
+            let shared = way == Supply::SharedImage;
+            let (Some(cache), Some(file)) = (ctx.cache.as_ref(), file) else {
+                return if ctx.offer.cache {
+                    Ok(if shared {
+                        Source::CacheBuilt
+                    } else {
+                        Source::Hugetlb
+                    })
+                } else {
+                    Err(SwapError::NoSupply(plan::NoSupply::NoCache))
+                };
+            };
+            let name = image_name(req, object, file, pieces, ctx.request.strategy);
+            let hit = cache
+                .foresee(&name, req.range.len(), shared)
+                .map_err(SwapError::Cache)?;
+            Ok(match (shared, hit) {
+                (true, true) => Source::CacheHit,
+                (true, false) => Source::CacheBuilt,
+                (false, _) => Source::Hugetlb,
+            })
+        }
+        Supply::Pool => Ok(Source::Hugetlb),
+        Supply::Thp => Ok(Source::Thp),
+    }
+}
+
+/// One object's plan against the current mappings, and the report so far.
+struct Planned {
+    report: ObjectReport,
+    swaps: Vec<SwapRange>,
+    vmas: Vec<Vma>,
+}
+
+/// Plans `object`: reads the mappings (or reuses `vmas`), faults in its
+/// congruent text, plans. `Err` carries the finished report when there is
+/// nothing to supply.
+fn plan_for(
+    object: &LoadedObject,
+    vmas: Option<Vec<Vma>>,
+    ctx: &Context,
+    started: u64,
+) -> Result<Planned, Box<ObjectReport>> {
+    let mut report = ObjectReport {
+        path: object.path.clone(),
+        bias: object.bias,
+        text_bytes: object.text_bytes(),
+        explicit_backend: ctx.request.backend != Backend::Auto,
+        ..ObjectReport::default()
+    };
+    if !worth_planning(object, ctx.request.strategy) {
+        report.not_attempted = Some(NotAttempted::NoWholeHugePage);
+        report.elapsed_ns = sys::monotonic_ns().saturating_sub(started);
+        return Err(Box::new(report));
+    }
+    let Ok(current) = vmas.map_or_else(|| smaps::read_maps(None), Ok) else {
+        report.not_attempted = Some(NotAttempted::SmapsUnreadable);
+        return Err(Box::new(report));
+    };
+    let plan = plan_object(object, &current, ctx.request.strategy);
+    report.planned_bytes = plan.swap_bytes();
+    report.already_huge_bytes = plan.kept_bytes(Skip::AlreadyHuge);
+    report.kept = ALL_SKIPS
+        .iter()
+        .map(|&r| (r, plan.kept_bytes(r)))
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    if plan.swap.is_empty() {
+        report.not_attempted = Some(if report.already_huge_bytes > 0 {
+            NotAttempted::AlreadyHuge
+        } else if plan.kept_bytes(Skip::NotPlainText) > 0 {
+            NotAttempted::NoPlainText
+        } else {
+            NotAttempted::NoWholeHugePage
+        });
+    }
+    // Only the pool: use what it has, report the rest.
+    let swaps = if ctx.request.backend == Backend::Hugetlb {
+        plan::split_at_budget(plan.swap, ctx.offer.pool_available)
+    } else {
+        plan.swap
+    };
+    Ok(Planned {
+        report,
+        swaps,
+        vmas: current,
+    })
+}
+
+/// A policy that allowed nothing for any range is one reason, said once for
+/// the object.
+fn one_reason_for_all(report: &mut ObjectReport) {
+    if let (true, Some((_, SwapError::NoSupply(why)))) =
+        (report.swapped.is_empty(), report.failed.first().copied())
+    {
+        if report
+            .failed
+            .iter()
+            .all(|(_, e)| *e == SwapError::NoSupply(why))
+        {
+            report.failed.clear();
+            report.not_attempted = Some(NotAttempted::NoSource(why));
+        }
+    }
+}
+
+/// What a run would do with `objects`, decided by the same planner and the
+/// same policy as [`remap_objects`], without moving anything: the ranges it
+/// would swap with the source each would get, those it would leave and why.
+/// `in_place_works`: whether the kernel collapses file text in place (a
+/// forecast does not try: that would change the page cache).
+///
+/// Effects: read faults on the objects' congruent text (as a run makes);
+/// nothing mapped, written or cached. The cache is only looked into.
+pub fn forecast_objects(
+    objects: &[LoadedObject],
+    ctx: &Context,
+    in_place_works: bool,
+) -> Vec<ObjectReport> {
+    let mut reports = Vec::with_capacity(objects.len());
+    let mut vmas: Option<Vec<Vma>> = None;
+    for object in objects {
+        let started = sys::monotonic_ns();
+        let planned = match plan_for(object, vmas.take(), ctx, started) {
+            Ok(p) => p,
+            Err(report) => {
+                reports.push(*report);
+                continue;
+            }
+        };
+        let Planned {
+            mut report,
+            swaps,
+            vmas: current,
+        } = planned;
+        let file = if swaps.is_empty() {
+            None
+        } else {
+            open_object_file(object, &current)
+        };
+        let planned_bytes = report.planned_bytes;
+        let payoff = OnceCell::new();
+        let payoff = || *payoff.get_or_init(|| ctx.payoff(planned_bytes));
+        for req in &swaps {
+            if req.in_place && in_place_works {
+                report.swapped.push((req.range, Source::PageCache));
+                continue;
+            }
+            let mut attempt = |way: Supply, pieces: &[Piece]| {
+                foresee(way, req, object, file.as_ref(), pieces, ctx)
+            };
+            match supply_range(
+                req,
+                object,
+                file.as_ref(),
+                &current,
+                ctx,
+                &payoff,
+                &mut attempt,
+            ) {
+                Ok(source) => report.swapped.push((req.range, source)),
+                Err(e) => report.failed.push((req.range, e)),
+            }
+        }
+        one_reason_for_all(&mut report);
+        report.after = coverage_from_results(object, &report);
+        report.elapsed_ns = sys::monotonic_ns().saturating_sub(started);
+        vmas = Some(current);
+        reports.push(report);
+    }
+    reports
+}
+
 /// Runs plan, swap and verify for each object, in order.
 ///
 /// # Safety
@@ -493,56 +684,52 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], ctx: &Context) -> Vec<Obje
     let mut vmas: Option<Vec<Vma>> = None;
     for object in objects {
         let started = sys::monotonic_ns();
-        let mut report = ObjectReport {
-            path: object.path.clone(),
-            text_bytes: object.text_bytes(),
-            explicit_backend: ctx.request.backend != Backend::Auto,
-            ..ObjectReport::default()
-        };
-        if !worth_planning(object, ctx.request.strategy) {
-            report.not_attempted = Some(NotAttempted::NoWholeHugePage);
-            report.elapsed_ns = sys::monotonic_ns().saturating_sub(started);
-            reports.push(report);
-            continue;
-        }
-        let current = match vmas.take().map_or_else(|| smaps::read_maps(None), Ok) {
-            Ok(v) => v,
-            Err(_) => {
-                report.not_attempted = Some(NotAttempted::SmapsUnreadable);
-                reports.push(report);
+        let planned = match plan_for(object, vmas.take(), ctx, started) {
+            Ok(p) => p,
+            Err(report) => {
+                reports.push(*report);
                 continue;
             }
         };
-        let plan = plan_object(object, &current, ctx.request.strategy);
-        report.planned_bytes = plan.swap_bytes();
-        report.already_huge_bytes = plan.kept_bytes(Skip::AlreadyHuge);
-        report.kept = ALL_SKIPS
-            .iter()
-            .map(|&r| (r, plan.kept_bytes(r)))
-            .filter(|&(_, n)| n > 0)
-            .collect();
-
-        if plan.swap.is_empty() {
-            report.not_attempted = Some(if report.already_huge_bytes > 0 {
-                NotAttempted::AlreadyHuge
-            } else if plan.kept_bytes(Skip::NotPlainText) > 0 {
-                NotAttempted::NoPlainText
-            } else {
-                NotAttempted::NoWholeHugePage
-            });
-        } else {
-            // Only the pool: use what it has, report the rest.
-            let swaps = if ctx.request.backend == Backend::Hugetlb {
-                plan::split_at_budget(plan.swap, ctx.offer.pool_available)
-            } else {
-                plan.swap
-            };
+        let Planned {
+            mut report,
+            swaps,
+            vmas: current,
+        } = planned;
+        if !swaps.is_empty() {
             let file = open_object_file(object, &current);
-            let planned = report.planned_bytes;
+            let planned_bytes = report.planned_bytes;
             let payoff = OnceCell::new();
-            let payoff = || *payoff.get_or_init(|| ctx.payoff(planned));
-            let mut supply =
-                |req: &SwapRange| supply_range(req, object, file.as_ref(), &current, ctx, &payoff);
+            let payoff = || *payoff.get_or_init(|| ctx.payoff(planned_bytes));
+            let mut supply = |req: &SwapRange| {
+                let mut attempt = |way: Supply, pieces: &[Piece]| match way {
+                    Supply::SharedImage | Supply::PrivateImage => {
+                        match (ctx.cache.as_ref(), file.as_ref()) {
+                            (Some(cache), Some(file)) => image_for(
+                                req,
+                                object,
+                                file,
+                                pieces,
+                                cache,
+                                ctx,
+                                way == Supply::SharedImage,
+                            ),
+                            _ => Err(SwapError::NoSupply(plan::NoSupply::NoCache)),
+                        }
+                    }
+                    Supply::Pool => swap::pool_copy(req),
+                    Supply::Thp => swap::thp_copy(req),
+                };
+                supply_range(
+                    req,
+                    object,
+                    file.as_ref(),
+                    &current,
+                    ctx,
+                    &payoff,
+                    &mut attempt,
+                )
+            };
             // SAFETY: the ranges come from the plan: 2 MiB aligned, made of
             // r-x private text of a loaded object and, when aggressive,
             // read-only pages of the same object or unmapped space; they do
@@ -572,20 +759,7 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], ctx: &Context) -> Vec<Obje
                 }
             }
         }
-        // A policy that allowed nothing for any range is one reason, said
-        // once for the object.
-        if let (true, Some((_, SwapError::NoSupply(why)))) =
-            (report.swapped.is_empty(), report.failed.first().copied())
-        {
-            if report
-                .failed
-                .iter()
-                .all(|(_, e)| *e == SwapError::NoSupply(why))
-            {
-                report.failed.clear();
-                report.not_attempted = Some(NotAttempted::NoSource(why));
-            }
-        }
+        one_reason_for_all(&mut report);
         // Verify: what counts is what the kernel says now, when anyone is
         // going to look.
         let changed = !report.swapped.is_empty();

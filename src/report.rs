@@ -161,6 +161,9 @@ impl NotAttempted {
 pub struct ObjectReport {
     /// The object's path.
     pub path: String,
+    /// Its load bias (addresses in the file plus this are addresses in
+    /// memory).
+    pub bias: u64,
     /// Bytes in its executable segments.
     pub text_bytes: u64,
     /// Bytes planned for swapping.
@@ -197,22 +200,26 @@ impl ObjectReport {
             .uint("swapped_bytes", self.swapped_bytes())
             .uint("already_huge_bytes", self.already_huge_bytes);
         j.begin_object(Some("swapped_by_source"));
-        for (source, key) in [
-            (Source::PageCache, "page_cache"),
-            (Source::CacheHit, "cache_hit"),
-            (Source::CacheBuilt, "cache_built"),
-            (Source::Hugetlb, "hugetlb"),
-            (Source::Thp, "thp"),
-        ] {
+        for source in Source::ALL {
             let n: u64 = self
                 .swapped
                 .iter()
                 .filter(|(_, s)| *s == source)
                 .map(|(r, _)| r.len())
                 .sum();
-            j.uint(key, n);
+            j.uint(source.key(), n);
         }
         j.end_object();
+        j.uint("bias", self.bias);
+        j.begin_array(Some("swapped"));
+        for (range, source) in &self.swapped {
+            j.begin_object(None)
+                .uint("start", range.start)
+                .uint("end", range.end)
+                .str("source", source.key())
+                .end_object();
+        }
+        j.end_array();
         j.begin_object(Some("after"))
             .uint("huge_bytes", self.after.huge())
             .uint("hugetlb_bytes", self.after.hugetlb)

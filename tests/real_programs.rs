@@ -219,3 +219,45 @@ fn rustc_compiles_the_same_with_its_big_libraries_on_huge_pages() {
     eprintln!("{context}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Under `--dlopen` (tiexec as the loader's audit module) rustc starts: the
+/// static TLS surplus tiexec asks glibc for holds librustc_driver's ~23 KiB
+/// of initial-exec TLS, and compiles the same rlib.
+#[test]
+fn rustc_runs_under_dlopen() {
+    let Some((rustc, _, _)) = rustc_and_libraries() else {
+        eprintln!("note: no rustup toolchain with librustc_driver and libLLVM: test skipped");
+        return;
+    };
+    let dir = common::scratch_dir().join(format!("rustc-dlopen-{}", std::process::id()));
+    let (plain_dir, tiexec_dir) = (dir.join("plain"), dir.join("tiexec"));
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    std::fs::create_dir_all(&tiexec_dir).unwrap();
+    let src = dir.join("small.rs");
+    std::fs::write(&src, RUST_SOURCE).unwrap();
+    let args = ["--edition", "2021", "--crate-type", "lib", "-O"];
+    let plain = common::run(
+        Command::new(&rustc)
+            .args(args)
+            .arg(&src)
+            .arg("--out-dir")
+            .arg(&plain_dir),
+        T,
+    );
+    plain.check(plain.status.success(), "plain rustc");
+    let o = common::run(
+        common::tiexec_cmd()
+            .args(["--dlopen"])
+            .arg(&rustc)
+            .args(args)
+            .arg(&src)
+            .arg("--out-dir")
+            .arg(&tiexec_dir),
+        T,
+    );
+    o.check(o.status.success(), "rustc under --dlopen");
+    let a = std::fs::read(plain_dir.join("libsmall.rlib")).unwrap_or_default();
+    let b = std::fs::read(tiexec_dir.join("libsmall.rlib")).unwrap_or_default();
+    o.check(!a.is_empty() && a == b, "the same rlib");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -282,9 +282,12 @@ pub fn startup_libraries(program: &Object) -> Vec<Object> {
 }
 
 /// glibc's static TLS surplus beyond the optional part, with one audit
-/// namespace (glibc 2.32 and later: `(nns - 1) * 1664 + nns * 144` for
-/// `nns` = 4 namespaces plus the audit module's).
-const SURPLUS_WITHOUT_OPTIONAL: u64 = 4 * 1664 + 5 * 144;
+/// module (glibc 2.32 and later, `_dl_tls_static_surplus_init`:
+/// `192 * (nns - 1) + 144 * nns + optional_static_tls`, `nns` = the 4
+/// namespaces of `glibc.rtld.nns` plus one per audit module). Measured with
+/// rustc 1.95 (librustc_driver: 23 688 bytes of initial-exec TLS): it
+/// starts from `optional_static_tls` = 22 500 up, not below.
+const SURPLUS_WITHOUT_OPTIONAL: u64 = 192 * 4 + 144 * 5;
 /// glibc's default `glibc.rtld.optional_static_tls`.
 const DEFAULT_OPTIONAL: u64 = 512;
 /// Room kept for alignment padding and the loader's own accounting.
@@ -357,10 +360,11 @@ mod tests {
             ..Object::default()
         };
         assert_eq!(optional_static_tls(&[lib(0x90)]), None);
-        assert_eq!(optional_static_tls(&[lib(0x90), lib(2048)]), None);
-        // rustc's librustc_driver: ~24 KiB of initial-exec TLS.
-        let n = optional_static_tls(&[lib(0x90), lib(24 << 10)]).unwrap();
-        assert!(n > 16 << 10 && n < 24 << 10, "{n}");
+        assert_eq!(optional_static_tls(&[lib(0x90), lib(0x100)]), None);
+        // rustc's librustc_driver: 23 688 bytes of initial-exec TLS; it
+        // starts from 22 500 up (measured), and the margin stays small.
+        let n = optional_static_tls(&[lib(0x90), lib(23_688)]).unwrap();
+        assert!(n > 22_500 && n < 26 << 10, "{n}");
         assert_eq!(n % 64, 0);
     }
 }
