@@ -37,13 +37,6 @@ const LA_ACT_CONSISTENT: libc::c_uint = 0;
 /// Set once the loader reported the start-up objects complete.
 static STARTED: AtomicBool = AtomicBool::new(false);
 
-/// `LM_ID_BASE`: the program's own link-map namespace.
-const LM_ID_BASE: libc::c_long = 0;
-
-/// The start-up objects of the program's namespace (bias, name), collected
-/// only for a forecast.
-static STARTUP: std::sync::Mutex<Vec<(u64, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
-
 /// The public head of glibc's `struct link_map`.
 #[repr(C)]
 pub struct LinkMap {
@@ -76,30 +69,10 @@ pub extern "C" fn la_activity(_cookie: *mut usize, flag: libc::c_uint) {
 #[no_mangle]
 pub unsafe extern "C" fn la_objopen(
     map: *mut LinkMap,
-    lmid: libc::c_long,
+    _lmid: libc::c_long,
     _cookie: *mut usize,
 ) -> libc::c_uint {
-    if map.is_null() {
-        return 0;
-    }
-    if !STARTED.load(Ordering::Acquire) {
-        if lmid == LM_ID_BASE && crate::forecast::wanted() {
-            // SAFETY: as below: a valid link map, its name NUL-terminated.
-            let (bias, name) = unsafe { ((*map).l_addr as u64, (*map).l_name) };
-            let name = if name.is_null() {
-                Vec::new()
-            } else {
-                // SAFETY: l_name is a NUL-terminated string owned by the loader.
-                unsafe { core::ffi::CStr::from_ptr(name) }
-                    .to_bytes()
-                    .to_vec()
-            };
-            let _ = std::panic::catch_unwind(|| {
-                if let Ok(mut objects) = STARTUP.lock() {
-                    objects.push((bias, name));
-                }
-            });
-        }
+    if !STARTED.load(Ordering::Acquire) || map.is_null() {
         return 0;
     }
     // SAFETY: the loader passes a valid link map that lives at least as long
@@ -117,31 +90,6 @@ pub unsafe extern "C" fn la_objopen(
     }
     // No LA_FLG_BINDTO / LA_FLG_BINDFROM: no symbol-binding hooks.
     0
-}
-
-/// Every start-up object is mapped and relocated; no initializer of the
-/// program has run. For `tiexec --check` (and only then) this is where the
-/// forecast is made and the process ends: nothing of the program runs.
-///
-/// # Safety
-/// Called by the loader.
-#[no_mangle]
-pub unsafe extern "C" fn la_preinit(_cookie: *mut usize) {
-    if !crate::forecast::wanted() {
-        return;
-    }
-    let startup = STARTUP.lock().map(|o| o.clone()).unwrap_or_default();
-    let status = match std::panic::catch_unwind(|| crate::forecast::run(&startup)) {
-        Ok(Ok(status)) => status,
-        Ok(Err(e)) => {
-            crate::tlog!(Level::Error, "forecast failed: {e}");
-            crate::forecast::FAILED
-        }
-        Err(_) => crate::forecast::FAILED,
-    };
-    // SAFETY: ends the process at once: no atexit handler, no destructor,
-    // nothing of the program runs.
-    unsafe { libc::_exit(status) };
 }
 
 fn object_opened(bias: u64, name: &[u8]) {

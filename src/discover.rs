@@ -339,6 +339,42 @@ pub fn offer(cache: bool, backend: crate::config::Backend) -> Offer {
     }
 }
 
+/// Whether the kernel collapses a regular file's cached text into 2 MiB
+/// pages in place (`MADV_COLLAPSE` on read-only file text, which needs
+/// `CONFIG_READ_ONLY_THP_FOR_FS`), probed on a 4 MiB file in `dir` made with
+/// `O_TMPFILE`: it never has a name, so nothing can be planted in its place
+/// and nothing is left behind.
+pub fn probe_file_collapse(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+    const LEN: usize = 4 << 20;
+    let dir_c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let dir_fd = sys::open_dir_at(None, &dir_c).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let file = sys::open_at(
+        Some(dir_fd.as_fd()),
+        c".",
+        libc::O_TMPFILE | libc::O_RDWR,
+        0o600,
+    )
+    .map_err(|e| format!("O_TMPFILE in {}: {e}", dir.display()))?;
+    sys::write_all(file.as_fd(), &vec![0xc3u8; LEN]).map_err(|e| e.to_string())?;
+    // Read-only, and no longer open for writing: what text is.
+    let read_only = sys::reopen_read_only(file.as_fd()).map_err(|e| e.to_string())?;
+    drop(file);
+    let mut map = sys::Mapping::file(read_only.as_fd(), 0, LEN, sys::Prot::READ, false, false)
+        .map_err(|e| format!("mmap: {e}"))?;
+    // A 2 MiB page inside the mapping is congruent with the file only when
+    // the kernel placed the mapping 2 MiB-aligned (it does for files this
+    // big); otherwise the answer is unknown.
+    if map.start() % crate::plan::HUGE_PAGE != 0 {
+        return Err("unknown (could not place a congruent mapping)".into());
+    }
+    let huge = crate::plan::HUGE_PAGE as usize;
+    let _ = map.advise_range(0, huge, libc::MADV_HUGEPAGE);
+    map.advise_range(0, huge, sys::MADV_COLLAPSE)
+        .map_err(|e| format!("{} (kernel without CONFIG_READ_ONLY_THP_FOR_FS?)", e.name()))
+}
+
 /// How long this process has existed, in milliseconds (from its start time
 /// in /proc/self/stat and the boot-time clock).
 pub fn process_age_ms() -> Option<u64> {

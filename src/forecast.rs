@@ -1,25 +1,26 @@
-//! What a run would do with a program, without running it: the forecast
-//! behind `tiexec --check PROGRAM`.
+//! What a run would do with a program, without moving anything: the
+//! forecast behind `tiexec --check PROGRAM`.
 //!
-//! The CLI starts PROGRAM with this library as its audit module and
-//! [`VAR`] naming where to write. The loader maps and relocates every
-//! start-up object; at `la_preinit`, before any initializer of the program,
-//! [`run`] plans each object with the very planner and policy of a real run
-//! ([`remap::forecast_objects`]), writes the forecast, and the process ends
-//! with `_exit`: no code of the program runs. Its effects are a run's read
-//! faults on congruent text, nothing else (the cache is only looked into).
+//! The CLI starts PROGRAM with this library preloaded and [`VAR`] naming
+//! where to write. The constructor, at the very point where a run would
+//! move text, takes the same settings, selects the same objects and plans
+//! them with the same planner and policy ([`remap::forecast_objects`]),
+//! writes the forecast, and ends the process with `_exit`. By then the
+//! loader has mapped and relocated every start-up object and run the
+//! initializers of the libraries that come before the preload, as in any
+//! run; the program's own initializers and `main` never run. The effects of
+//! the forecast itself are a run's read faults on congruent text; nothing is
+//! mapped, copied or cached (the cache is only looked into).
 //!
-//! Inputs: the start-up objects the audit hook saw (bias, name), the
-//! `TIEXEC_*` settings, the machine. Result: the forecast as JSON or text
-//! ([`FORMAT_VAR`]) and an exit status ([`ALL_HUGE`], [`SOME_LEFT`],
-//! [`FAILED`]).
+//! Inputs: the loaded objects, the `TIEXEC_*` settings, the machine.
+//! Result: the forecast as JSON or text ([`FORMAT_VAR`]) and an exit status
+//! ([`ALL_HUGE`], [`SOME_LEFT`], [`FAILED`]).
 
 use crate::config::{self, CachePath};
 use crate::log::Bytes;
 use crate::plan::{Source, HUGE_PAGE};
 use crate::remap;
 use crate::report::ObjectReport;
-use crate::select;
 
 /// Where to write the forecast: `fd:N` or a path created new (set by the
 /// CLI; its presence is what turns the forecast on).
@@ -47,6 +48,8 @@ pub fn wanted() -> bool {
 pub struct Forecast {
     /// The image cache is set up and usable by this user.
     pub cache_set_up: bool,
+    /// Why a run would do nothing at all, when it would not.
+    pub refused: Option<String>,
     /// What a run would do now, per object worth planning.
     pub now: Vec<ObjectReport>,
     /// What a run would do with the cache set up (`None` when it is, or
@@ -74,6 +77,10 @@ impl Forecast {
     /// The forecast as one JSON object.
     pub fn to_json(&self, j: &mut crate::json::Json) {
         j.begin_object(None).bool("cache_set_up", self.cache_set_up);
+        match &self.refused {
+            Some(why) => j.str("refused", why),
+            None => j.null("refused"),
+        };
         j.begin_array(Some("objects"));
         for r in &self.now {
             r.to_json(j);
@@ -101,10 +108,12 @@ impl Forecast {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "what a run would do (the library's own plan, on the program as the loader \
-             mapped it; none of its code ran)"
+            "what a run would do (tiexec's own plan, made in the program as loaded, \
+             stopped before main)"
         );
-        if self.now.is_empty() {
+        if let Some(why) = &self.refused {
+            let _ = writeln!(out, "  nothing: {why}");
+        } else if self.now.is_empty() {
             let _ = writeln!(
                 out,
                 "  no object with a whole 2 MiB page of text: nothing to move \
@@ -187,10 +196,20 @@ impl Forecast {
     }
 }
 
-/// Makes the forecast for the start-up objects `startup` (bias and name as
-/// the loader reported them, the main program first), writes it where
-/// [`VAR`] says, and returns the exit status.
-pub fn run(startup: &[(u64, Vec<u8>)]) -> Result<i32, String> {
+/// Makes the forecast for this process (from the preload constructor, in
+/// the program's namespace), writes it where [`VAR`] says, and returns the
+/// exit status. Never returns to the program: the caller exits.
+pub fn run_in_constructor() -> i32 {
+    match forecast_here() {
+        Ok(status) => status,
+        Err(e) => {
+            crate::tlog!(crate::log::Level::Error, "forecast failed: {e}");
+            FAILED
+        }
+    }
+}
+
+fn forecast_here() -> Result<i32, String> {
     use std::os::unix::ffi::OsStrExt;
     let target = std::env::var_os(VAR).ok_or("no target")?;
     let text = std::env::var_os(FORMAT_VAR).is_some_and(|v| v == "text");
@@ -198,45 +217,39 @@ pub fn run(startup: &[(u64, Vec<u8>)]) -> Result<i32, String> {
     let parsed = config::from_process_env();
     crate::log::set_level(parsed.config.log);
     let config = parsed.config;
-    let vmas = crate::smaps::read_maps(None).map_err(|e| format!("/proc/self/maps: {e}"))?;
-    let exe = std::fs::read_link("/proc/self/exe")
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut objects = Vec::new();
-    for (i, (bias, name)) in startup.iter().enumerate() {
-        let is_main = i == 0;
-        let path = if is_main {
-            exe.clone()
-        } else {
-            String::from_utf8_lossy(name).into_owned()
-        };
-        if path.is_empty() {
-            continue;
+    let objects = crate::discover::loaded_objects();
+    let program = objects.first().map(|o| o.path.clone()).unwrap_or_default();
+    // What would stop a run before any plan, in the order a run checks.
+    let refused = if config.backend == config::Backend::Off {
+        Some("the backend is off (TIEXEC_BACKEND=off)".to_string())
+    } else if crate::sys::secure_execution() {
+        Some("a secure-execution process (setuid, setgid or capabilities)".to_string())
+    } else {
+        match crate::discover::thread_count() {
+            Some(1) => None,
+            Some(n) => Some(format!("{n} threads already running before main")),
+            None => Some("the threads cannot be counted".to_string()),
         }
-        // Not a file (the vDSO), or not the file mapped: as a run, skipped.
-        let Some(mut object) = crate::audit::object_from_mappings(&path, *bias, &vmas) else {
-            continue;
-        };
-        object.is_main = is_main;
-        if select::select(path.as_bytes(), object.text_bytes(), false, &config).is_ok()
-            && remap::worth_planning(&object, config.strategy)
-        {
-            objects.push(object);
-        }
-    }
+    };
+    let targets = if refused.is_some() {
+        Vec::new()
+    } else {
+        crate::preload::targets(&objects, &config, false)
+    };
     let request = remap::Request {
         backend: config.backend,
         strategy: config.strategy,
     };
-    let ctx = crate::preload::context(request, &config, exe.clone(), false);
-    let now = remap::forecast_objects(&objects, &ctx, in_place);
+    let ctx = crate::preload::context(request, &config, program.clone(), false);
+    let now = remap::forecast_objects(&targets, &ctx, in_place);
     let with_setup = (ctx.cache.is_none() && config.cache != CachePath::Off).then(|| {
-        let (mut hypothetical, _) = remap::Context::new(request, None, exe, false);
+        let (mut hypothetical, _) = remap::Context::new(request, None, program, false);
         hypothetical.offer.cache = true;
-        remap::forecast_objects(&objects, &hypothetical, in_place)
+        remap::forecast_objects(&targets, &hypothetical, in_place)
     });
     let forecast = Forecast {
         cache_set_up: ctx.cache.is_some(),
+        refused,
         now,
         with_setup,
     };
@@ -248,9 +261,11 @@ pub fn run(startup: &[(u64, Vec<u8>)]) -> Result<i32, String> {
         j.finish()
     };
     crate::report::write_target(target.as_bytes(), bytes.as_bytes())?;
-    Ok(if forecast.left_small() == 0 {
-        ALL_HUGE
-    } else {
-        SOME_LEFT
-    })
+    Ok(
+        if forecast.left_small() == 0 && forecast.refused.is_none() {
+            ALL_HUGE
+        } else {
+            SOME_LEFT
+        },
+    )
 }

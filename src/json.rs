@@ -137,6 +137,14 @@ impl Json {
         self.out.push_str("null");
         self
     }
+
+    /// A member whose value is `json`, a complete JSON value written by
+    /// another writer (taken as it is: the caller vouches for it).
+    pub fn raw(&mut self, key: &str, json: &str) -> &mut Self {
+        self.key(key);
+        self.out.push_str(json.trim());
+        self
+    }
 }
 
 #[cfg(test)]

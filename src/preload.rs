@@ -52,16 +52,15 @@ fn run() {
     if !in_base_namespace() {
         return;
     }
-    // A forecast (`tiexec --check`) ends in the audit hook, before any
-    // initializer: reaching this one means the hook was not loaded. The
-    // program must not run on.
+    // `tiexec --check`: the same settings, selection and plan as a run
+    // (below), nothing moved; the process ends here, before the program's
+    // own initializers and main.
     if crate::forecast::wanted() {
-        crate::tlog!(
-            Level::Error,
-            "forecast: the audit module did not stop the program; stopped here"
-        );
-        // SAFETY: ends the process at once; nothing else runs.
-        unsafe { libc::_exit(crate::forecast::FAILED) };
+        let status = std::panic::catch_unwind(crate::forecast::run_in_constructor)
+            .unwrap_or(crate::forecast::FAILED);
+        // SAFETY: ends the process at once: no atexit handler, no
+        // destructor, nothing more of the program runs.
+        unsafe { libc::_exit(status) };
     }
     let linked_in = linked_into_main_program();
     if linked_in && !cfg!(feature = "constructor") {
@@ -113,35 +112,7 @@ fn run() {
     let objects = discover::loaded_objects();
 
     // Step 4: the objects with text worth moving.
-    let me = own_address();
-    let mut targets = Vec::new();
-    for object in &objects {
-        let path = object.path.as_bytes();
-        // When linked in, our code is part of the program's text: the
-        // trampoline runs from its own page, so that text is fair game.
-        let is_tiexec = object.contains(me) && !(linked_in && object.is_main);
-        match select::select(path, object.text_bytes(), is_tiexec, &config) {
-            Ok(()) if remap::worth_planning(object, config.strategy) => {
-                targets.push(object.clone())
-            }
-            Ok(()) => crate::tlog!(
-                if object.is_main {
-                    Level::Info
-                } else {
-                    Level::Debug
-                },
-                "{}: text {} holds no whole 2 MiB page: nothing to do",
-                object.path,
-                log::Bytes(object.text_bytes())
-            ),
-            Err(why) => crate::tlog!(
-                Level::Debug,
-                "{}: left alone: {}",
-                object.path,
-                why.describe()
-            ),
-        }
-    }
+    let targets = targets(&objects, &config, linked_in);
     if targets.is_empty() {
         return;
     }
@@ -182,6 +153,45 @@ fn run() {
         // record how long this run lasts, for the next one.
         lifetime::record_at_exit(&ctx.program, started);
     }
+}
+
+/// The objects of `objects` whose text is worth planning under `config`
+/// (one line at debug, or info for the main program, for each other).
+/// When linked in (`linked_in`), tiexec's code is part of the program's
+/// text: the trampoline runs from its own page, so that text is fair game.
+pub(crate) fn targets(
+    objects: &[discover::LoadedObject],
+    config: &config::Config<'_>,
+    linked_in: bool,
+) -> Vec<discover::LoadedObject> {
+    let me = own_address();
+    let mut targets = Vec::new();
+    for object in objects {
+        let path = object.path.as_bytes();
+        let is_tiexec = object.contains(me) && !(linked_in && object.is_main);
+        match select::select(path, object.text_bytes(), is_tiexec, config) {
+            Ok(()) if remap::worth_planning(object, config.strategy) => {
+                targets.push(object.clone())
+            }
+            Ok(()) => crate::tlog!(
+                if object.is_main {
+                    Level::Info
+                } else {
+                    Level::Debug
+                },
+                "{}: text {} holds no whole 2 MiB page: nothing to do",
+                object.path,
+                log::Bytes(object.text_bytes())
+            ),
+            Err(why) => crate::tlog!(
+                Level::Debug,
+                "{}: left alone: {}",
+                object.path,
+                why.describe()
+            ),
+        }
+    }
+    targets
 }
 
 /// The pipeline's context for this process: the cache named by the settings

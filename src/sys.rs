@@ -302,6 +302,16 @@ impl Mapping {
         unsafe { madvise(self.addr, self.len, advice) }
     }
 
+    /// Gives advice about `len` bytes from `at` inside the mapping.
+    pub fn advise_range(&mut self, at: usize, len: usize, advice: i32) -> Result<(), Errno> {
+        if at.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Errno(libc::EINVAL));
+        }
+        // SAFETY: a part of our own mapping (checked above), borrowed
+        // mutably: no reference into it outlives this call.
+        unsafe { madvise(self.addr.wrapping_add(at), len, advice) }
+    }
+
     /// Changes the protection of the whole mapping.
     pub fn protect(&mut self, prot: Prot) -> Result<(), Errno> {
         // SAFETY: as for `advise`.

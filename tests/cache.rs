@@ -434,7 +434,7 @@ fn a_pool_too_small_for_the_cache_leaves_the_text_and_says_why() {
         T,
     );
     if !o.status.success() {
-        eprintln!("note: cannot mount hugetlbfs: test skipped\n{o}");
+        common::skip(format_args!("cannot mount hugetlbfs\n{o}"));
         return;
     }
     struct Unmount(PathBuf);

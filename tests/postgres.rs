@@ -54,12 +54,14 @@ impl Drop for Server {
 #[test]
 fn postgres_under_tiexec_serves_pgbench_with_every_process_on_huge_pages() {
     let Some(bin) = pg_bin() else {
-        eprintln!("note: no PostgreSQL server installed: test skipped");
+        common::skip(format_args!("no PostgreSQL server installed"));
         return;
     };
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 || Command::new("runuser").arg("--help").output().is_err() {
-        eprintln!("note: needs root and runuser to start PostgreSQL as its user: test skipped");
+        common::skip(format_args!(
+            "needs root and runuser to start PostgreSQL as its user"
+        ));
         return;
     }
     let dir = std::env::temp_dir().join(format!("tiexec-pg-{}", std::process::id()));

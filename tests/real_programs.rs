@@ -134,7 +134,9 @@ fn rustc_compiles_the_same_with_its_big_libraries_on_huge_pages() {
     use std::process::Stdio;
 
     let Some((rustc, driver, llvm)) = rustc_and_libraries() else {
-        eprintln!("note: no rustup toolchain with librustc_driver and libLLVM: test skipped");
+        common::skip(format_args!(
+            "no rustup toolchain with librustc_driver and libLLVM"
+        ));
         return;
     };
     let dir = common::scratch_dir().join(format!("rustc-{}", std::process::id()));
@@ -226,7 +228,9 @@ fn rustc_compiles_the_same_with_its_big_libraries_on_huge_pages() {
 #[test]
 fn rustc_runs_under_dlopen() {
     let Some((rustc, _, _)) = rustc_and_libraries() else {
-        eprintln!("note: no rustup toolchain with librustc_driver and libLLVM: test skipped");
+        common::skip(format_args!(
+            "no rustup toolchain with librustc_driver and libLLVM"
+        ));
         return;
     };
     let dir = common::scratch_dir().join(format!("rustc-dlopen-{}", std::process::id()));

@@ -1,17 +1,33 @@
-//! `tiexec --check [PROGRAM]`: is this machine ready, and what would tiexec do
-//! with PROGRAM? Kernel, THP, the hugetlb pool per NUMA node, what the
-//! kernel supports; for PROGRAM: how it is linked, how each object's text is
-//! aligned and cached, a dry-run plan with the pages it needs, and the exact
-//! command to reserve them. Exit status 0 when ready, 1 when not.
+//! `tiexec --check [PROGRAM]`: is this machine ready, and what would tiexec
+//! do with PROGRAM?
 //!
-//! It changes nothing: it reads files (their pages may enter the page
-//! cache) and /proc and /sys.
+//! The machine: kernel, THP, the hugetlb pool per NUMA node, the image
+//! cache, what the kernel supports. PROGRAM: how it is linked, how each
+//! object's text is aligned and cached in its file, and the forecast: the
+//! library's own selection, planner and policy (the very code of a run),
+//! applied in PROGRAM as the loader maps it. For that, PROGRAM is started
+//! with tiexec preloaded and stopped by tiexec's constructor where a run
+//! would move its text (see `tiexec::forecast`): the libraries initialized
+//! before the preload have run their initializers, as in any run; PROGRAM's
+//! own initializers and `main` never run.
+//!
+//! First everything is computed (`Check`), then rendered as text or JSON.
+//! Effects: the files read enter the page cache; the forecast faults in the
+//! congruent text of PROGRAM's objects as a run would. Written: a temporary
+//! file with no name (`O_TMPFILE`, the kernel probe) and the forecast, in a
+//! directory made new for it (0700) and removed after.
+//! Exit status 0 when ready, 1 when not.
 
-use crate::ExitCode;
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use crate::ExitCode;
+
+use tiexec::config::{self, CachePath};
 use tiexec::discover::{self, ThpMode};
 use tiexec::json::Json;
 use tiexec::log::Bytes;
@@ -22,11 +38,16 @@ const USAGE: &str = "\
 Usage: tiexec --check [--json] [PROGRAM]
 
 Says whether this machine is ready for tiexec: kernel, transparent huge
-pages, the hugetlb pool (per NUMA node), and what the kernel supports. With
-PROGRAM: whether it is dynamic, PIE, setuid; how the text of the program and
-of its libraries is aligned and cached; what tiexec would do (objects,
-ranges, 2 MiB pages needed, from where); and the command that reserves the
-hugetlb pages it needs.
+pages, the hugetlb pool (per NUMA node), the image cache, and what the
+kernel supports. With PROGRAM: whether it is dynamic, PIE, setuid; how the
+text of the program and of its libraries is aligned and cached; and what a
+run would do, object by object: the ranges it would move and from where,
+what it would leave on 4 KiB pages and why, and what `tiexec --setup` would
+change. That forecast is made by tiexec's own code in PROGRAM as the
+loader maps it: PROGRAM is started with tiexec preloaded and stopped where
+a run would move its text, before its own initializers and main (libraries
+loaded before tiexec run their initializers, as in any run). TIEXEC_*
+variables apply as they would to a run.
 
   --json   one JSON document on stdout
 
@@ -36,11 +57,30 @@ anything) on 2 MiB pages; 1 when it cannot; 2 for a usage error.
 
 const POOL_DIR: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
+/// How long a forecast may take (the loader maps and relocates PROGRAM's
+/// libraries; a few hundred MiB of text take well under a second).
+const FORECAST_TIMEOUT: Duration = Duration::from_secs(60);
+
 struct NodePool {
     node: String,
     total: u64,
     free: u64,
     surplus: u64,
+}
+
+/// The image cache, as this user would find it.
+enum CacheState {
+    /// Set up and usable: its mount, pages in all, free, this user's images.
+    Ready {
+        root: PathBuf,
+        pages: u64,
+        free: u64,
+        images: usize,
+    },
+    /// Not usable (not set up, or not safe): why.
+    Unusable { root: PathBuf, why: String },
+    /// Turned off by the settings.
+    Off,
 }
 
 struct Machine {
@@ -52,32 +92,80 @@ struct Machine {
     nodes: Vec<NodePool>,
     pagemap_scan: bool,
     file_collapse: Result<(), String>,
+    cache: CacheState,
 }
 
-/// One object of the program: its text, and the dry-run plan.
-struct ObjectCheck {
+/// One object of the program, as its file says.
+struct ObjectFacts {
     path: PathBuf,
-    segments: Vec<SegmentCheck>,
+    segments: Vec<SegmentFacts>,
 }
 
-struct SegmentCheck {
+struct SegmentFacts {
     file: Range,
     bytes: u64,
     align: u64,
     congruent: bool,
-    /// 2 MiB pages the text touches (the aggressive plan's upper bound).
-    pages: u64,
-    /// Whole 2 MiB pages inside it (what the conservative plan takes).
+    /// Whole 2 MiB pages inside it (loaded at a 2 MiB-aligned base).
     whole_pages: u64,
     cache: Option<State>,
+    /// Of its whole 2 MiB pages in the file: bytes cached as 2 MiB folios,
+    /// and all of them.
+    cached_huge: Option<(u64, u64)>,
 }
 
-impl SegmentCheck {
-    /// 2 MiB pages that would come from the page cache without a copy.
-    fn zero_copy_pages(&self) -> u64 {
-        match self.cache {
-            Some(State::Huge) => self.whole_pages,
-            _ => 0,
+impl SegmentFacts {
+    /// The page cache's state of it, in words.
+    fn cache_words(&self) -> String {
+        match (self.cache, self.cached_huge) {
+            (Some(State::Small), Some((huge, all))) => format!(
+                "{} of {} cached as 2 MiB folios (the rest small: in use, or never read huge)",
+                Bytes(huge),
+                Bytes(all)
+            ),
+            (Some(state), _) => state.describe().to_string(),
+            (None, _) => "unknown".to_string(),
+        }
+    }
+}
+
+/// The forecast, as the library wrote it.
+enum Forecast {
+    /// Made: the library's output (JSON or text), and whether every planned
+    /// range would be on 2 MiB pages.
+    Made { output: String, all_huge: bool },
+    /// Not made, and why (static, setuid, not glibc's loader, ...).
+    NotMade(String),
+}
+
+struct ProgramCheck {
+    path: PathBuf,
+    linkage: crate::path::Linkage,
+    pie: bool,
+    setuid: bool,
+    objects: Vec<ObjectFacts>,
+    forecast: Forecast,
+}
+
+struct Check {
+    machine: Machine,
+    program: Option<ProgramCheck>,
+}
+
+impl Check {
+    fn ready(&self) -> bool {
+        let m = &self.machine;
+        let can_copy = m.thp != ThpMode::Never || matches!(m.cache, CacheState::Ready { .. });
+        match &self.program {
+            None => can_copy || m.pool.available() > 0,
+            Some(p) => match &p.forecast {
+                Forecast::Made { all_huge, .. } => *all_huge,
+                // Nothing can copy for it: the page cache must serve its
+                // text, every whole 2 MiB page of it.
+                Forecast::NotMade(_) => p.objects.iter().flat_map(|o| &o.segments).all(|s| {
+                    s.whole_pages == 0 || matches!(s.cache, Some(State::Huge | State::Primed))
+                }),
+            },
         }
     }
 }
@@ -99,56 +187,29 @@ fn selected(text: &str) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Can the kernel collapse a regular file's cached text in place? Probes a
-/// temporary 4 MiB file (needs CONFIG_READ_ONLY_THP_FOR_FS).
-fn probe_file_collapse() -> Result<(), String> {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    let path = std::env::temp_dir().join(format!("tiexec-check-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
-        f.write_all(&vec![0xc3u8; 4 << 20])
-            .map_err(|e| e.to_string())?;
-        drop(f);
-        // Read-only, and no longer open for writing: what text is.
-        let f = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        let len = 4usize << 20;
-        // SAFETY: a fresh read-only private mapping of our own temporary
-        // file at a kernel-chosen address, unmapped below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(format!("mmap: {}", tiexec::sys::Errno::last()));
-        }
-        let aligned = plan::align_up(base as u64, HUGE_PAGE);
-        let offset = aligned - base as u64;
-        // The 2 MiB page inside the mapping is congruent only if the kernel
-        // placed the mapping 2 MiB-aligned (it does for files this big);
-        // otherwise the answer is unknown.
-        let r = if offset == 0 {
-            // SAFETY: advice on our own mapping; contents do not change.
-            unsafe {
-                let _ = tiexec::sys::madvise(base.cast(), HUGE_PAGE as usize, libc::MADV_HUGEPAGE);
-                tiexec::sys::madvise(base.cast(), HUGE_PAGE as usize, tiexec::sys::MADV_COLLAPSE)
+fn cache_state() -> CacheState {
+    use std::os::unix::ffi::OsStrExt;
+    // The settings as a run reads them.
+    let root = match config::from_process_env().config.cache {
+        CachePath::Off => return CacheState::Off,
+        CachePath::At(p) => PathBuf::from(std::ffi::OsStr::from_bytes(p)),
+        CachePath::Default => PathBuf::from(tiexec::cache::DEFAULT_ROOT),
+    };
+    match tiexec::cache::Cache::open(&root) {
+        Ok(c) => {
+            let (pages, free) = c.pages();
+            CacheState::Ready {
+                root,
+                pages,
+                free,
+                images: c.entries().len(),
             }
-            .map_err(|e| format!("{} (kernel without CONFIG_READ_ONLY_THP_FOR_FS?)", e.name()))
-        } else {
-            Err("unknown (could not place a congruent mapping)".into())
-        };
-        // SAFETY: our own mapping, no longer used.
-        unsafe { libc::munmap(base, len) };
-        r
-    })();
-    let _ = std::fs::remove_file(&path);
-    result
+        }
+        Err(e) => CacheState::Unusable {
+            root,
+            why: e.to_string(),
+        },
+    }
 }
 
 fn machine() -> Machine {
@@ -157,7 +218,10 @@ fn machine() -> Machine {
         let mut names: Vec<String> = dir
             .flatten()
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
-            .filter(|n| n.starts_with("node") && n[4..].chars().all(|c| c.is_ascii_digit()))
+            .filter(|n| {
+                n.strip_prefix("node")
+                    .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+            })
             .collect();
         names.sort();
         for n in names {
@@ -179,11 +243,12 @@ fn machine() -> Machine {
         pool: discover::hugetlb_pool(),
         nodes,
         pagemap_scan: tiexec::sys::huge_mapped_ranges(0x1000, 0x2000).is_ok(),
-        file_collapse: probe_file_collapse(),
+        file_collapse: discover::probe_file_collapse(&std::env::temp_dir()),
+        cache: cache_state(),
     }
 }
 
-fn check_object(path: &Path) -> Option<ObjectCheck> {
+fn object_facts(path: &Path) -> Option<ObjectFacts> {
     let file = std::fs::File::open(path).ok()?;
     let phdrs = tiexec::elf::read_program_headers(&file)?;
     let cache = prime::prime_file(path, false).ok();
@@ -196,25 +261,187 @@ fn check_object(path: &Path) -> Option<ObjectCheck> {
                 && p.p_flags & goblin::elf::program_header::PF_X != 0
         })
         .enumerate()
-        .map(|(i, p)| {
-            let memory = plan::segment_pages(p.p_vaddr, p.p_memsz);
-            let congruent = congruence.get(i).is_some_and(|(_, c)| *c);
-            // Where it lands at run time is unknown for a PIE or library;
-            // count as if loaded at a 2 MiB-aligned base.
-            SegmentCheck {
-                file: Range::new(p.p_offset, p.p_offset + p.p_filesz),
-                bytes: p.p_memsz,
-                align: p.p_align,
-                congruent,
-                pages: tiexec::inspect::chunks_touched(memory),
-                whole_pages: plan::split(memory).body.len() / HUGE_PAGE,
-                cache: cache.as_ref().and_then(|c| c.get(i)).map(|s| s.state),
-            }
+        .map(|(i, p)| SegmentFacts {
+            file: Range::new(p.p_offset, p.p_offset + p.p_filesz),
+            bytes: p.p_memsz,
+            align: p.p_align,
+            congruent: congruence.get(i).is_some_and(|(_, c)| *c),
+            whole_pages: plan::split(plan::segment_pages(p.p_vaddr, p.p_memsz))
+                .body
+                .len()
+                / HUGE_PAGE,
+            cache: cache.as_ref().and_then(|c| c.get(i)).map(|s| s.state),
+            cached_huge: cache
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .map(|s| (s.huge_bytes, s.body.len())),
         })
         .collect();
-    Some(ObjectCheck {
+    Some(ObjectFacts {
         path: path.to_path_buf(),
         segments,
+    })
+}
+
+/// A directory of this process's own for the forecast's output: created
+/// new (mkdir fails on anything already there, symlinks included), 0700.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> std::io::Result<PrivateDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::temp_dir();
+        let mut last = None;
+        for attempt in 0..16u32 {
+            let nonce = tiexec::sys::monotonic_ns() ^ u64::from(attempt).rotate_left(40);
+            let path = base.join(format!("tiexec-check-{}-{nonce:x}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(PrivateDir(path)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no directory")))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts `path` for the forecast (see the module comment) and returns what
+/// the library wrote.
+fn forecast(path: &Path, dynamic: bool, setuid: bool, json: bool, m: &Machine) -> Forecast {
+    if !dynamic {
+        return Forecast::NotMade(
+            "not dynamically linked: no preload reaches it, no forecast".into(),
+        );
+    }
+    if setuid {
+        return Forecast::NotMade(
+            "setuid/setgid: the loader ignores LD_PRELOAD for it, no forecast".into(),
+        );
+    }
+    // Only glibc's loader is sure to load the (glibc) library, or to stop:
+    // a preload it cannot load, another loader might ignore, and the
+    // program would run.
+    let interpreter = std::fs::File::open(path).ok().and_then(|f| {
+        let phdrs = tiexec::elf::read_program_headers(&f)?;
+        tiexec::elf::interpreter(&f, &phdrs)
+    });
+    let glibc = interpreter.as_ref().is_some_and(|i| {
+        i.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ld-linux"))
+    });
+    if !glibc {
+        return Forecast::NotMade(format!(
+            "its loader ({}) is not glibc's: no forecast",
+            interpreter.map_or("none".into(), |i| i.display().to_string())
+        ));
+    }
+    let libs = match crate::embedded::libraries() {
+        Ok(l) => l,
+        Err(e) => return Forecast::NotMade(format!("the library: {e}")),
+    };
+    let dir = match PrivateDir::new() {
+        Ok(d) => d,
+        Err(e) => return Forecast::NotMade(format!("a private directory: {e}")),
+    };
+    let out = dir.0.join("forecast");
+    let mut cmd = Command::new(path);
+    cmd.env("LD_PRELOAD", &libs.full)
+        .env_remove("TIEXEC_LIB")
+        .env(tiexec::forecast::VAR, &out)
+        .env(
+            tiexec::forecast::FORMAT_VAR,
+            if json { "json" } else { "text" },
+        )
+        .env(
+            tiexec::forecast::IN_PLACE_VAR,
+            if m.file_collapse.is_ok() { "1" } else { "0" },
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Forecast::NotMade(format!("cannot start it: {e}")),
+    };
+    let Some(output) = wait_with_timeout(child, FORECAST_TIMEOUT) else {
+        return Forecast::NotMade("it did not stop in time: killed".into());
+    };
+    let status = output.status;
+    let written = std::fs::read_to_string(&out).unwrap_or_default();
+    match status.code() {
+        Some(code)
+            if (code == tiexec::forecast::ALL_HUGE || code == tiexec::forecast::SOME_LEFT)
+                && !written.is_empty() =>
+        {
+            Forecast::Made {
+                output: written,
+                all_huge: code == tiexec::forecast::ALL_HUGE,
+            }
+        }
+        _ => Forecast::NotMade(format!(
+            "the forecast failed ({}): {}",
+            status.code().map_or_else(
+                || format!("signal {:?}", status.signal()),
+                |c| format!("status {c}")
+            ),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
+    }
+}
+
+/// Waits for `child`, killing it after `timeout`.
+fn wait_with_timeout(
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::Output> {
+    let started = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().ok(),
+            Ok(None) if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+fn program_check(program: &OsString, json: bool, m: &Machine) -> Result<ProgramCheck, String> {
+    let path = crate::path::resolve(program)
+        .ok_or_else(|| format!("{}: not found or not executable", program.to_string_lossy()))?;
+    let linkage = crate::path::linkage(&path);
+    let dynamic = linkage == crate::path::Linkage::Dynamic;
+    let setuid = std::fs::metadata(&path).is_ok_and(|md| md.permissions().mode() & 0o6000 != 0);
+    let pie = std::fs::File::open(&path)
+        .ok()
+        .and_then(|f| tiexec::elf::read_type(&f))
+        == Some(goblin::elf::header::ET_DYN);
+    let mut objects: Vec<ObjectFacts> = object_facts(&path).into_iter().collect();
+    if dynamic {
+        objects.extend(
+            crate::libs::read_object(&path)
+                .map(|p| crate::libs::startup_libraries(&p))
+                .unwrap_or_default()
+                .iter()
+                .filter(|l| l.file_size >= 2 << 20)
+                .filter_map(|l| object_facts(&l.path)),
+        );
+    }
+    let forecast = forecast(&path, dynamic, setuid, json, m);
+    Ok(ProgramCheck {
+        path,
+        linkage,
+        pie,
+        setuid,
+        objects,
+        forecast,
     })
 }
 
@@ -229,7 +456,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             Some("--json") => json = true,
-            Some(s) if s.starts_with('-') => {
+            Some(s) if s.starts_with('-') && program.is_none() => {
                 eprintln!("tiexec --check: unknown option {s}\nTry 'tiexec --check --help'.");
                 return ExitCode::from(2);
             }
@@ -240,192 +467,34 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             }
         }
     }
-    let m = machine();
-    let thp_usable = m.thp != ThpMode::Never;
-    let mut out = Json::new();
-    out.begin_object(None);
-    machine_json(&mut out, &m);
-    if !json {
-        print_machine(&m);
-    }
-
-    let Some(program) = program else {
-        out.bool("ready", thp_usable || m.pool.available() > 0)
-            .end_object();
-        if json {
-            println!("{}", out.finish());
+    let machine = machine();
+    let program = match program
+        .map(|p| program_check(&p, json, &machine))
+        .transpose()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tiexec --check: {e}");
+            return ExitCode::from(1);
         }
-        return if thp_usable || m.pool.available() > 0 {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        };
     };
-
-    let Some(path) = crate::path::resolve(&program) else {
-        eprintln!(
-            "tiexec --check: {}: not found or not executable",
-            program.to_string_lossy()
-        );
-        return ExitCode::from(1);
-    };
-    let linkage = crate::path::linkage(&path);
-    let dynamic = linkage == crate::path::Linkage::Dynamic;
-    let setuid = std::fs::metadata(&path).is_ok_and(|md| md.permissions().mode() & 0o6000 != 0);
-    let pie = std::fs::read(&path)
-        .ok()
-        .and_then(|b| goblin::elf::Elf::parse_header(&b).ok().map(|h| h.e_type))
-        == Some(goblin::elf::header::ET_DYN);
-    let mut objects: Vec<ObjectCheck> = check_object(&path).into_iter().collect();
-    if dynamic {
-        objects.extend(
-            crate::libs::read_object(&path)
-                .map(|p| crate::libs::startup_libraries(&p))
-                .unwrap_or_default()
-                .iter()
-                .filter(|l| l.file_size >= 2 << 20)
-                .filter_map(|l| check_object(&l.path)),
-        );
-    }
-    // Dry run: what would be copied, what the page cache serves.
-    let copy_pages: u64 = objects
-        .iter()
-        .flat_map(|o| &o.segments)
-        .filter(|s| s.whole_pages > 0)
-        .map(|s| s.pages - s.zero_copy_pages())
-        .sum();
-    let zero_copy_pages: u64 = objects
-        .iter()
-        .flat_map(|o| &o.segments)
-        .map(|s| s.zero_copy_pages())
-        .sum();
-    let available = m.pool.available();
-    let backend = if copy_pages == 0 {
-        "none needed"
-    } else if available >= copy_pages {
-        "hugetlb"
-    } else if thp_usable {
-        "thp"
-    } else {
-        "none: no hugetlb pages and THP disabled"
-    };
-    let reserve = (available < copy_pages).then(|| {
-        let want = m.pool.total + copy_pages - available;
-        format!("echo {want} > {POOL_DIR}/nr_hugepages")
-    });
-    // Ready: whatever PROGRAM's text needs can be had. Text to copy needs
-    // the preload to reach the program and a source of huge pages; text that
-    // only the page cache can serve (static programs) needs priming.
-    let reachable = dynamic && !setuid;
-    let whole_pages: u64 = objects
-        .iter()
-        .flat_map(|o| &o.segments)
-        .map(|s| s.whole_pages)
-        .sum();
-    let ready = if reachable {
-        copy_pages == 0 || available >= copy_pages || thp_usable
-    } else {
-        // Nothing can copy for it: the page cache must serve its text.
-        whole_pages == 0 || zero_copy_pages >= whole_pages
-    };
-
+    let check = Check { machine, program };
     if json {
-        out.begin_object(Some("program"))
-            .str("path", &path.to_string_lossy())
-            .bool("dynamic", dynamic)
-            .bool("pie", pie)
-            .bool("setuid", setuid)
-            .bool("preload_reaches_it", reachable)
-            .begin_array(Some("objects"));
-        for o in &objects {
-            out.begin_object(None)
-                .str("path", &o.path.to_string_lossy())
-                .begin_array(Some("text_segments"));
-            for s in &o.segments {
-                out.begin_object(None)
-                    .uint("file_offset", s.file.start)
-                    .uint("bytes", s.bytes)
-                    .uint("p_align", s.align)
-                    .bool("congruent", s.congruent)
-                    .uint("huge_pages_touched", s.pages)
-                    .uint("whole_huge_pages", s.whole_pages)
-                    .str("page_cache", s.cache.map_or("unknown", |c| c.describe()))
-                    .end_object();
-            }
-            out.end_array().end_object();
-        }
-        out.end_array()
-            .end_object()
-            .begin_object(Some("plan"))
-            .uint("pages_to_copy", copy_pages)
-            .uint("pages_from_page_cache", zero_copy_pages)
-            .str("backend", backend);
-        match &reserve {
-            Some(cmd) => out.str("reserve_command", cmd),
-            None => out.null("reserve_command"),
-        };
-        out.end_object().bool("ready", ready).end_object();
-        println!("{}", out.finish());
+        println!("{}", to_json(&check));
     } else {
-        println!("\nprogram {}", path.display());
-        println!(
-            "  {}, {}{}",
-            match linkage {
-                crate::path::Linkage::Dynamic => "dynamically linked",
-                crate::path::Linkage::Static => "statically linked (LD_PRELOAD cannot reach it: tiexec --prime, or link libtiexec.a)",
-                crate::path::Linkage::NotElf => "not an ELF program (a script: its interpreter is what runs)",
-            },
-            if pie { "PIE" } else { "not PIE (fixed address)" },
-            if setuid { ", setuid/setgid (the loader ignores LD_PRELOAD for it)" } else { "" }
-        );
-        for o in &objects {
-            println!("  {}", o.path.display());
-            for s in &o.segments {
-                println!(
-                    "    text {} at file offset {:#x}, p_align {:#x}: {}; touches {} x 2 MiB ({} whole); page cache: {}",
-                    Bytes(s.bytes),
-                    s.file.start,
-                    s.align,
-                    if s.congruent {
-                        "congruent (the page cache can serve 2 MiB pages)".to_string()
-                    } else if pie || o.path != path {
-                        format!("not congruent: relink with {}", prime::LINK_ADVICE)
-                    } else {
-                        "not congruent".to_string()
-                    },
-                    s.pages,
-                    s.whole_pages,
-                    s.cache.map_or("unknown", |c| c.describe())
-                );
-            }
-        }
-        println!("\nplan (dry run)");
-        if copy_pages + zero_copy_pages == 0 {
-            println!(
-                "  nothing to move in {} itself (the programs it starts may have: check them)",
-                path.display()
-            );
-        }
-        println!("  {zero_copy_pages} x 2 MiB from the page cache (no copy), {copy_pages} x 2 MiB to copy: backend {backend}");
-        if let Some(cmd) = &reserve {
-            println!("  to copy into hugetlb pages, reserve them (as root): {cmd}");
-        }
-        if zero_copy_pages < copy_pages + zero_copy_pages {
-            println!(
-                "  to serve congruent text from the page cache: tiexec --prime {}",
-                path.display()
-            );
-        }
-        println!("\n{}", if ready { "ready" } else { "not ready" });
+        print!("{}", render(&check));
     }
-    if ready {
+    if check.ready() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
 }
 
-fn machine_json(j: &mut Json, m: &Machine) {
+fn to_json(c: &Check) -> String {
+    let m = &c.machine;
+    let mut j = Json::new();
+    j.begin_object(None);
     j.begin_object(Some("machine"))
         .str("kernel", &m.kernel)
         .str("thp_enabled", &m.thp_text)
@@ -444,52 +513,214 @@ fn machine_json(j: &mut Json, m: &Machine) {
             .uint("surplus", n.surplus)
             .end_object();
     }
-    j.end_array()
-        .end_object()
+    j.end_array().end_object();
+    j.begin_object(Some("cache"));
+    match &m.cache {
+        CacheState::Ready {
+            root,
+            pages,
+            free,
+            images,
+        } => {
+            j.bool("usable", true)
+                .str("root", &root.to_string_lossy())
+                .uint("pages", *pages)
+                .uint("free_pages", *free)
+                .uint("images", *images as u64);
+        }
+        CacheState::Unusable { root, why } => {
+            j.bool("usable", false)
+                .str("root", &root.to_string_lossy())
+                .str("why", why);
+        }
+        CacheState::Off => {
+            j.bool("usable", false).str("why", "off (TIEXEC_CACHE=off)");
+        }
+    }
+    j.end_object()
         .bool("pagemap_scan", m.pagemap_scan)
         .bool("file_collapse_in_place", m.file_collapse.is_ok())
         .end_object();
+    if let Some(p) = &c.program {
+        j.begin_object(Some("program"))
+            .str("path", &p.path.to_string_lossy())
+            .bool("dynamic", p.linkage == crate::path::Linkage::Dynamic)
+            .bool("pie", p.pie)
+            .bool("setuid", p.setuid)
+            .begin_array(Some("objects"));
+        for o in &p.objects {
+            j.begin_object(None)
+                .str("path", &o.path.to_string_lossy())
+                .begin_array(Some("text_segments"));
+            for s in &o.segments {
+                j.begin_object(None)
+                    .uint("file_offset", s.file.start)
+                    .uint("bytes", s.bytes)
+                    .uint("p_align", s.align)
+                    .bool("congruent", s.congruent)
+                    .uint("whole_huge_pages", s.whole_pages)
+                    .str("page_cache", &s.cache_words())
+                    .end_object();
+            }
+            j.end_array().end_object();
+        }
+        j.end_array();
+        match &p.forecast {
+            Forecast::Made { output, .. } => {
+                j.raw("forecast", output).null("no_forecast");
+            }
+            Forecast::NotMade(why) => {
+                j.null("forecast").str("no_forecast", why);
+            }
+        }
+        j.end_object();
+    }
+    j.bool("ready", c.ready()).end_object();
+    j.finish()
 }
 
-fn print_machine(m: &Machine) {
-    println!("machine");
-    println!("  kernel {}", m.kernel);
-    println!(
+fn render(c: &Check) -> String {
+    use std::fmt::Write;
+    let m = &c.machine;
+    let mut out = String::new();
+    let _ = writeln!(out, "machine");
+    let _ = writeln!(out, "  kernel {}", m.kernel);
+    let _ = writeln!(
+        out,
         "  transparent huge pages: {} (defrag {}){}",
         m.thp_text,
         m.defrag,
         if m.thp == ThpMode::Never {
-            ": the thp backend cannot work"
+            ": no private copies on THP"
         } else {
             ""
         }
     );
-    println!(
-        "  hugetlb pool (2 MiB): {} pages, {} free, {} reserved: {} available",
+    let _ = writeln!(
+        out,
+        "  hugetlb pool (2 MiB): {} pages, {} free, {} reserved: {} available \
+         (tiexec takes from it only with --backend hugetlb; the image cache has pages of its own)",
         m.pool.total,
         m.pool.free,
         m.pool.reserved,
         m.pool.available()
     );
     for n in &m.nodes {
-        println!(
+        let _ = writeln!(
+            out,
             "    {}: {} pages, {} free, {} surplus",
             n.node, n.total, n.free, n.surplus
         );
     }
-    println!(
+    let _ = match &m.cache {
+        CacheState::Ready {
+            root,
+            pages,
+            free,
+            images,
+        } => writeln!(
+            out,
+            "  image cache {}: {pages} pages, {free} free, {images} image(s) of this user",
+            root.display()
+        ),
+        CacheState::Unusable { root, why } => writeln!(
+            out,
+            "  image cache {}: not used: {why}; `tiexec --setup` (as root, once) sets it up: \
+             text shared by every process of a program, copied once per machine",
+            root.display()
+        ),
+        CacheState::Off => writeln!(out, "  image cache: off (TIEXEC_CACHE=off)"),
+    };
+    let _ = writeln!(
+        out,
         "  PAGEMAP_SCAN (exact huge-page checks, Linux 6.7): {}",
         if m.pagemap_scan {
             "yes"
         } else {
-            "no: smaps is used, per mapping"
+            "no: smaps is read instead, per mapping"
         }
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  in-place collapse of file text (MADV_COLLAPSE): {}",
         match &m.file_collapse {
             Ok(()) => "yes".to_string(),
-            Err(e) => format!("no, {e}: text is copied instead, or primed"),
+            Err(e) => format!("no, {e}: text is served by the page cache when primed, or copied"),
         }
     );
+    if let Some(p) = &c.program {
+        render_program(&mut out, p);
+    } else if m.thp == ThpMode::Never && m.pool.available() == 0 {
+        let _ = writeln!(
+            out,
+            "\nno source of huge pages: THP is 'never' and the pool is empty; \
+             to reserve pages (as root): echo 64 > {POOL_DIR}/nr_hugepages"
+        );
+    }
+    let _ = writeln!(out, "\n{}", if c.ready() { "ready" } else { "not ready" });
+    out
+}
+
+fn render_program(out: &mut String, p: &ProgramCheck) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "\nprogram {}", p.path.display());
+    let _ = writeln!(
+        out,
+        "  {}, {}{}",
+        match p.linkage {
+            crate::path::Linkage::Dynamic => "dynamically linked",
+            crate::path::Linkage::Static =>
+                "statically linked (LD_PRELOAD cannot reach it: tiexec --prime, or link libtiexec.a)",
+            crate::path::Linkage::NotElf =>
+                "not an ELF program (a script: its interpreter is what runs)",
+        },
+        if p.pie {
+            "PIE"
+        } else {
+            "not PIE (fixed address)"
+        },
+        if p.setuid {
+            ", setuid/setgid (the loader ignores LD_PRELOAD for it)"
+        } else {
+            ""
+        }
+    );
+    for o in &p.objects {
+        let _ = writeln!(out, "  {}", o.path.display());
+        for s in &o.segments {
+            let _ = writeln!(
+                out,
+                "    text {} at file offset {:#x}, p_align {:#x}: {}; {} whole 2 MiB page(s); page cache: {}",
+                Bytes(s.bytes),
+                s.file.start,
+                s.align,
+                if s.congruent {
+                    "congruent (the page cache can serve 2 MiB pages)".to_string()
+                } else {
+                    format!("not congruent (relink with {} for that)", prime::LINK_ADVICE)
+                },
+                s.whole_pages,
+                s.cache_words()
+            );
+        }
+    }
+    let _ = writeln!(out);
+    match &p.forecast {
+        Forecast::Made { output, .. } => out.push_str(output),
+        Forecast::NotMade(why) => {
+            let _ = writeln!(out, "no forecast: {why}");
+            let small = p
+                .objects
+                .iter()
+                .flat_map(|o| &o.segments)
+                .any(|s| s.whole_pages > 0 && s.congruent && s.cache != Some(State::Huge));
+            if small {
+                let _ = writeln!(
+                    out,
+                    "  to serve its congruent text from the page cache: tiexec --prime {}",
+                    p.path.display()
+                );
+            }
+        }
+    }
 }

@@ -22,6 +22,7 @@ mod args;
 mod cachecmd;
 mod check;
 mod embedded;
+mod ldenv;
 mod libs;
 mod path;
 mod prime;

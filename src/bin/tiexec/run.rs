@@ -7,11 +7,11 @@
 //! options stand for, and execs the program: same PID, same exit status,
 //! same signals. It runs no other process and reads only headers.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use crate::ExitCode;
@@ -20,6 +20,7 @@ use tiexec::config::{self, Backend};
 use tiexec::log::Level;
 
 use crate::args::{self, Args, Parsed};
+use crate::ldenv;
 use crate::libs;
 use crate::path::{self, Linkage, Lookup};
 
@@ -84,43 +85,6 @@ fn what_to_preload(args: &Args) -> Result<Preload, String> {
         full: placed.full,
         through_stub: true,
     })
-}
-
-/// `lib` first, then the entries of `existing` (':' or ' ' separated) other
-/// than `lib`, joined by ':'. For `LD_PRELOAD` and `LD_AUDIT` alike.
-fn ld_list_with(existing: Option<OsString>, lib: &Path) -> OsString {
-    let lib = lib.as_os_str().as_bytes();
-    let mut out = lib.to_vec();
-    if let Some(existing) = existing {
-        for entry in existing.as_bytes().split(|&b| b == b':' || b == b' ') {
-            if entry.is_empty() || entry == lib {
-                continue;
-            }
-            out.push(b':');
-            out.extend_from_slice(entry);
-        }
-    }
-    OsString::from_vec(out)
-}
-
-const TLS_SURPLUS_TUNABLE: &str = "glibc.rtld.optional_static_tls";
-
-/// `existing` tunables with the static TLS surplus `bytes`, unless the user
-/// already chose one.
-fn tunables_with_tls_surplus(existing: Option<&OsStr>, bytes: u64) -> Option<OsString> {
-    let mut out = existing.map(OsStr::to_os_string).unwrap_or_default();
-    if out
-        .as_bytes()
-        .windows(TLS_SURPLUS_TUNABLE.len())
-        .any(|w| w == TLS_SURPLUS_TUNABLE.as_bytes())
-    {
-        return None;
-    }
-    if !out.is_empty() {
-        out.push(":");
-    }
-    out.push(format!("{TLS_SURPLUS_TUNABLE}={bytes}"));
-    Some(out)
 }
 
 /// Runs PROGRAM (the words after `tiexec`).
@@ -216,7 +180,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             Ok(libs) => {
                 cmd.env(
                     "LD_PRELOAD",
-                    ld_list_with(std::env::var_os("LD_PRELOAD"), &libs.preload),
+                    ldenv::ld_list_with(std::env::var_os("LD_PRELOAD"), &libs.preload),
                 );
                 if libs.through_stub {
                     cmd.env("TIEXEC_LIB", &libs.full);
@@ -236,7 +200,10 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                     // constructor puts LD_AUDIT and GLIBC_TUNABLES back the
                     // way they were before PROGRAM starts anything.
                     let original_tunables = std::env::var_os("GLIBC_TUNABLES");
-                    cmd.env("LD_AUDIT", ld_list_with(std::env::var_os("LD_AUDIT"), lib));
+                    cmd.env(
+                        "LD_AUDIT",
+                        ldenv::ld_list_with(std::env::var_os("LD_AUDIT"), lib),
+                    );
                     cmd.env(
                         tiexec::preload_env::RESTORE_AUDIT,
                         tiexec::preload_env::encode_restore(
@@ -244,12 +211,8 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                             original_tunables.as_deref(),
                         ),
                     );
-                    if let Some(bytes) = libs::optional_static_tls(&libraries) {
-                        if let Some(t) =
-                            tunables_with_tls_surplus(original_tunables.as_deref(), bytes)
-                        {
-                            cmd.env("GLIBC_TUNABLES", t);
-                        }
+                    if let Some(t) = ldenv::tunables_for_audit(&libraries) {
+                        cmd.env("GLIBC_TUNABLES", t);
                     }
                 }
             }
@@ -271,33 +234,4 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     } else {
         126
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ld_lists_keep_existing_entries() {
-        let lib = Path::new("/c/libtiexec.so");
-        assert_eq!(ld_list_with(None, lib), "/c/libtiexec.so");
-        assert_eq!(
-            ld_list_with(Some("/a.so /c/libtiexec.so:/b.so".into()), lib),
-            "/c/libtiexec.so:/a.so:/b.so"
-        );
-    }
-
-    #[test]
-    fn tls_surplus_is_added_once_and_never_overrides_the_user() {
-        assert_eq!(
-            tunables_with_tls_surplus(None, 18880).unwrap(),
-            "glibc.rtld.optional_static_tls=18880"
-        );
-        assert_eq!(
-            tunables_with_tls_surplus(Some(OsStr::new("glibc.malloc.arena_max=2")), 1024).unwrap(),
-            "glibc.malloc.arena_max=2:glibc.rtld.optional_static_tls=1024"
-        );
-        let mine = OsStr::new("glibc.rtld.optional_static_tls=1024");
-        assert_eq!(tunables_with_tls_surplus(Some(mine), 4096), None);
-    }
 }
