@@ -93,7 +93,8 @@ pub unsafe extern "C" fn la_objopen(
 }
 
 fn object_opened(bias: u64, name: &[u8]) {
-    let parsed = config::from_process_env();
+    let env = config::EnvSnapshot::take();
+    let parsed = env.parse();
     crate::log::set_level(parsed.config.log);
     crate::fault::set(parsed.config.fault);
     let config = parsed.config;

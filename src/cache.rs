@@ -395,6 +395,22 @@ fn mount_pages(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
     Some((total, s.f_bfree))
 }
 
+/// 2 MiB pages in all and free of the hugetlbfs mounted at `path` (`None`:
+/// not a hugetlbfs with a size limit, or not reachable).
+pub fn hugetlbfs_pages(path: &Path) -> Option<(u64, u64)> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let fd = sys::open_dir_at(None, &c).ok()?;
+    on_hugetlbfs(fd.as_fd()).then(|| mount_pages(fd.as_fd()))?
+}
+
+/// Whether `path` is (the root of, or in) a hugetlbfs.
+pub fn is_hugetlbfs(path: &Path) -> bool {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .ok()
+        .and_then(|c| sys::open_dir_at(None, &c).ok())
+        .is_some_and(|fd| on_hugetlbfs(fd.as_fd()))
+}
+
 impl Cache {
     /// Opens the cache at `root` for the current user: checks it is a
     /// hugetlbfs mount with a size limit, and creates or checks the user's

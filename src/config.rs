@@ -402,32 +402,35 @@ pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a [u8]>) -> Parsed<'a> {
     Parsed { config, bad }
 }
 
-/// Reads one variable from the process environment without allocating.
-/// Valid until the environment is changed.
-pub fn getenv_bytes(name: &core::ffi::CStr) -> Option<&'static [u8]> {
-    // SAFETY: getenv returns NULL or a pointer to a NUL-terminated string in
-    // the environment block. Nothing here changes the environment while the
-    // returned slice is in use (the constructor runs single-threaded).
-    let p = unsafe { libc::getenv(name.as_ptr()) };
-    if p.is_null() {
-        None
-    } else {
-        // SAFETY: non-null and NUL-terminated (see above).
-        Some(unsafe { core::ffi::CStr::from_ptr(p) }.to_bytes())
-    }
-}
+/// The `TIEXEC_*` variables of this process, copied (through std's
+/// environment lock, so a concurrent `std::env::set_var` cannot tear them):
+/// what code that may run beside other threads parses. (The preload
+/// constructor reads them in place, without allocating: see `preload`.)
+pub struct EnvSnapshot(Vec<(String, Vec<u8>)>);
 
-/// The settings of this process.
-pub fn from_process_env() -> Parsed<'static> {
-    parse(|name| {
-        let mut buf = [0u8; 32];
-        let bytes = name.as_bytes();
-        let slot = buf.get_mut(..bytes.len())?;
-        slot.copy_from_slice(bytes);
-        // `buf` is zeroed past the name: NUL-terminated.
-        let c = core::ffi::CStr::from_bytes_until_nul(&buf).ok()?;
-        getenv_bytes(c)
-    })
+impl EnvSnapshot {
+    /// Copies the variables now.
+    pub fn take() -> EnvSnapshot {
+        use std::os::unix::ffi::OsStrExt;
+        EnvSnapshot(
+            std::env::vars_os()
+                .filter_map(|(k, v)| {
+                    let k = k.into_string().ok()?;
+                    k.starts_with("TIEXEC_").then(|| (k, v.as_bytes().to_vec()))
+                })
+                .collect(),
+        )
+    }
+
+    /// The settings they make.
+    pub fn parse(&self) -> Parsed<'_> {
+        parse(|name| {
+            self.0
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+        })
+    }
 }
 
 #[cfg(test)]

@@ -214,7 +214,8 @@ fn forecast_here() -> Result<i32, String> {
     let target = std::env::var_os(VAR).ok_or("no target")?;
     let text = std::env::var_os(FORMAT_VAR).is_some_and(|v| v == "text");
     let in_place = std::env::var_os(IN_PLACE_VAR).is_some_and(|v| v == "1");
-    let parsed = config::from_process_env();
+    let env = config::EnvSnapshot::take();
+    let parsed = env.parse();
     crate::log::set_level(parsed.config.log);
     let config = parsed.config;
     let objects = crate::discover::loaded_objects();

@@ -15,39 +15,64 @@
 //!    objects)    ranges)    trampoline) read back)  object)
 //! ```
 //!
-//! Unsafe code lives in [`sys`] (syscall wrappers), [`trampoline`] (the asm
-//! routine and its mapping), [`swap`] (the only module that replaces
-//! mappings), [`discover`] (the loader's callback) and the constructor.
-//! Planning ([`plan`]), parsing ([`config`], [`smaps`]) and reporting are
-//! pure.
+//! Unsafe code is denied at the root and allowed, by name below, only in:
+//! [`sys`] (syscall wrappers and the owned [`sys::Mapping`]), [`trampoline`]
+//! (the asm routine and where it runs), [`swap`] (the only module that
+//! replaces mappings), [`remap`] (which calls it), [`discover`] (the
+//! loader's callback), [`interpose`] (the `mprotect` interposer), [`audit`]
+//! (the loader's audit hooks) and the constructor (`preload`). Planning
+//! ([`plan`]), parsing ([`config`], [`smaps`]), the cache's bookkeeping and
+//! reporting hold none.
 
+#![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+// The library runs inside other people's programs: no unwrap, expect or
+// panic outside tests (a panic is caught at the constructor boundary, but
+// must not be how errors travel).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unimplemented,
+        clippy::todo
+    )
+)]
 #![warn(missing_docs)]
 
+#[allow(unsafe_code)]
 pub mod audit;
 pub mod cache;
 pub mod config;
+#[allow(unsafe_code)]
 pub mod discover;
 pub mod elf;
 pub mod fault;
 pub mod forecast;
 pub mod inspect;
+#[allow(unsafe_code)]
 pub mod interpose;
 pub mod json;
 pub mod log;
 pub mod plan;
+#[allow(unsafe_code)]
 pub(crate) mod preload;
 pub mod preload_env;
 pub mod prime;
 pub mod profiling;
+#[allow(unsafe_code)]
 pub mod remap;
 pub mod report;
 pub mod select;
 pub mod smaps;
 pub mod state;
+#[allow(unsafe_code)]
 pub mod swap;
+#[allow(unsafe_code)]
 pub mod sys;
+#[allow(unsafe_code)]
 pub mod trampoline;
 
 pub use config::{Backend, Strategy};
@@ -102,7 +127,8 @@ impl Options {
     /// The defaults, overridden by `TIEXEC_BACKEND` and `TIEXEC_STRATEGY`
     /// where set (bad values are ignored).
     pub fn from_env() -> Options {
-        let c = config::from_process_env().config;
+        let env = config::EnvSnapshot::take();
+        let c = env.parse().config;
         Options {
             backend: c.backend,
             strategy: c.strategy,
@@ -121,10 +147,12 @@ impl Options {
 /// ```c
 /// int tiexec_remap_text(void);
 /// ```
+#[allow(unsafe_code)] // no_mangle: the C symbol
 #[no_mangle]
 pub extern "C" fn tiexec_remap_text() -> libc::c_int {
     let run = || {
-        let parsed = config::from_process_env();
+        let env = config::EnvSnapshot::take();
+        let parsed = env.parse();
         log::set_level(parsed.config.log);
         fault::set(parsed.config.fault);
         match remap_text(&Options::from_env()) {
@@ -161,6 +189,7 @@ pub extern "C" fn tiexec_remap_text() -> libc::c_int {
 ///     Err(e) => eprintln!("text left on 4 KiB pages: {e}"),
 /// }
 /// ```
+#[allow(unsafe_code)] // the call into the swap, under the checks above it
 pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
     if options.backend == Backend::Off {
         return Err(Error::Off);
@@ -179,7 +208,8 @@ pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
         backend: options.backend,
         strategy: options.strategy,
     };
-    let parsed = config::from_process_env();
+    let env = config::EnvSnapshot::take();
+    let parsed = env.parse();
     let program = main.first().map(|o| o.path.clone()).unwrap_or_default();
     // The caller reads the reports: their coverage comes from smaps.
     let ctx = preload::context(request, &parsed.config, program, true);

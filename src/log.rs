@@ -82,10 +82,7 @@ impl LineBuf {
             self.len -= 1; // room for the newline
         }
         self.push_bytes(b"\n");
-        let bytes = self.as_bytes();
-        // SAFETY: `bytes` is a valid readable buffer; fd 2 may be closed, in
-        // which case write fails harmlessly.
-        unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+        crate::sys::write_stderr(self.as_bytes());
     }
 }
 

@@ -73,7 +73,7 @@ fn run() {
     crate::interpose::attach_to_stub();
 
     // Step 2: settings.
-    let parsed = config::from_process_env();
+    let parsed = settings_in_place();
     log::set_level(parsed.config.log);
     crate::fault::set(parsed.config.fault);
     for bad in parsed.bad.iter().flatten() {
@@ -153,6 +153,32 @@ fn run() {
         // record how long this run lasts, for the next one.
         lifetime::record_at_exit(&ctx.program, started);
     }
+}
+
+/// The settings, read from the environment in place (no allocation: under a
+/// tight address-space limit even a small one could fail, and abort).
+fn settings_in_place() -> config::Parsed<'static> {
+    config::parse(|name| {
+        let mut buf = [0u8; 32];
+        let bytes = name.as_bytes();
+        let slot = buf.get_mut(..bytes.len())?;
+        slot.copy_from_slice(bytes);
+        // `buf` is zeroed past the name: NUL-terminated.
+        let c = core::ffi::CStr::from_bytes_until_nul(&buf).ok()?;
+        env_in_place(c)
+    })
+}
+
+/// One variable, read in place (see [`settings_in_place`]).
+fn env_in_place(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+    // SAFETY: the constructor runs before main, in the thread that loaded
+    // the program. Its own changes (`prepare_environment_for_children`)
+    // come later and never free a string getenv returned (glibc's setenv
+    // and unsetenv keep replaced strings alive). A thread started by an
+    // earlier library initializer could race with it, as it could with
+    // glibc's own getenv calls at this point; such threads are rare, and
+    // once counted they make the constructor leave the text alone.
+    unsafe { crate::sys::getenv_bytes(name) }
 }
 
 /// The objects of `objects` whose text is worth planning under `config`
@@ -419,7 +445,7 @@ fn set_env(var: &core::ffi::CStr, value: Option<&[u8]>) -> bool {
 /// `children` is false; with ASan's link-order check off when they keep it.
 fn prepare_environment_for_children(children: bool) {
     use crate::preload_env;
-    if let Some(value) = config::getenv_bytes(preload_env::RESTORE_AUDIT_C) {
+    if let Some(value) = env_in_place(preload_env::RESTORE_AUDIT_C) {
         if let Some((audit, tunables)) = preload_env::decode_restore(value) {
             let ok = set_env(c"LD_AUDIT", audit.as_deref())
                 & set_env(c"GLIBC_TUNABLES", tunables.as_deref())
@@ -436,7 +462,7 @@ fn prepare_environment_for_children(children: bool) {
             .chain(crate::interpose::stub_path())
             .collect();
         for var in [c"LD_PRELOAD", c"LD_AUDIT"] {
-            let Some(current) = config::getenv_bytes(var) else {
+            let Some(current) = env_in_place(var) else {
                 continue;
             };
             let kept = ours
@@ -450,9 +476,7 @@ fn prepare_environment_for_children(children: bool) {
         set_env(c"TIEXEC_LIB", None);
         return;
     }
-    if let Some(v) =
-        preload_env::asan_options_with_link_order(config::getenv_bytes(c"ASAN_OPTIONS"))
-    {
+    if let Some(v) = preload_env::asan_options_with_link_order(env_in_place(c"ASAN_OPTIONS")) {
         set_env(c"ASAN_OPTIONS", Some(&v));
     }
 }

@@ -18,7 +18,7 @@
 //! change, and nothing is written.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use crate::elf;
@@ -181,15 +181,7 @@ pub fn prime_file(path: &Path, prime: bool) -> Result<Vec<SegmentState>, PrimeEr
                 s.state = State::Small;
             } else {
                 // Drop what no process maps; pages mapped elsewhere stay.
-                // SAFETY: advice on our own open file descriptor.
-                unsafe {
-                    libc::posix_fadvise(
-                        file.as_raw_fd(),
-                        body.start as libc::off_t,
-                        body.len() as libc::off_t,
-                        libc::POSIX_FADV_DONTNEED,
-                    )
-                };
+                let _ = crate::sys::fadvise_dont_need(file.as_fd(), body.start, body.len());
                 let mut map = AlignedFileMap::new(&file, body).map_err(PrimeError::Map)?;
                 s.huge_bytes = map.populate_huge(true);
                 s.state = if s.huge_bytes >= body.len() {

@@ -19,9 +19,6 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use crate::plan::{Range, Source};
 use crate::sys::Errno;
 
-const PR_SET_VMA: libc::c_int = 0x5356_4d41;
-const PR_SET_VMA_ANON_NAME: libc::c_ulong = 0;
-
 /// The name shown in /proc/PID/maps for `path`'s swapped text:
 /// `tiexec:FILE`, printable ASCII without the characters the kernel refuses.
 pub fn anon_name(path: &str) -> std::ffi::CString {
@@ -40,65 +37,27 @@ pub fn anon_name(path: &str) -> std::ffi::CString {
 pub fn name_swapped_ranges(path: &str, swapped: &[(Range, Source)]) {
     let name = anon_name(path);
     for (range, _) in swapped.iter().filter(|(_, s)| *s == Source::Thp) {
-        // SAFETY: prctl only reads the NUL-terminated name and labels our own
-        // mapping; it does not change contents or protections.
-        unsafe {
-            libc::prctl(
-                PR_SET_VMA,
-                PR_SET_VMA_ANON_NAME,
-                range.start as libc::c_ulong,
-                range.len() as libc::c_ulong,
-                name.as_ptr(),
-            )
-        };
+        let _ = crate::sys::name_anonymous_range(*range, &name);
     }
 }
 
-/// A read-only mapping of a whole file, unmapped on drop.
-struct MappedFile {
-    addr: *mut u8,
-    len: usize,
-}
+/// A read-only mapping of a whole file (unmapped on drop).
+struct MappedFile(crate::sys::Mapping);
 
 impl MappedFile {
     fn open(path: &str) -> Result<MappedFile, Errno> {
+        use std::os::fd::AsFd;
         let file = std::fs::File::open(path).map_err(|e| Errno(e.raw_os_error().unwrap_or(0)))?;
         let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
         if len == 0 {
             return Err(Errno(libc::EINVAL));
         }
-        use std::os::fd::AsRawFd;
-        // SAFETY: a fresh read-only private mapping at a kernel-chosen
-        // address; no existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(Errno::last());
-        }
-        Ok(MappedFile {
-            addr: addr.cast(),
-            len,
-        })
+        crate::sys::Mapping::file(file.as_fd(), 0, len, crate::sys::Prot::READ, false, false)
+            .map(MappedFile)
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is readable for `len` bytes while `self` lives.
-        unsafe { core::slice::from_raw_parts(self.addr, self.len) }
-    }
-}
-
-impl Drop for MappedFile {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, no longer referenced.
-        let _ = unsafe { crate::sys::munmap(self.addr, self.len) };
+        self.0.bytes().unwrap_or(&[])
     }
 }
 
@@ -157,8 +116,7 @@ pub fn append_perf_map(
         .open(&map_path)
         .map_err(|e| format!("{map_path}: {e}"))?;
     let meta = f.metadata().map_err(|e| format!("{map_path}: {e}"))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = crate::sys::effective_uid();
     if !meta.is_file() || meta.uid() != me {
         return Err(format!(
             "{map_path}: not a regular file of this user; left alone"
@@ -188,6 +146,7 @@ mod tests {
 
     /// A function that stays a function of its own in any build profile.
     #[inline(never)]
+    #[allow(unsafe_code)] // no_mangle: the symbol name the test looks for
     #[no_mangle]
     extern "C" fn tiexec_profiling_test_marker() -> u32 {
         std::hint::black_box(7)

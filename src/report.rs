@@ -32,16 +32,8 @@ pub fn write_target(target: &[u8], bytes: &[u8]) -> Result<(), String> {
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or("fd:N needs a number")?;
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            // SAFETY: writes from a valid buffer to a descriptor the user
-            // named; a bad descriptor only makes the call fail.
-            let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
-            if n <= 0 {
-                return Err(format!("write to fd {fd}: {}", crate::sys::Errno::last()));
-            }
-            rest = rest.get(n as usize..).unwrap_or(&[]);
-        }
+        crate::sys::write_all_to_fd_number(fd, bytes)
+            .map_err(|e| format!("write to fd {fd}: {e}"))?;
         return Ok(());
     }
     let pid = std::process::id().to_string();

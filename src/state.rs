@@ -158,23 +158,7 @@ impl StateDir {
         )?;
         let written = sys::write_all(fd.as_fd(), text.as_bytes());
         drop(fd);
-        let renamed = written.and_then(|()| {
-            // SAFETY: both names are NUL-terminated; both are relative to
-            // the same directory descriptor.
-            let r = unsafe {
-                libc::renameat(
-                    std::os::fd::AsRawFd::as_raw_fd(&runs_dir),
-                    tmp_c.as_ptr(),
-                    std::os::fd::AsRawFd::as_raw_fd(&runs_dir),
-                    name_c.as_ptr(),
-                )
-            };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(Errno::last())
-            }
-        });
+        let renamed = written.and_then(|()| sys::rename_at(runs_dir.as_fd(), &tmp_c, &name_c));
         if renamed.is_err() {
             let _ = sys::unlink_at(runs_dir.as_fd(), &tmp_c);
         }

@@ -283,6 +283,16 @@ impl Mapping {
         Range::new(self.start(), self.start() + self.len as u64)
     }
 
+    /// Its bytes, when it is readable.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        if self.prot.bits() & libc::PROT_READ == 0 {
+            return None;
+        }
+        // SAFETY: our own readable mapping of `len` bytes, borrowed for as
+        // long as the slice lives (nothing can unmap it meanwhile).
+        Some(unsafe { core::slice::from_raw_parts(self.addr, self.len) })
+    }
+
     /// Its bytes, for filling, when it is writable.
     pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
         if self.prot != Prot::READ_WRITE {
@@ -430,6 +440,130 @@ pub fn mdwe_refuses_exec_gain() -> bool {
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
+}
+
+/// The real user ID.
+pub fn real_uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
+}
+
+/// Whether this process may execute `path` (`access(X_OK)`: permission
+/// bits, ACLs, root's rules and `noexec` mounts, as exec will apply them).
+pub fn can_execute(path: &CStr) -> bool {
+    // SAFETY: `path` is NUL-terminated.
+    unsafe { libc::access(path.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// Mounts a hugetlbfs at `target` with mount options `data`, `nosuid` and
+/// `nodev` (root only).
+pub fn mount_hugetlbfs(target: &CStr, data: &CStr) -> Result<(), Errno> {
+    // SAFETY: NUL-terminated strings; a new mount of a pseudo filesystem
+    // changes no memory of this process.
+    check_zero(unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            c"hugetlbfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    })
+}
+
+/// Reads one variable from the process environment without allocating.
+///
+/// # Safety
+/// No thread may change the environment (`setenv`, `putenv`, `unsetenv`)
+/// while the returned slice is in use: it points into the environment block.
+pub unsafe fn getenv_bytes(name: &CStr) -> Option<&'static [u8]> {
+    // SAFETY: getenv returns NULL or a pointer to a NUL-terminated string in
+    // the environment block, valid while the environment is not changed
+    // (the caller's promise).
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: non-null and NUL-terminated (see above).
+        Some(unsafe { CStr::from_ptr(p) }.to_bytes())
+    }
+}
+
+/// Writes `bytes` to stderr in one call (a closed fd 2 fails harmlessly).
+pub fn write_stderr(bytes: &[u8]) {
+    // SAFETY: `bytes` is a valid readable buffer of its length.
+    unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+/// Writes all of `bytes` to descriptor number `fd` (one the user named,
+/// e.g. `TIEXEC_REPORT=fd:3`). A descriptor that is not open only makes
+/// the call fail.
+pub fn write_all_to_fd_number(fd: i32, mut bytes: &[u8]) -> Result<(), Errno> {
+    while !bytes.is_empty() {
+        // SAFETY: writes from a valid buffer; the kernel checks `fd`.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if n < 0 {
+            let e = Errno::last();
+            if e.0 == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(Errno(libc::EIO));
+        }
+        bytes = bytes.get(n as usize..).unwrap_or(&[]);
+    }
+    Ok(())
+}
+
+/// Drops the page cache of `len` bytes of `fd`'s file from `offset`, where
+/// no process maps it (`POSIX_FADV_DONTNEED`: advice, nothing else changes).
+pub fn fadvise_dont_need(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<(), Errno> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(Errno(libc::EINVAL));
+    };
+    // SAFETY: advice on an open descriptor; no memory is touched.
+    let r = unsafe { libc::posix_fadvise(fd.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Errno(r))
+    }
+}
+
+/// Renames `from` to `to`, both in `dir` (replacing `to` atomically).
+pub fn rename_at(dir: BorrowedFd<'_>, from: &CStr, to: &CStr) -> Result<(), Errno> {
+    // SAFETY: both names are NUL-terminated; both are relative to `dir`.
+    let r = unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// Names the anonymous memory of `range` (`PR_SET_VMA_ANON_NAME`, shown in
+/// /proc/PID/maps as `[anon:NAME]`). Needs `CONFIG_ANON_VMA_NAME`.
+pub fn name_anonymous_range(range: Range, name: &CStr) -> Result<(), Errno> {
+    const PR_SET_VMA: libc::c_int = 0x53564d41;
+    const PR_SET_VMA_ANON_NAME: libc::c_ulong = 0;
+    // SAFETY: prctl only reads the NUL-terminated name and labels the
+    // mappings of the range; contents and protections do not change.
+    let r = unsafe {
+        libc::prctl(
+            PR_SET_VMA,
+            PR_SET_VMA_ANON_NAME,
+            range.start as libc::c_ulong,
+            range.len() as libc::c_ulong,
+            name.as_ptr(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
 }
 
 /// Reads a small file (under /proc or /sys) into `buf` with raw

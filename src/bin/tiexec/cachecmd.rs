@@ -9,7 +9,7 @@
 
 use crate::ExitCode;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tiexec::cache::{self, Entry};
 use tiexec::json::Json;
@@ -100,13 +100,12 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     }
     let root = cache_root(dir);
     let root = std::fs::canonicalize(&root).unwrap_or(root);
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = tiexec::sys::effective_uid();
     let dirs: Vec<(u32, PathBuf)> = cache::user_dirs(&root)
         .into_iter()
         .filter(|(owner, _)| uid == 0 || *owner == uid)
         .collect();
-    let pages = mount_pages(&root);
+    let pages = cache::hugetlbfs_pages(&root);
     if pages.is_none() {
         eprintln!(
             "tiexec --cache: no image cache at {} (tiexec --setup makes one)",
@@ -235,15 +234,6 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         }
     );
     ExitCode::SUCCESS
-}
-
-fn mount_pages(root: &Path) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a valid out-pointer.
-    let ok = unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0;
-    (ok && st.f_type as u32 == libc::HUGETLBFS_MAGIC as u32).then_some((st.f_blocks, st.f_bfree))
 }
 
 fn usage_error(msg: &str) -> ExitCode {

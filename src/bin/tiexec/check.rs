@@ -190,7 +190,8 @@ fn selected(text: &str) -> String {
 fn cache_state() -> CacheState {
     use std::os::unix::ffi::OsStrExt;
     // The settings as a run reads them.
-    let root = match config::from_process_env().config.cache {
+    let env = config::EnvSnapshot::take();
+    let root = match env.parse().config.cache {
         CachePath::Off => return CacheState::Off,
         CachePath::At(p) => PathBuf::from(std::ffi::OsStr::from_bytes(p)),
         CachePath::Default => PathBuf::from(tiexec::cache::DEFAULT_ROOT),

@@ -9,7 +9,6 @@
 //! would make the loader refuse the preload in every process.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -73,8 +72,7 @@ impl std::fmt::Display for Unplaced {
 /// Directories to try, in order: the user's cache directory, then private
 /// directories in the temporary places.
 fn candidates() -> Vec<PathBuf> {
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = tiexec::sys::real_uid();
     let mut out = Vec::new();
     if let Some(p) = tiexec::state::default_path() {
         out.push(p);
@@ -97,8 +95,7 @@ fn candidates() -> Vec<PathBuf> {
 
 /// A directory only this user can write to (made 0700 if missing).
 fn private_dir(dir: &Path) -> Result<(), String> {
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = tiexec::sys::real_uid();
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(_) => {
@@ -123,26 +120,17 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 
 /// True when `file` can be mapped executable (what the loader will do).
 fn mappable_executable(file: &std::fs::File) -> Result<(), String> {
-    // SAFETY: a fresh read-only, executable private mapping of one page of
-    // our own file at an address of the kernel's choosing, unmapped at once.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE,
-            file.as_raw_fd(),
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return Err(format!(
-                "cannot be mapped executable ({}; a noexec mount?)",
-                std::io::Error::last_os_error()
-            ));
-        }
-        libc::munmap(p, 4096);
-    }
-    Ok(())
+    use std::os::fd::AsFd;
+    tiexec::sys::Mapping::file(
+        file.as_fd(),
+        0,
+        4096,
+        tiexec::sys::Prot::READ_EXEC,
+        false,
+        false,
+    )
+    .map(drop)
+    .map_err(|e| format!("cannot be mapped executable ({e}; a noexec mount?)"))
 }
 
 /// `lib` in `dir`: the existing file when it is ours and whole, else
@@ -155,8 +143,7 @@ fn place_one(dir: &Path, lib: &Embedded) -> Result<PathBuf, String> {
         env!("CARGO_PKG_VERSION"),
         lib.digest
     ));
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = tiexec::sys::real_uid();
     let ours = std::fs::symlink_metadata(&path)
         .is_ok_and(|m| m.is_file() && m.uid() == uid && m.len() == lib.bytes.len() as u64);
     if !ours {

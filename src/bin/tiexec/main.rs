@@ -17,6 +17,13 @@
 // that only execs another; std works the same (arguments come from the
 // C runtime on this target). The unit tests keep the test harness's main.
 #![cfg_attr(not(test), no_main)]
+// System calls go through the library's `sys`; the only exception is the C
+// entry point below.
+#![deny(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 mod args;
 mod cachecmd;
@@ -61,6 +68,7 @@ fn run() -> ExitCode {
 
 /// The C entry point (see the note at the top).
 #[cfg(not(test))]
+#[allow(unsafe_code)] // no_mangle: the symbol the C runtime calls
 #[no_mangle]
 pub extern "C" fn main(_argc: i32, _argv: *const *const u8) -> i32 {
     use std::io::Write;

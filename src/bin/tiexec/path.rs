@@ -25,8 +25,7 @@ fn is_executable_file(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
-    // SAFETY: `c` is a valid NUL-terminated path.
-    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+    tiexec::sys::can_execute(&c)
 }
 
 /// PROGRAM's path when it can be run (see [`find`]).

@@ -45,25 +45,6 @@ fn default_pages() -> u64 {
     (mem_kib / 2048 / 20).clamp(16, 256)
 }
 
-fn is_hugetlbfs(dir: &Path) -> bool {
-    let Ok(c) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a valid out-pointer.
-    let ok = unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0;
-    ok && st.f_type as u32 == libc::HUGETLBFS_MAGIC as u32
-}
-
-fn mount_pages(dir: &Path) -> Option<(u64, u64)> {
-    let c = CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: as above.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some((st.f_blocks, st.f_bfree))
-}
-
 /// Runs `tiexec --setup`.
 pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     use lexopt::Arg::Long;
@@ -99,15 +80,14 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             Err(e) => return usage_error(&e.to_string()),
         }
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if tiexec::sys::effective_uid() != 0 {
         eprintln!("tiexec --setup: needs root (it sizes the hugetlb pool and mounts a filesystem)");
         return ExitCode::from(1);
     }
     let pages = pages.unwrap_or_else(default_pages);
 
-    if is_hugetlbfs(&dir) {
-        let (total, free) = mount_pages(&dir).unwrap_or((0, 0));
+    if tiexec::cache::is_hugetlbfs(&dir) {
+        let (total, free) = tiexec::cache::hugetlbfs_pages(&dir).unwrap_or((0, 0));
         println!(
             "tiexec: the image cache is already mounted at {}: {total} pages, {free} free",
             dir.display()
@@ -152,21 +132,11 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     ) else {
         return usage_error("bad --cache-dir");
     };
-    // SAFETY: NUL-terminated strings; a new mount of a pseudo filesystem.
-    let r = unsafe {
-        libc::mount(
-            c"none".as_ptr(),
-            target.as_ptr(),
-            c"hugetlbfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            data.as_ptr().cast(),
-        )
-    };
-    if r != 0 {
+    let r = tiexec::sys::mount_hugetlbfs(&target, &data);
+    if let Err(e) = r {
         eprintln!(
-            "tiexec --setup: mounting hugetlbfs at {} failed: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
+            "tiexec --setup: mounting hugetlbfs at {} failed: {e}",
+            dir.display()
         );
         return ExitCode::from(1);
     }
