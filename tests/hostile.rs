@@ -20,7 +20,7 @@ fn hostile() -> PathBuf {
 }
 
 struct Seen {
-    cov: tiexec::smaps::Coverage,
+    cov: common::Coverage,
     interior: u64,
     o: common::Outcome,
 }

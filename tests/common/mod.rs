@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod proc_maps;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,9 +14,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tiexec::plan::{self, Range};
-use tiexec::smaps;
 
 pub use fixture::Spec;
+pub use proc_maps::Coverage;
 
 /// The PIE fixture: 32 MiB of text at a random 4 KiB-aligned base.
 pub const PIE: Spec = Spec::new("fixture-pie-32m", 32, true);
@@ -421,7 +422,7 @@ pub fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
         return 0;
     }
     let canon = std::fs::canonicalize(exe).expect("canon");
-    let vmas = smaps::read(Some(pid)).expect("smaps");
+    let vmas = proc_maps::read(pid);
     vmas.iter()
         .filter(|v| Path::new(&v.path) == canon)
         .find_map(|v| tiexec::inspect::bias_from_mapping(&elf.program_headers, v.start, v.offset))
@@ -480,7 +481,7 @@ pub struct Seen {
     pub pid: u32,
     pub interior: u64,
     pub text: u64,
-    pub cov: smaps::Coverage,
+    pub cov: Coverage,
     pub stdout_first: String,
     pub outcome: Outcome,
 }
@@ -522,11 +523,11 @@ pub fn planned_interior(segments: &[Range]) -> u64 {
 }
 
 /// Coverage of the segments in `pid`, read from its smaps.
-pub fn coverage(pid: u32, segments: &[Range]) -> smaps::Coverage {
-    let vmas = smaps::read(Some(pid)).expect("read smaps");
-    let mut c = smaps::Coverage::default();
+pub fn coverage(pid: u32, segments: &[Range]) -> Coverage {
+    let mappings = proc_maps::read(pid);
+    let mut c = Coverage::default();
     for s in segments {
-        c.add(smaps::coverage(&vmas, *s));
+        c.add(proc_maps::coverage(&mappings, *s));
     }
     c
 }
@@ -563,10 +564,9 @@ pub fn rounded_out(segments: &[Range]) -> Vec<Range> {
 /// (a leaked trampoline or staging area would show here).
 pub fn stray_executable_anon(pid: u32, segments: &[Range]) -> Vec<String> {
     let allowed = rounded_out(segments);
-    smaps::read(Some(pid))
-        .unwrap_or_default()
+    proc_maps::read(pid)
         .into_iter()
-        .filter(|v| v.exec && (v.inode == 0 || v.is_hugetlb()) && !v.path.starts_with('['))
+        .filter(|v| v.exec() && (v.inode == 0 || v.is_hugetlb()) && !v.path.starts_with('['))
         .filter(|v| !allowed.iter().any(|s| s.contains(v.range())))
         .map(|v| format!("{:#x}-{:#x} {}", v.start, v.end, v.path))
         .collect()
@@ -577,8 +577,7 @@ pub fn stray_executable_anon(pid: u32, segments: &[Range]) -> Vec<String> {
 /// huge themselves).
 pub fn huge_memory_outside(pid: u32, segments: &[Range]) -> Vec<String> {
     let allowed = rounded_out(segments);
-    smaps::read(Some(pid))
-        .unwrap_or_default()
+    proc_maps::read(pid)
         .into_iter()
         .filter(|v| v.huge_bytes() > 0)
         .filter(|v| !allowed.iter().any(|s| s.contains(v.range())))
