@@ -268,7 +268,7 @@ fn coverage(program: &Path, args: &[String], v: &Variant) -> String {
     let _ = out.read_line(&mut line);
     line.clear();
     let _ = out.read_line(&mut line);
-    let objs = tiexec::inspect::process_objects(child.id(), 2 * MIB).unwrap_or_default();
+    let objs = tiexec::internal::inspect::process_objects(child.id(), 2 * MIB).unwrap_or_default();
     drop(child.stdin.take());
     let _ = child.wait();
     let main = objs.into_iter().max_by_key(|o| o.text_bytes());
@@ -407,12 +407,12 @@ fn startup(dir: &Path, lib: &Path, cache: &Path, tiexec: &Path, sizes: &[u64]) -
                 use std::io::BufRead;
                 let _ = out.read_line(&mut l);
                 let _ = out.read_line(&mut l);
-                let vmas = tiexec::smaps::read(Some(child.id())).unwrap_or_default();
+                let vmas = tiexec::internal::smaps::read(Some(child.id())).unwrap_or_default();
                 drop(child.stdin.take());
                 let _ = child.wait();
                 let private: u64 = vmas.iter().map(|v| v.private_hugetlb + v.anon_huge).sum();
                 // Pages of a shared image count once per machine, not here.
-                format!("{}", tiexec::log::Bytes(private))
+                format!("{}", tiexec::internal::log::Bytes(private))
             })
             .collect();
         let med = |v: &mut Vec<f64>| {
@@ -727,9 +727,9 @@ fn rustc_library_mib() -> f64 {
 fn text_mib(p: &Path) -> f64 {
     std::fs::File::open(p)
         .ok()
-        .and_then(|f| tiexec::elf::read_program_headers(&f))
+        .and_then(|f| tiexec::internal::elf::read_program_headers(&f))
         .map(|ph| {
-            tiexec::elf::load_segments(&ph, 0)
+            tiexec::internal::elf::load_segments(&ph, 0)
                 .text
                 .iter()
                 .map(|r| r.len())
@@ -908,7 +908,7 @@ fn sharing(dir: &Path, lib: &Path, cache: &Cache) -> String {
         let private: u64 = children
             .iter()
             .map(|c| {
-                tiexec::smaps::read(Some(c.id()))
+                tiexec::internal::smaps::read(Some(c.id()))
                     .unwrap_or_default()
                     .iter()
                     .map(|v| v.anon_huge + v.private_hugetlb)
@@ -941,7 +941,7 @@ fn sharing(dir: &Path, lib: &Path, cache: &Cache) -> String {
         let _ = writeln!(
             md,
             "| {name} | {} | {:.2} |",
-            tiexec::log::Bytes(bytes),
+            tiexec::internal::log::Bytes(bytes),
             bytes as f64 / (64 * MIB) as f64
         );
     }
@@ -979,7 +979,8 @@ fn mdwe(dir: &Path, lib: &Path, cache: &Cache) -> String {
         use std::io::BufRead;
         let _ = out.read_line(&mut l);
         let _ = out.read_line(&mut l);
-        let objs = tiexec::inspect::process_objects(child.id(), 2 * MIB).unwrap_or_default();
+        let objs =
+            tiexec::internal::inspect::process_objects(child.id(), 2 * MIB).unwrap_or_default();
         drop(child.stdin.take());
         let _ = child.wait();
         let pct = objs

@@ -13,8 +13,8 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use tiexec::plan::{Range, Source, HUGE_PAGE};
-use tiexec::sys;
+use tiexec::internal::plan::{Range, Source, HUGE_PAGE};
+use tiexec::internal::sys;
 
 const ROUNDS: usize = 7;
 const MIB: usize = 1 << 20;
@@ -60,7 +60,8 @@ impl Text {
                 0,
             );
             assert_ne!(reserve, libc::MAP_FAILED);
-            let aligned = tiexec::plan::align_up(reserve as u64, HUGE_PAGE) as *mut libc::c_void;
+            let aligned =
+                tiexec::internal::plan::align_up(reserve as u64, HUGE_PAGE) as *mut libc::c_void;
             let addr = libc::mmap(
                 aligned,
                 len,
@@ -149,17 +150,18 @@ fn bench(file: &std::fs::File, mib: usize, source: Source) -> Option<Row> {
         let t = Instant::now();
         // SAFETY: `range` is our own r-x private file mapping, 2 MiB aligned;
         // the benchmark is single-threaded.
-        let request = tiexec::plan::SwapRange {
+        let request = tiexec::internal::plan::SwapRange {
             range,
             pieces: vec![range],
             in_place: false,
             names_program: false,
         };
-        let mut supply = |req: &tiexec::plan::SwapRange| match source {
-            Source::Hugetlb => tiexec::swap::pool_copy(req),
-            _ => tiexec::swap::thp_copy(req),
+        let mut supply = |req: &tiexec::internal::plan::SwapRange| match source {
+            Source::Hugetlb => tiexec::internal::swap::pool_copy(req),
+            _ => tiexec::internal::swap::thp_copy(req),
         };
-        let results = unsafe { tiexec::swap::swap_ranges(&[request], &mut supply, false) };
+        let results =
+            unsafe { tiexec::internal::swap::swap_ranges(&[request], &mut supply, false) };
         s.push(t.elapsed().as_secs_f64() * 1e3);
         let hwm_extra = status_kib("VmHWM:").saturating_sub(rss_before);
         let pool_taken = pool_before.saturating_sub(hugetlb_free()) * 2048;

@@ -6,7 +6,6 @@
 use crate::elf;
 use crate::plan::{align_down, align_up, Range, HUGE_PAGE, PAGE};
 use crate::smaps::{self, Coverage, Vma};
-use crate::sys;
 
 /// The load bias of an object from one of its file-backed mappings: the
 /// mapping at file offset `offset` and address `start` belongs to the
@@ -171,17 +170,7 @@ fn chunk_kinds(pid: u32, text: &[Range], vmas: &[Vma]) -> Vec<Chunk> {
     let (Some(&lo), Some(&hi)) = (starts.first(), starts.last()) else {
         return Vec::new();
     };
-    let path = std::ffi::CString::new(format!("/proc/{pid}/pagemap")).unwrap_or_default();
-    let huge: Vec<Range> = match sys::huge_mapped_ranges_in(&path, lo, hi + HUGE_PAGE) {
-        Ok(r) => r.into_iter().map(|(s, e)| Range::new(s, e)).collect(),
-        // Without PAGEMAP_SCAN: a mapping counts as huge when smaps says all
-        // of it is.
-        Err(_) => vmas
-            .iter()
-            .filter(|v| !v.range().is_empty() && v.huge_bytes() >= v.range().len())
-            .map(Vma::range)
-            .collect(),
-    };
+    let huge = crate::smaps::huge_ranges(Some(pid), Range::new(lo, hi + HUGE_PAGE), Some(vmas));
     starts
         .into_iter()
         .map(|s| {

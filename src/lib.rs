@@ -7,7 +7,8 @@
 //! - `LD_PRELOAD=libtiexec.so PROGRAM`: the same, by hand;
 //! - [`remap_text`]: a program that links tiexec swaps its own text.
 //!
-//! The pipeline, one module per step (data flows one way):
+//! The pipeline, one module per step (data flows one way; addresses are
+//! [`range::Range`]s):
 //!
 //! ```text
 //!   discover  ->  plan  ->  swap  ->  verify  ->  report
@@ -43,40 +44,148 @@
 #![warn(missing_docs)]
 
 #[allow(unsafe_code)]
-pub mod audit;
-pub mod cache;
-pub mod config;
+pub(crate) mod audit;
+pub(crate) mod cache;
+pub(crate) mod config;
 #[allow(unsafe_code)]
-pub mod discover;
-pub mod elf;
-pub mod fault;
-pub mod forecast;
-pub mod inspect;
+pub(crate) mod discover;
+pub(crate) mod elf;
+pub(crate) mod fault;
+pub(crate) mod forecast;
+pub(crate) mod inspect;
 #[allow(unsafe_code)]
-pub mod interpose;
-pub mod json;
-pub mod log;
-pub mod plan;
+pub(crate) mod interpose;
+pub(crate) mod json;
+pub(crate) mod log;
+pub(crate) mod plan;
 #[allow(unsafe_code)]
 pub(crate) mod preload;
-pub mod preload_env;
-pub mod prime;
-pub mod profiling;
+pub(crate) mod preload_env;
+pub(crate) mod prime;
+pub(crate) mod profiling;
+pub(crate) mod range;
 #[allow(unsafe_code)]
-pub mod remap;
-pub mod report;
-pub mod select;
-pub mod smaps;
-pub mod state;
+pub(crate) mod remap;
+pub(crate) mod report;
+pub(crate) mod select;
+pub(crate) mod smaps;
+pub(crate) mod state;
 #[allow(unsafe_code)]
-pub mod swap;
+pub(crate) mod swap;
 #[allow(unsafe_code)]
-pub mod sys;
+pub(crate) mod sys;
 #[allow(unsafe_code)]
-pub mod trampoline;
+pub(crate) mod trampoline;
+
+/// Everything else, for the `tiexec` command, the tests and the benchmarks:
+/// not a stable API (its names and types change with the tool). A program
+/// that optimises itself uses [`remap_text`] and [`Options`].
+#[doc(hidden)]
+pub mod internal {
+    #[allow(missing_docs)]
+    pub mod audit {
+        pub use crate::audit::*;
+    }
+    #[allow(missing_docs)]
+    pub mod cache {
+        pub use crate::cache::*;
+    }
+    #[allow(missing_docs)]
+    pub mod config {
+        pub use crate::config::*;
+    }
+    #[allow(missing_docs)]
+    pub mod discover {
+        pub use crate::discover::*;
+    }
+    #[allow(missing_docs)]
+    pub mod elf {
+        pub use crate::elf::*;
+    }
+    #[allow(missing_docs)]
+    pub mod fault {
+        pub use crate::fault::*;
+    }
+    #[allow(missing_docs)]
+    pub mod forecast {
+        pub use crate::forecast::*;
+    }
+    #[allow(missing_docs)]
+    pub mod inspect {
+        pub use crate::inspect::*;
+    }
+    #[allow(missing_docs)]
+    pub mod interpose {
+        pub use crate::interpose::*;
+    }
+    #[allow(missing_docs)]
+    pub mod json {
+        pub use crate::json::*;
+    }
+    #[allow(missing_docs)]
+    pub mod log {
+        pub use crate::log::*;
+    }
+    #[allow(missing_docs)]
+    pub mod plan {
+        pub use crate::plan::*;
+    }
+    #[allow(missing_docs)]
+    pub mod preload_env {
+        pub use crate::preload_env::*;
+    }
+    #[allow(missing_docs)]
+    pub mod prime {
+        pub use crate::prime::*;
+    }
+    #[allow(missing_docs)]
+    pub mod profiling {
+        pub use crate::profiling::*;
+    }
+    #[allow(missing_docs)]
+    pub mod range {
+        pub use crate::range::*;
+    }
+    #[allow(missing_docs)]
+    pub mod remap {
+        pub use crate::remap::*;
+    }
+    #[allow(missing_docs)]
+    pub mod report {
+        pub use crate::report::*;
+    }
+    #[allow(missing_docs)]
+    pub mod select {
+        pub use crate::select::*;
+    }
+    #[allow(missing_docs)]
+    pub mod smaps {
+        pub use crate::smaps::*;
+    }
+    #[allow(missing_docs)]
+    pub mod state {
+        pub use crate::state::*;
+    }
+    #[allow(missing_docs)]
+    pub mod swap {
+        pub use crate::swap::*;
+    }
+    #[allow(missing_docs)]
+    pub mod sys {
+        pub use crate::sys::*;
+    }
+    #[allow(missing_docs)]
+    pub mod trampoline {
+        pub use crate::trampoline::*;
+    }
+}
 
 pub use config::{Backend, Strategy};
-pub use report::ObjectReport;
+pub use plan::{Skip, Source};
+pub use range::Range;
+pub use report::{NotAttempted, ObjectReport};
+pub use smaps::Coverage;
+pub use swap::SwapError;
 
 /// Options for [`remap_text`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

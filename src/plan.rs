@@ -23,63 +23,7 @@
 
 use crate::config::{Backend, Strategy};
 
-/// 2 MiB, the huge page size tiexec uses (x86_64 PMD).
-pub const HUGE_PAGE: u64 = 2 << 20;
-/// 4 KiB, the base page size.
-pub const PAGE: u64 = 4096;
-
-/// A half-open address range `[start, end)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Range {
-    /// First byte.
-    pub start: u64,
-    /// One past the last byte.
-    pub end: u64,
-}
-
-impl Range {
-    /// `[start, end)`; an inverted range is empty at `start`.
-    pub const fn new(start: u64, end: u64) -> Range {
-        Range {
-            start,
-            end: if end < start { start } else { end },
-        }
-    }
-
-    /// Bytes in the range.
-    pub const fn len(&self) -> u64 {
-        self.end - self.start
-    }
-
-    /// True when it holds no byte.
-    pub const fn is_empty(&self) -> bool {
-        self.end == self.start
-    }
-
-    /// The common part, if any.
-    pub fn intersect(&self, other: Range) -> Option<Range> {
-        let r = Range::new(self.start.max(other.start), self.end.min(other.end));
-        (!r.is_empty()).then_some(r)
-    }
-
-    /// True when `other` lies entirely inside.
-    pub fn contains(&self, other: Range) -> bool {
-        other.start >= self.start && other.end <= self.end
-    }
-}
-
-/// Rounds down to a multiple of `align` (a power of two).
-pub const fn align_down(x: u64, align: u64) -> u64 {
-    x & !(align - 1)
-}
-
-/// Rounds up to a multiple of `align` (a power of two), saturating.
-pub const fn align_up(x: u64, align: u64) -> u64 {
-    match x.checked_add(align - 1) {
-        Some(v) => v & !(align - 1),
-        None => align_down(x, align),
-    }
-}
+pub use crate::range::{align_down, align_up, Range, HUGE_PAGE, PAGE};
 
 /// The page-rounded range the loader maps for a segment at runtime address
 /// `vaddr` with `memsz` bytes.

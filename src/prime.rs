@@ -145,10 +145,10 @@ impl AlignedFileMap {
             let _ = self.map.advise(libc::MADV_HUGEPAGE);
         }
         let _ = self.map.advise(sys::MADV_POPULATE_READ);
-        let r = self.map.range();
-        sys::huge_mapped_ranges(r.start, r.end)
-            .map(|r| r.iter().map(|&(s, e)| e - s).sum())
-            .unwrap_or(0)
+        crate::smaps::huge_ranges(None, self.map.range(), None)
+            .iter()
+            .map(Range::len)
+            .sum()
     }
 }
 

@@ -175,21 +175,7 @@ fn mapping_views(vmas: &[Vma], object: &LoadedObject, window: Range) -> Vec<Mapp
 
 /// Ranges inside `window` that the kernel maps with 2 MiB pages already.
 fn already_huge(window: Range) -> Vec<Range> {
-    if window.is_empty() {
-        return Vec::new();
-    }
-    match sys::huge_mapped_ranges(window.start, window.end) {
-        Ok(found) => found.into_iter().map(|(s, e)| Range::new(s, e)).collect(),
-        // Before Linux 6.7 there is no cheap way to tell from maps: a
-        // mapping counts as huge when smaps says all of it is.
-        Err(_) => smaps::read(None)
-            .unwrap_or_default()
-            .iter()
-            .filter(|v| v.range().intersect(window).is_some())
-            .filter(|v| !v.range().is_empty() && v.huge_bytes() >= v.range().len())
-            .map(Vma::range)
-            .collect(),
-    }
+    smaps::huge_ranges(None, window, None)
 }
 
 /// Faults in one page of each 2 MiB page of the object's file-backed text

@@ -185,6 +185,40 @@ pub fn read_maps(pid: Option<u32>) -> std::io::Result<Vec<Vma>> {
     Ok(parse(&read_proc_text(pid, "maps")?))
 }
 
+/// The parts of `window` that process `pid` (`None`: this one) maps with
+/// 2 MiB pages, ascending: exact, from `PAGEMAP_SCAN` (Linux 6.7); before
+/// that, the mappings smaps says are all huge (`vmas`: that process's smaps
+/// when already read, else it is read now), cut to `window`.
+pub fn huge_ranges(pid: Option<u32>, window: Range, vmas: Option<&[Vma]>) -> Vec<Range> {
+    if window.is_empty() {
+        return Vec::new();
+    }
+    let scanned = match pid {
+        None => crate::sys::huge_mapped_ranges(window.start, window.end),
+        Some(p) => std::ffi::CString::new(format!("/proc/{p}/pagemap"))
+            .map_err(|_| crate::sys::Errno(libc::EINVAL))
+            .and_then(|path| crate::sys::huge_mapped_ranges_in(&path, window.start, window.end)),
+    };
+    if let Ok(found) = scanned {
+        return found
+            .into_iter()
+            .filter_map(|(s, e)| Range::new(s, e).intersect(window))
+            .collect();
+    }
+    let read;
+    let vmas = match vmas {
+        Some(v) => v,
+        None => {
+            read = self::read(pid).unwrap_or_default();
+            &read
+        }
+    };
+    vmas.iter()
+        .filter(|v| !v.range().is_empty() && v.huge_bytes() >= v.range().len())
+        .filter_map(|v| v.range().intersect(window))
+        .collect()
+}
+
 /// How much of an address range is on 2 MiB pages, by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Coverage {

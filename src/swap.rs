@@ -231,17 +231,10 @@ pub fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
 }
 
 fn huge_bytes_in(range: Range) -> u64 {
-    match sys::huge_mapped_ranges(range.start, range.end) {
-        Ok(ranges) => ranges
-            .iter()
-            .filter_map(|&(s, e)| Range::new(s, e).intersect(range))
-            .map(|r| r.len())
-            .sum(),
-        // Before Linux 6.7: ask smaps about this one mapping.
-        Err(_) => crate::smaps::read(None)
-            .map(|vmas| crate::smaps::coverage(&vmas, range).anon_thp)
-            .unwrap_or(0),
-    }
+    crate::smaps::huge_ranges(None, range, None)
+        .iter()
+        .map(Range::len)
+        .sum()
 }
 
 /// Room kept free in a limited memory cgroup, beyond the copy itself.

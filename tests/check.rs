@@ -178,7 +178,8 @@ fn forecast_is_the_next_run(test: &str, cache: Option<&CacheMount>, history_ms: 
         std::fs::create_dir_all(&state).unwrap();
         let env = shared_env(&state, cache);
         if let Some(ms) = history_ms {
-            let dir = tiexec::state::StateDir::open(&state.join("tiexec")).expect("state dir");
+            let dir =
+                tiexec::internal::state::StateDir::open(&state.join("tiexec")).expect("state dir");
             let program = std::fs::canonicalize(&exe).unwrap();
             for _ in 0..10 {
                 dir.record_run(program.to_str().unwrap(), ms).unwrap();

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{PoolGuard, Waiting, PIE};
-use tiexec::fault::Step;
+use tiexec::internal::fault::Step;
 
 const T: Duration = Duration::from_secs(120);
 const CALLS: &str = "200000";

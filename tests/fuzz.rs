@@ -5,9 +5,9 @@
 //! tests/fuzz.proptest-regressions and replayed first on every run.
 
 use proptest::prelude::*;
-use tiexec::config::{self, Strategy as PlanStrategy};
-use tiexec::plan::{self, MappingView, Range, HUGE_PAGE, PAGE};
-use tiexec::smaps;
+use tiexec::internal::config::{self, Strategy as PlanStrategy};
+use tiexec::internal::plan::{self, MappingView, Range, HUGE_PAGE, PAGE};
+use tiexec::internal::smaps;
 
 fn corpus() -> Vec<String> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
@@ -109,8 +109,8 @@ proptest! {
 
     #[test]
     fn status_fields_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
-        let _ = tiexec::discover::field_value(&bytes, b"Threads:");
-        let _ = tiexec::discover::parse_thp_mode(&bytes);
+        let _ = tiexec::internal::discover::field_value(&bytes, b"Threads:");
+        let _ = tiexec::internal::discover::parse_thp_mode(&bytes);
     }
 
     #[test]
@@ -124,7 +124,7 @@ proptest! {
                 "TIEXEC_CHILDREN" | "TIEXEC_PERF_MAP" => config::parse_switch(&value).is_some(),
                 "TIEXEC_STRATEGY" => PlanStrategy::parse(&value).is_some(),
                 "TIEXEC_MIN_TEXT" => config::parse_size(&value).is_some(),
-                "TIEXEC_FAULT" => tiexec::fault::Step::parse(&value).is_some(),
+                "TIEXEC_FAULT" => tiexec::internal::fault::Step::parse(&value).is_some(),
                 "TIEXEC_CACHE" => config::CachePath::parse(&value).is_some(),
                 _ => true, // free-form: patterns, report target
             };
@@ -144,14 +144,14 @@ proptest! {
             }
         }
         prop_assert_eq!(
-            tiexec::select::glob(pattern.as_bytes(), text.as_bytes()),
+            tiexec::internal::select::glob(pattern.as_bytes(), text.as_bytes()),
             naive(pattern.as_bytes(), text.as_bytes())
         );
     }
 
     #[test]
     fn program_headers_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = tiexec::elf::program_headers(&bytes);
+        let _ = tiexec::internal::elf::program_headers(&bytes);
     }
 
     /// Random layouts around one object's text: the plan never touches what

@@ -166,8 +166,11 @@ fn a_static_pie_rust_program_optimises_itself() {
     // glibc static-pie: no loader, no LD_PRELOAD possible; the API is the way.
     let exe = build_example("example-static", "-C target-feature=+crt-static", &[]);
     let file = std::fs::read(&exe).unwrap();
-    let phdrs = tiexec::elf::program_headers(&file).unwrap();
-    assert!(!tiexec::elf::has_interpreter(&phdrs), "not static");
+    let phdrs = tiexec::internal::elf::program_headers(&file).unwrap();
+    assert!(
+        !tiexec::internal::elf::has_interpreter(&phdrs),
+        "not static"
+    );
     let o = common::run(common::isolate(&mut Command::new(&exe)), T);
     check_example_output(&o);
 }

@@ -169,7 +169,7 @@ fn auto_never_takes_the_pool_and_measures_a_first_run_instead_of_copying() {
     );
     // The run was recorded for the next one.
     let canon = std::fs::canonicalize(&exe).unwrap();
-    let runs = tiexec::state::StateDir::open(&state)
+    let runs = tiexec::internal::state::StateDir::open(&state)
         .expect("state")
         .runs(canon.to_str().unwrap());
     o.check(runs.len() == 1, &format!("one run recorded: {runs:?}"));

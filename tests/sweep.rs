@@ -73,8 +73,8 @@ fn candidates() -> Vec<PathBuf> {
 fn is_dynamic_elf(p: &Path) -> bool {
     std::fs::File::open(p)
         .ok()
-        .and_then(|f| tiexec::elf::read_program_headers(&f))
-        .is_some_and(|ph| tiexec::elf::has_interpreter(&ph))
+        .and_then(|f| tiexec::internal::elf::read_program_headers(&f))
+        .is_some_and(|ph| tiexec::internal::elf::has_interpreter(&ph))
 }
 
 fn version(cmd: &mut Command, home: &Path) -> Option<common::Outcome> {

@@ -407,7 +407,7 @@ fn main() {
 /// into `dir` (once), with `rustc`.
 pub fn build_rust_panicker(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).expect("fixture dir");
-    let digest = tiexec::state::fnv1a(PANICKER_RS.as_bytes());
+    let digest = tiexec::internal::state::fnv1a(PANICKER_RS.as_bytes());
     let exe = dir.join(format!("panicker-{digest:016x}"));
     if exe.exists() {
         return exe;
@@ -705,7 +705,7 @@ __attribute__((constructor)) static void install(void) {
 /// library); the file is `name` with the source's digest before its
 /// extension, so an edited source is never served by an old build.
 fn build_c_once(dir: &Path, name: &str, source: &str, shared: bool) -> PathBuf {
-    let digest = tiexec::state::fnv1a(source.as_bytes());
+    let digest = tiexec::internal::state::fnv1a(source.as_bytes());
     let (stem, ext) = name.split_once('.').unwrap_or((name, ""));
     let versioned = if ext.is_empty() {
         format!("{stem}-{digest:016x}")

@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tiexec::plan::{self, Range};
+use tiexec::internal::plan::{self, Range};
 
 pub use fixture::Spec;
 pub use proc_maps::Coverage;
@@ -67,7 +67,7 @@ pub fn skip(why: impl std::fmt::Display) {
 /// A digest of a fixture's source, for its file name: an edited source is
 /// never served by an old build.
 pub fn fixture_digest(source: &str) -> u64 {
-    tiexec::state::fnv1a(source.as_bytes())
+    tiexec::internal::state::fnv1a(source.as_bytes())
 }
 
 /// Where fixtures and scratch files go.
@@ -196,7 +196,7 @@ pub fn preloaded(exe: &Path, env: &[(&str, &str)]) -> Command {
 pub fn remember_runs(cmd: &Command, program: &Path, lifetimes_ms: &[u32]) {
     let program = std::fs::canonicalize(program).unwrap();
     let program = program.to_str().unwrap();
-    let dir = tiexec::state::StateDir::open(&state_dir_of(cmd)).expect("state dir");
+    let dir = tiexec::internal::state::StateDir::open(&state_dir_of(cmd)).expect("state dir");
     for &ms in lifetimes_ms {
         dir.record_run(program, ms).expect("record");
     }
@@ -425,7 +425,9 @@ pub fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
     let vmas = proc_maps::read(pid);
     vmas.iter()
         .filter(|v| Path::new(&v.path) == canon)
-        .find_map(|v| tiexec::inspect::bias_from_mapping(&elf.program_headers, v.start, v.offset))
+        .find_map(|v| {
+            tiexec::internal::inspect::bias_from_mapping(&elf.program_headers, v.start, v.offset)
+        })
         .unwrap_or_else(|| panic!("{} not mapped in {pid}", exe.display()))
 }
 

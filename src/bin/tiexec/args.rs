@@ -1,7 +1,7 @@
 //! The wrapper's command line: `tiexec [OPTIONS] [--] PROGRAM [ARGS...]`.
 //!
 //! Options that stand for a setting come from the settings table
-//! (`tiexec::config::SETTINGS`): each sets its `TIEXEC_*` variable for the
+//! (`tiexec::internal::config::SETTINGS`): each sets its `TIEXEC_*` variable for the
 //! program, checked by the same rules the library applies. The first word
 //! that is not an option is PROGRAM; everything after it is PROGRAM's.
 
@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use tiexec::config::{self, SETTINGS};
+use tiexec::internal::config::{self, SETTINGS};
 
 /// What the wrapper was asked to do.
 #[derive(Debug, Default, PartialEq, Eq)]

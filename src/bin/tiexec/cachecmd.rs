@@ -11,11 +11,11 @@ use crate::ExitCode;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use tiexec::cache::{self, Entry};
-use tiexec::json::Json;
-use tiexec::log::Bytes;
-use tiexec::plan::HUGE_PAGE;
-use tiexec::state::StateDir;
+use tiexec::internal::cache::{self, Entry};
+use tiexec::internal::json::Json;
+use tiexec::internal::log::Bytes;
+use tiexec::internal::plan::HUGE_PAGE;
+use tiexec::internal::state::StateDir;
 
 const USAGE: &str = "\
 Usage: tiexec --cache [--json] [--cache-dir DIR]
@@ -100,7 +100,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     }
     let root = cache_root(dir);
     let root = std::fs::canonicalize(&root).unwrap_or(root);
-    let uid = tiexec::sys::effective_uid();
+    let uid = tiexec::internal::sys::effective_uid();
     let dirs: Vec<(u32, PathBuf)> = cache::user_dirs(&root)
         .into_iter()
         .filter(|(owner, _)| uid == 0 || *owner == uid)
@@ -149,8 +149,8 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         for l in &listed {
             let base = cache::parse_name(&l.entry.name).map_or("", |(b, _)| b);
             let matches = pattern.as_deref().is_none_or(|p| {
-                tiexec::select::matches_any(p.as_bytes(), l.object.as_bytes())
-                    || tiexec::select::matches_any(p.as_bytes(), base.as_bytes())
+                tiexec::internal::select::matches_any(p.as_bytes(), l.object.as_bytes())
+                    || tiexec::internal::select::matches_any(p.as_bytes(), base.as_bytes())
             });
             if !matches {
                 continue;

@@ -7,7 +7,7 @@
 //! library's own selection, planner and policy (the very code of a run),
 //! applied in PROGRAM as the loader maps it. For that, PROGRAM is started
 //! with tiexec preloaded and stopped by tiexec's constructor where a run
-//! would move its text (see `tiexec::forecast`): the libraries initialized
+//! would move its text (see `tiexec::internal::forecast`): the libraries initialized
 //! before the preload have run their initializers, as in any run; PROGRAM's
 //! own initializers and `main` never run.
 //!
@@ -27,12 +27,12 @@ use std::time::Duration;
 
 use crate::ExitCode;
 
-use tiexec::config::{self, CachePath};
-use tiexec::discover::{self, ThpMode};
-use tiexec::json::Json;
-use tiexec::log::Bytes;
-use tiexec::plan::{self, Range, HUGE_PAGE};
-use tiexec::prime::{self, State};
+use tiexec::internal::config::{self, CachePath};
+use tiexec::internal::discover::{self, ThpMode};
+use tiexec::internal::json::Json;
+use tiexec::internal::log::Bytes;
+use tiexec::internal::plan::{self, Range, HUGE_PAGE};
+use tiexec::internal::prime::{self, State};
 
 const USAGE: &str = "\
 Usage: tiexec --check [--json] [PROGRAM]
@@ -194,9 +194,9 @@ fn cache_state() -> CacheState {
     let root = match env.parse().config.cache {
         CachePath::Off => return CacheState::Off,
         CachePath::At(p) => PathBuf::from(std::ffi::OsStr::from_bytes(p)),
-        CachePath::Default => PathBuf::from(tiexec::cache::DEFAULT_ROOT),
+        CachePath::Default => PathBuf::from(tiexec::internal::cache::DEFAULT_ROOT),
     };
-    match tiexec::cache::Cache::open(&root) {
+    match tiexec::internal::cache::Cache::open(&root) {
         Ok(c) => {
             let (pages, free) = c.pages();
             CacheState::Ready {
@@ -243,7 +243,7 @@ fn machine() -> Machine {
         thp_text: selected(&thp_text),
         pool: discover::hugetlb_pool(),
         nodes,
-        pagemap_scan: tiexec::sys::huge_mapped_ranges(0x1000, 0x2000).is_ok(),
+        pagemap_scan: tiexec::internal::sys::huge_mapped_ranges(0x1000, 0x2000).is_ok(),
         file_collapse: discover::probe_file_collapse(&std::env::temp_dir()),
         cache: cache_state(),
     }
@@ -251,9 +251,9 @@ fn machine() -> Machine {
 
 fn object_facts(path: &Path) -> Option<ObjectFacts> {
     let file = std::fs::File::open(path).ok()?;
-    let phdrs = tiexec::elf::read_program_headers(&file)?;
+    let phdrs = tiexec::internal::elf::read_program_headers(&file)?;
     let cache = prime::prime_file(path, false).ok();
-    let e_type = tiexec::elf::read_type(&file)?;
+    let e_type = tiexec::internal::elf::read_type(&file)?;
     let congruence = prime::text_file_ranges(e_type, &phdrs);
     let segments = phdrs
         .iter()
@@ -294,7 +294,7 @@ impl PrivateDir {
         let base = std::env::temp_dir();
         let mut last = None;
         for attempt in 0..16u32 {
-            let nonce = tiexec::sys::monotonic_ns() ^ u64::from(attempt).rotate_left(40);
+            let nonce = tiexec::internal::sys::monotonic_ns() ^ u64::from(attempt).rotate_left(40);
             let path = base.join(format!("tiexec-check-{}-{nonce:x}", std::process::id()));
             match std::fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => return Ok(PrivateDir(path)),
@@ -328,8 +328,8 @@ fn forecast(path: &Path, dynamic: bool, setuid: bool, json: bool, m: &Machine) -
     // a preload it cannot load, another loader might ignore, and the
     // program would run.
     let interpreter = std::fs::File::open(path).ok().and_then(|f| {
-        let phdrs = tiexec::elf::read_program_headers(&f)?;
-        tiexec::elf::interpreter(&f, &phdrs)
+        let phdrs = tiexec::internal::elf::read_program_headers(&f)?;
+        tiexec::internal::elf::interpreter(&f, &phdrs)
     });
     let glibc = interpreter.as_ref().is_some_and(|i| {
         i.file_name()
@@ -353,13 +353,13 @@ fn forecast(path: &Path, dynamic: bool, setuid: bool, json: bool, m: &Machine) -
     let mut cmd = Command::new(path);
     cmd.env("LD_PRELOAD", &libs.full)
         .env_remove("TIEXEC_LIB")
-        .env(tiexec::forecast::VAR, &out)
+        .env(tiexec::internal::forecast::VAR, &out)
         .env(
-            tiexec::forecast::FORMAT_VAR,
+            tiexec::internal::forecast::FORMAT_VAR,
             if json { "json" } else { "text" },
         )
         .env(
-            tiexec::forecast::IN_PLACE_VAR,
+            tiexec::internal::forecast::IN_PLACE_VAR,
             if m.file_collapse.is_ok() { "1" } else { "0" },
         )
         .stdin(Stdio::null())
@@ -376,12 +376,13 @@ fn forecast(path: &Path, dynamic: bool, setuid: bool, json: bool, m: &Machine) -
     let written = std::fs::read_to_string(&out).unwrap_or_default();
     match status.code() {
         Some(code)
-            if (code == tiexec::forecast::ALL_HUGE || code == tiexec::forecast::SOME_LEFT)
+            if (code == tiexec::internal::forecast::ALL_HUGE
+                || code == tiexec::internal::forecast::SOME_LEFT)
                 && !written.is_empty() =>
         {
             Forecast::Made {
                 output: written,
-                all_huge: code == tiexec::forecast::ALL_HUGE,
+                all_huge: code == tiexec::internal::forecast::ALL_HUGE,
             }
         }
         _ => Forecast::NotMade(format!(
@@ -422,7 +423,7 @@ fn program_check(program: &OsString, json: bool, m: &Machine) -> Result<ProgramC
     let setuid = std::fs::metadata(&path).is_ok_and(|md| md.permissions().mode() & 0o6000 != 0);
     let pie = std::fs::File::open(&path)
         .ok()
-        .and_then(|f| tiexec::elf::read_type(&f))
+        .and_then(|f| tiexec::internal::elf::read_type(&f))
         == Some(goblin::elf::header::ET_DYN);
     let mut objects: Vec<ObjectFacts> = object_facts(&path).into_iter().collect();
     if dynamic {

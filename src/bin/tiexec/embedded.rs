@@ -72,9 +72,9 @@ impl std::fmt::Display for Unplaced {
 /// Directories to try, in order: the user's cache directory, then private
 /// directories in the temporary places.
 fn candidates() -> Vec<PathBuf> {
-    let uid = tiexec::sys::real_uid();
+    let uid = tiexec::internal::sys::real_uid();
     let mut out = Vec::new();
-    if let Some(p) = tiexec::state::default_path() {
+    if let Some(p) = tiexec::internal::state::default_path() {
         out.push(p);
     }
     let private = format!("tiexec-{uid}");
@@ -95,7 +95,7 @@ fn candidates() -> Vec<PathBuf> {
 
 /// A directory only this user can write to (made 0700 if missing).
 fn private_dir(dir: &Path) -> Result<(), String> {
-    let uid = tiexec::sys::real_uid();
+    let uid = tiexec::internal::sys::real_uid();
     let meta = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(_) => {
@@ -121,11 +121,11 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 /// True when `file` can be mapped executable (what the loader will do).
 fn mappable_executable(file: &std::fs::File) -> Result<(), String> {
     use std::os::fd::AsFd;
-    tiexec::sys::Mapping::file(
+    tiexec::internal::sys::Mapping::file(
         file.as_fd(),
         0,
         4096,
-        tiexec::sys::Prot::READ_EXEC,
+        tiexec::internal::sys::Prot::READ_EXEC,
         false,
         false,
     )
@@ -143,7 +143,7 @@ fn place_one(dir: &Path, lib: &Embedded) -> Result<PathBuf, String> {
         env!("CARGO_PKG_VERSION"),
         lib.digest
     ));
-    let uid = tiexec::sys::real_uid();
+    let uid = tiexec::internal::sys::real_uid();
     let ours = std::fs::symlink_metadata(&path)
         .is_ok_and(|m| m.is_file() && m.uid() == uid && m.len() == lib.bytes.len() as u64);
     if !ours {

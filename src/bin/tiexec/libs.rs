@@ -52,11 +52,11 @@ pub struct Object {
 pub fn read_object(path: &Path) -> Option<Object> {
     let file = File::open(path).ok()?;
     let file_size = file.metadata().ok()?.len();
-    let phdrs = tiexec::elf::read_program_headers(&file)?;
+    let phdrs = tiexec::internal::elf::read_program_headers(&file)?;
     let mut obj = Object {
         path: path.to_path_buf(),
         file_size,
-        interpreter: tiexec::elf::has_interpreter(&phdrs),
+        interpreter: tiexec::internal::elf::has_interpreter(&phdrs),
         ..Object::default()
     };
     let Some(dynamic) = phdrs.iter().find(|p| p.p_type == PT_DYNAMIC) else {
@@ -101,7 +101,7 @@ pub fn read_object(path: &Path) -> Option<Object> {
     }
     if value(DT_FLAGS).unwrap_or(0) & DF_STATIC_TLS != 0 {
         obj.static_tls = phdrs.iter().find(|p| p.p_type == PT_TLS).map_or(0, |t| {
-            tiexec::plan::align_up(t.p_memsz, t.p_align.max(1).next_power_of_two())
+            tiexec::internal::plan::align_up(t.p_memsz, t.p_align.max(1).next_power_of_two())
         });
     }
     Some(obj)
@@ -308,7 +308,10 @@ pub fn optional_static_tls(libraries: &[Object]) -> Option<u64> {
     if beyond == 0 {
         return None;
     }
-    Some(tiexec::plan::align_up(DEFAULT_OPTIONAL + beyond, 64))
+    Some(tiexec::internal::plan::align_up(
+        DEFAULT_OPTIONAL + beyond,
+        64,
+    ))
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ fn is_executable_file(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
-    tiexec::sys::can_execute(&c)
+    tiexec::internal::sys::can_execute(&c)
 }
 
 /// PROGRAM's path when it can be run (see [`find`]).
@@ -88,8 +88,8 @@ pub fn linkage(path: &Path) -> Linkage {
     let Ok(file) = std::fs::File::open(path) else {
         return Linkage::NotElf;
     };
-    match tiexec::elf::read_program_headers(&file) {
-        Some(phdrs) if tiexec::elf::has_interpreter(&phdrs) => Linkage::Dynamic,
+    match tiexec::internal::elf::read_program_headers(&file) {
+        Some(phdrs) if tiexec::internal::elf::has_interpreter(&phdrs) => Linkage::Dynamic,
         Some(_) => Linkage::Static,
         None => Linkage::NotElf,
     }

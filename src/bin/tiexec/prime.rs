@@ -1,14 +1,14 @@
 //! `tiexec --prime FILE...`: bring the text of programs and libraries into the
 //! page cache as 2 MiB folios, so that their next start maps it with 2 MiB
-//! pages at no cost (see `tiexec::prime`). For a service's start-up script,
+//! pages at no cost (see `tiexec::internal::prime`). For a service's start-up script,
 //! or before running a statically linked program.
 
 use crate::ExitCode;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use tiexec::log::Bytes;
-use tiexec::prime::{self, State};
+use tiexec::internal::log::Bytes;
+use tiexec::internal::prime::{self, State};
 
 const USAGE: &str = "\
 Usage: tiexec --prime [--check] FILE...
@@ -85,4 +85,36 @@ pub fn report(path: &Path, prime: bool) -> bool {
         ok &= matches!(s.state, State::Huge | State::Primed | State::NoWholePage);
     }
     ok
+}
+
+/// Caches the text of the program, and of the libraries the loader gives
+/// it, as 2 MiB folios where that lets the kernel map it huge for free.
+/// Says what it primed when `verbose`.
+pub fn before_exec(
+    program: &crate::libs::Object,
+    libraries: &[crate::libs::Object],
+    verbose: bool,
+) {
+    // A file of less than 2 MiB holds no whole 2 MiB page of text.
+    let files = std::iter::once(program)
+        .chain(libraries)
+        .filter(|o| o.file_size >= 2 << 20)
+        .map(|o| &o.path);
+    for f in files {
+        let Ok(segments) = tiexec::internal::prime::prime_file(f, true) else {
+            continue;
+        };
+        for s in segments
+            .iter()
+            .filter(|s| s.state == tiexec::internal::prime::State::Primed)
+        {
+            if verbose {
+                eprintln!(
+                    "tiexec: {}: primed {} of text as 2 MiB page-cache folios",
+                    f.display(),
+                    tiexec::internal::log::Bytes(s.body.len())
+                );
+            }
+        }
+    }
 }

@@ -1,11 +1,13 @@
 //! `tiexec [OPTIONS] PROGRAM...`: run a program with its text on 2 MiB
 //! huge pages.
 //!
-//! A thin wrapper: it primes the page cache of the program's text where that
-//! gives 2 MiB pages for free (see `tiexec::prime`), puts libtiexec.so into
-//! `LD_PRELOAD` (keeping what is there), sets the `TIEXEC_*` variables its
-//! options stand for, and execs the program: same PID, same exit status,
-//! same signals. It runs no other process and reads only headers.
+//! A thin wrapper: it finds PROGRAM (`path`), reads its headers and those of
+//! its libraries (`libs`), primes the page cache of their text where that
+//! gives 2 MiB pages for free (`prime`), puts tiexec's stub into
+//! `LD_PRELOAD` (`embedded`, `ldenv`: keeping what is there), sets the
+//! `TIEXEC_*` variables its options stand for (`args`), and execs the
+//! program: same PID, same exit status, same signals. It runs no other
+//! process and reads only headers.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -16,8 +18,8 @@ use std::process::Command;
 
 use crate::ExitCode;
 
-use tiexec::config::{self, Backend};
-use tiexec::log::Level;
+use tiexec::internal::config::{self, Backend};
+use tiexec::internal::log::Level;
 
 use crate::args::{self, Args, Parsed};
 use crate::ldenv;
@@ -26,34 +28,6 @@ use crate::path::{self, Linkage, Lookup};
 
 /// Words that named tiexec's commands before they became options.
 const FORMER_COMMANDS: [&str; 6] = ["run", "stat", "check", "prime", "setup", "cache"];
-
-/// Caches the text of the program, and of the libraries the loader gives
-/// it, as 2 MiB folios where that lets the kernel map it huge for free.
-/// Says what it primed when `verbose`.
-fn prime_before_exec(program: &libs::Object, libraries: &[libs::Object], verbose: bool) {
-    // A file of less than 2 MiB holds no whole 2 MiB page of text.
-    let files = std::iter::once(program)
-        .chain(libraries)
-        .filter(|o| o.file_size >= 2 << 20)
-        .map(|o| &o.path);
-    for f in files {
-        let Ok(segments) = tiexec::prime::prime_file(f, true) else {
-            continue;
-        };
-        for s in segments
-            .iter()
-            .filter(|s| s.state == tiexec::prime::State::Primed)
-        {
-            if verbose {
-                eprintln!(
-                    "tiexec: {}: primed {} of text as 2 MiB page-cache folios",
-                    f.display(),
-                    tiexec::log::Bytes(s.body.len())
-                );
-            }
-        }
-    }
-}
 
 /// What to preload: the built-in stub (which loads the full library only
 /// where there is work), or the library the user named (preloaded as it
@@ -150,7 +124,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         _ => Vec::new(),
     };
     if let (true, Some(p)) = (prime, &program) {
-        prime_before_exec(p, &libraries, verbose);
+        crate::prime::before_exec(p, &libraries, verbose);
     }
 
     let mut cmd = Command::new(&path);
@@ -186,10 +160,10 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                     cmd.env("TIEXEC_LIB", &libs.full);
                 }
                 let lib = &libs.full;
-                // See tiexec::preload_env: ASan programs must accept the
+                // See tiexec::internal::preload_env: ASan programs must accept the
                 // preload; the library does the same for PROGRAM's children.
                 let asan = std::env::var_os("ASAN_OPTIONS");
-                if let Some(v) = tiexec::preload_env::asan_options_with_link_order(
+                if let Some(v) = tiexec::internal::preload_env::asan_options_with_link_order(
                     asan.as_deref().map(OsStrExt::as_bytes),
                 ) {
                     cmd.env("ASAN_OPTIONS", OsString::from_vec(v));
@@ -205,8 +179,8 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                         ldenv::ld_list_with(std::env::var_os("LD_AUDIT"), lib),
                     );
                     cmd.env(
-                        tiexec::preload_env::RESTORE_AUDIT,
-                        tiexec::preload_env::encode_restore(
+                        tiexec::internal::preload_env::RESTORE_AUDIT,
+                        tiexec::internal::preload_env::encode_restore(
                             std::env::var_os("LD_AUDIT").as_deref(),
                             original_tunables.as_deref(),
                         ),

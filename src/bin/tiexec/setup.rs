@@ -10,8 +10,8 @@ use crate::ExitCode;
 use std::ffi::{CString, OsString};
 use std::path::{Path, PathBuf};
 
-use tiexec::cache::DEFAULT_ROOT;
-use tiexec::discover;
+use tiexec::internal::cache::DEFAULT_ROOT;
+use tiexec::internal::discover;
 
 const USAGE: &str = "\
 Usage: tiexec --setup [--pages N] [--cache-dir DIR]
@@ -80,14 +80,14 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             Err(e) => return usage_error(&e.to_string()),
         }
     }
-    if tiexec::sys::effective_uid() != 0 {
+    if tiexec::internal::sys::effective_uid() != 0 {
         eprintln!("tiexec --setup: needs root (it sizes the hugetlb pool and mounts a filesystem)");
         return ExitCode::from(1);
     }
     let pages = pages.unwrap_or_else(default_pages);
 
-    if tiexec::cache::is_hugetlbfs(&dir) {
-        let (total, free) = tiexec::cache::hugetlbfs_pages(&dir).unwrap_or((0, 0));
+    if tiexec::internal::cache::is_hugetlbfs(&dir) {
+        let (total, free) = tiexec::internal::cache::hugetlbfs_pages(&dir).unwrap_or((0, 0));
         println!(
             "tiexec: the image cache is already mounted at {}: {total} pages, {free} free",
             dir.display()
@@ -132,7 +132,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     ) else {
         return usage_error("bad --cache-dir");
     };
-    let r = tiexec::sys::mount_hugetlbfs(&target, &data);
+    let r = tiexec::internal::sys::mount_hugetlbfs(&target, &data);
     if let Err(e) = r {
         eprintln!(
             "tiexec --setup: mounting hugetlbfs at {} failed: {e}",

@@ -6,9 +6,9 @@
 use crate::ExitCode;
 use std::ffi::OsString;
 
-use tiexec::inspect::{self, ObjectStat};
-use tiexec::json::Json;
-use tiexec::log::Bytes;
+use tiexec::internal::inspect::{self, ObjectStat};
+use tiexec::internal::json::Json;
+use tiexec::internal::log::Bytes;
 
 const USAGE: &str = "\
 Usage: tiexec --stat [--json] [--tree] [--all] PID...
