@@ -47,8 +47,9 @@ pub struct LinkMap {
     l_prev: *mut LinkMap,
 }
 
-/// The loader asks which audit interface version we speak; we need nothing
-/// beyond version 1, and answer with the loader's own if it is lower.
+/// The loader asks which audit interface version we speak: 2 (glibc 2.35's
+/// `LAV_CURRENT`), or the loader's own when it is lower. The hooks used here
+/// (`la_activity`, `la_objopen`) are the same in versions 1 and 2.
 #[no_mangle]
 pub extern "C" fn la_version(version: libc::c_uint) -> libc::c_uint {
     version.min(2)
