@@ -274,7 +274,11 @@ impl ObjectReport {
         for (range, e) in &self.failed {
             let level = if e.is_harmful() {
                 Level::Error
-            } else if self.explicit_backend {
+            } else if self.explicit_backend
+                && *e != SwapError::NoSupply(crate::plan::NoSupply::NamesProgram)
+            {
+                // What the user named did not serve. (The page that names
+                // the program is left on purpose, whatever the backend.)
                 Level::Warn
             } else {
                 Level::Info

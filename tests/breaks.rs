@@ -345,7 +345,7 @@ int main(void) {
 #[test]
 fn java_starts_a_subprocess_under_dlopen() {
     if Command::new("java").arg("-version").output().is_err() {
-        common::skip(format_args!("no java"));
+        common::skip("no java");
         return;
     }
     // `jshell` is heavy; a one-file program run by the java launcher starts
@@ -422,7 +422,7 @@ impl Drop for NoexecDir {
 #[test]
 fn a_cache_directory_on_a_noexec_mount_is_passed_over() {
     let Some(noexec) = NoexecDir::new("noexec") else {
-        common::skip(format_args!("cannot mount a tmpfs (not root?)"));
+        common::skip("cannot mount a tmpfs (not root?)");
         return;
     };
     // The user's cache directory and the temporary directory both noexec:
@@ -498,7 +498,7 @@ unsigned int la_version(unsigned int v) {
 #[test]
 fn valgrind_runs_are_silent_at_the_default_level() {
     if Command::new("valgrind").arg("--version").output().is_err() {
-        common::skip(format_args!("no valgrind"));
+        common::skip("no valgrind");
         return;
     }
     let exe = common::fixture(PIE);

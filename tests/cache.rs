@@ -636,3 +636,77 @@ fn tiexec_cache_lists_and_clears_images() {
     assert!(cache.images().is_empty());
     assert_eq!(cache.used_pages(), 0);
 }
+
+/// The functions of `exe`: name -> (file address, size).
+fn functions(exe: &Path) -> std::collections::HashMap<String, (u64, u64)> {
+    let bytes = std::fs::read(exe).unwrap();
+    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
+    elf.syms
+        .iter()
+        .filter(|s| s.is_function() && s.st_size > 0)
+        .filter_map(|s| {
+            Some((
+                elf.strtab.get_at(s.st_name)?.to_string(),
+                (s.st_value, s.st_size),
+            ))
+        })
+        .collect()
+}
+
+/// Text served from a cache image stays named: gdb (through the loader's
+/// list of objects) names a function in the middle of it and the backtrace,
+/// and the perf map lists the image's functions at their addresses (perf
+/// treats hugetlb mappings as anonymous memory and reads the map for them).
+#[test]
+fn debuggers_and_profilers_name_functions_in_images() {
+    if Command::new("gdb").arg("--version").output().is_err() {
+        common::skip("no gdb");
+        return;
+    }
+    let Some(cache) = CacheMount::new("names", 40, 48) else {
+        return;
+    };
+    let exe = fresh(NON_PIE, "names");
+    // The first run builds the images; the second maps them (a hit).
+    let first = common::observe(&mut cached(&exe, &cache, &[]), &exe);
+    first
+        .outcome
+        .check(!cache.images().is_empty(), "images built");
+    let mut cmd = common::preloaded(&exe, &[("TIEXEC_PERF_MAP", "1")]);
+    cmd.env("TIEXEC_CACHE", &cache.path)
+        .env("TIEXEC_LOG", "info")
+        .args(["1000", "wait"]);
+    let w = common::Waiting::start(&mut cmd, T);
+    let pid = w.pid();
+    let segments = common::text_segments(pid, &exe);
+    let cov = common::coverage(pid, &segments);
+    let symbols = functions(&exe);
+    let (value, size) = symbols["fixture_fn_4000"];
+    let gdb = common::run(
+        Command::new("gdb")
+            .args(["-batch", "-nx", "-p", &pid.to_string()])
+            .args(["-ex", "bt", "-ex"])
+            .arg(format!("info symbol {value:#x}")),
+        T,
+    );
+    let map_path = format!("/tmp/perf-{pid}.map");
+    let map = std::fs::read_to_string(&map_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&map_path);
+    let o = w.finish(T);
+    o.check(
+        o.status.success() && o.stderr.contains("cache (hit)"),
+        "served from the cache",
+    );
+    o.check(cov.hugetlb >= 28 << 20, &format!("on the image: {cov:?}"));
+    gdb.check(gdb.stdout.contains(" main "), "backtrace names main");
+    gdb.check(
+        gdb.stdout.contains("fixture_fn_4000 in section"),
+        "names a function mid-text",
+    );
+    let wanted = format!("{value:x} {size:x} fixture_fn_4000");
+    assert!(
+        map.lines().any(|l| l == wanted),
+        "perf map has no line {wanted:?} ({} lines)",
+        map.lines().count()
+    );
+}

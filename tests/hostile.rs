@@ -228,7 +228,7 @@ fn a_tight_memory_cgroup_is_not_pushed_into_an_oom_kill() {
     // 80 MiB: the fixture and tiexec fit, a 30 MiB copy plus the 64 MiB
     // kept free does not.
     let Some(cg) = Cgroup::with_limit(80 << 20) else {
-        common::skip(format_args!("cannot make a memory cgroup here"));
+        common::skip("cannot make a memory cgroup here");
         return;
     };
     let h = hostile();

@@ -204,7 +204,7 @@ fn a_setuid_program_is_never_touched() {
     // secure-execution mode, and tiexec must keep its hands off.
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 || Command::new("runuser").arg("--help").output().is_err() {
-        common::skip(format_args!("needs root and runuser"));
+        common::skip("needs root and runuser");
         return;
     }
     let linked = common::linked_fixture(PIE, "fixture-pie-32m-linked");

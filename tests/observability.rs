@@ -150,7 +150,7 @@ fn the_perf_map_matches_the_binarys_symbols() {
 #[test]
 fn gdb_still_names_functions_in_swapped_text() {
     if Command::new("gdb").arg("--version").output().is_err() {
-        common::skip(format_args!("no gdb"));
+        common::skip("no gdb");
         return;
     }
     let exe = common::fixture(PIE);
@@ -208,7 +208,7 @@ fn swapped_ranges_are_named_in_maps_where_the_kernel_allows() {
         ok
     };
     if !supported {
-        common::skip(format_args!("kernel without CONFIG_ANON_VMA_NAME"));
+        common::unsupported("kernel without CONFIG_ANON_VMA_NAME");
         return;
     }
     let exe = common::fixture(PIE);

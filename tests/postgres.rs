@@ -54,7 +54,7 @@ impl Drop for Server {
 #[test]
 fn postgres_under_tiexec_serves_pgbench_with_every_process_on_huge_pages() {
     let Some(bin) = pg_bin() else {
-        common::skip(format_args!("no PostgreSQL server installed"));
+        common::skip("no PostgreSQL server installed");
         return;
     };
     // SAFETY: getuid has no preconditions.

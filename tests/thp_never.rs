@@ -36,7 +36,7 @@ fn with_thp_never_and_no_pool_nothing_is_done() {
         return;
     };
     let Some(_never) = ThpMode::set("never") else {
-        common::skip(format_args!("cannot switch THP off (not root?)"));
+        common::skip("cannot switch THP off (not root?)");
         return;
     };
     let exe = common::fixture(common::PIE);

@@ -133,7 +133,7 @@ fn where_priming_cannot_help_the_in_process_paths_take_over_and_say_so() {
     let enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
         .unwrap_or_default();
     if !shm.is_dir() || !enabled.contains("[never]") {
-        common::skip(format_args!("no tmpfs without huge pages at /dev/shm"));
+        common::skip("no tmpfs without huge pages at /dev/shm");
         return;
     }
     let exe = common::fresh_copy(
@@ -142,7 +142,7 @@ fn where_priming_cannot_help_the_in_process_paths_take_over_and_say_so() {
     );
     let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
     if !plain.status.success() {
-        common::skip(format_args!("/dev/shm does not allow exec"));
+        common::skip("/dev/shm does not allow exec");
         let _ = std::fs::remove_dir_all(exe.parent().unwrap());
         return;
     }

@@ -64,6 +64,13 @@ pub fn skip(why: impl std::fmt::Display) {
     eprintln!("note: {why}: test skipped");
 }
 
+/// Says that a test does not apply to this kernel (a feature it was built
+/// without, which no set-up can add), and returns. Never fails, strict or
+/// not: use [`skip`] for anything a machine could be set up to have.
+pub fn unsupported(why: impl std::fmt::Display) {
+    eprintln!("note: {why}: not applicable on this kernel");
+}
+
 /// A digest of a fixture's source, for its file name: an edited source is
 /// never served by an old build.
 pub fn fixture_digest(source: &str) -> u64 {
@@ -715,7 +722,7 @@ impl PoolGuard {
             .and_then(|mut f| f.write_all(format!("{pages}\n").as_bytes()))
             .is_err()
         {
-            skip(format_args!("cannot set the hugetlb pool (not root?)"));
+            skip("cannot set the hugetlb pool (not root?)");
             return None;
         }
         let got = read_pool().unwrap_or(0);

@@ -100,7 +100,7 @@ Usage: tiexec [OPTIONS] [--] PROGRAM [ARGS...]
        tiexec --setup [--pages N]        (root) reserve pages, mount the image cache
        tiexec --cache [--clear [PATTERN]] list or evict the image cache
        tiexec --stat PID...               what a running process's text is mapped with
-       tiexec --check [PROGRAM]           is the machine ready, and a dry run
+       tiexec --check [PROGRAM]           is the machine ready, and what a run would do
        tiexec --prime FILE...             cache files' text as 2 MiB folios
 
 Runs PROGRAM with its executable text on 2 MiB huge pages. PROGRAM keeps
