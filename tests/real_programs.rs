@@ -176,13 +176,14 @@ fn rustc_compiles_the_same_with_its_big_libraries_on_huge_pages() {
         .expect("spawn tiexec rustc");
     let pid = child.id();
     // The constructor reports every object once its work is done; libLLVM's
-    // line means both libraries have been handled.
+    // report line (not the wrapper's priming line, which names it too) means
+    // both libraries have been handled.
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("libLLVM") {
+            if line.contains("libLLVM") && line.contains("on 2 MiB pages") {
                 let _ = tx.send(());
             }
             lines.push(line);
