@@ -48,7 +48,7 @@ pub struct Split {
 /// Cuts `segment` at 2 MiB boundaries.
 ///
 /// ```
-/// use tiexec::plan::{split, Range};
+/// use tiexec::internal::plan::{split, Range};
 /// const MIB: u64 = 1 << 20;
 /// // A PIE's text at a 4 KiB-aligned base: 0x1000 past 4 MiB, 9 MiB long.
 /// let s = split(Range::new(4 * MIB + 0x1000, 13 * MIB + 0x1000));
