@@ -232,8 +232,13 @@ fn hugetlb_with_a_pool_smaller_than_the_text_covers_part_and_runs() {
     o.check(o.status.success() && first == plain.stdout, "output");
     o.check(text_check.is_ok(), &format!("{text_check:?}"));
     // The pool's 4 pages are used, the rest stays as it was. (The first
-    // 2 MiB page, which holds the program's header, takes no pool page.)
-    o.check(cov.hugetlb == 4 << 21, &format!("{cov:?}"));
+    // 2 MiB page, which holds the program's header, takes no pool page.
+    // Where the random load address puts the text's start in the next
+    // 2 MiB page, that pool page holds some bytes before the text.)
+    o.check(
+        cov.hugetlb > 3 << 21 && cov.hugetlb <= 4 << 21,
+        &format!("{cov:?}"),
+    );
     o.check(
         o.stderr.contains("(4 pages: 4 new via hugetlb"),
         "all four pages used",
