@@ -5,7 +5,10 @@
 //!   so that copies that cannot pay off are skipped (see
 //!   [`crate::plan::payoff`]);
 //! - `images/<image name>`: the path of the object a cache image was built
-//!   from, followed by one byte per hit (`tiexec --cache` lists them).
+//!   from, followed by one byte per hit (`tiexec --cache` lists them);
+//! - `prime/<digest>`: the files worth priming for a program (the wrapper's
+//!   memo: resolving a program's libraries reads the loader's cache and
+//!   every library's headers).
 //!
 //! The directory is used only if it is a real directory owned by this user
 //! and not writable by others; files are opened without following symlinks.
@@ -114,55 +117,67 @@ impl StateDir {
         own_subdir(Some(self.dir.as_fd()), name)
     }
 
-    /// The lifetimes (milliseconds, oldest first) recorded for `program`.
-    pub fn runs(&self, program: &str) -> Vec<u32> {
-        let Ok(runs) = self.subdir(c"runs") else {
-            return Vec::new();
-        };
-        let Ok(name) = CString::new(run_file_name(program)) else {
-            return Vec::new();
-        };
-        let Ok(fd) = sys::open_at(
-            Some(runs.as_fd()),
+    /// The record `name` in subdirectory `sub` (at most 64 KiB), if any.
+    pub fn read_record(&self, sub: &std::ffi::CStr, name: &str) -> Option<Vec<u8>> {
+        let dir = self.subdir(sub).ok()?;
+        let name = CString::new(name).ok()?;
+        let fd = sys::open_at(
+            Some(dir.as_fd()),
             &name,
             libc::O_RDONLY | libc::O_NOFOLLOW,
             0,
-        ) else {
-            return Vec::new();
-        };
-        let mut buf = [0u8; 4096];
-        let n = sys::pread_full(fd.as_fd(), &mut buf, 0).unwrap_or(0);
-        parse_runs(buf.get(..n).unwrap_or(&[]), program)
+        )
+        .ok()?;
+        let mut buf = vec![0u8; 64 << 10];
+        let n = sys::pread_full(fd.as_fd(), &mut buf, 0).ok()?;
+        buf.truncate(n);
+        Some(buf)
     }
 
-    /// Adds a lifetime for `program`, keeping the last [`RUNS_KEPT`].
-    /// Concurrent writers may lose each other's record; never more.
-    pub fn record_run(&self, program: &str, lifetime_ms: u32) -> Result<(), Errno> {
-        let runs_dir = self.subdir(c"runs")?;
-        let mut runs = self.runs(program);
-        runs.push(lifetime_ms);
-        let keep_from = runs.len().saturating_sub(RUNS_KEPT);
-        let text = format_runs(program, runs.get(keep_from..).unwrap_or(&[]));
-        // Written under a unique name, then renamed over: readers never see
-        // half a record.
-        let name = run_file_name(program);
+    /// Replaces the record `name` in subdirectory `sub` with `bytes`:
+    /// written under a unique name, then renamed over it, so that readers
+    /// never see half a record. Concurrent writers may lose each other's
+    /// record; never more.
+    pub fn write_record(
+        &self,
+        sub: &std::ffi::CStr,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), Errno> {
+        let dir = self.subdir(sub)?;
         let tmp = format!(".{name}.{}", std::process::id());
         let (Ok(name_c), Ok(tmp_c)) = (CString::new(name), CString::new(tmp)) else {
             return Err(Errno(libc::EINVAL));
         };
         let fd = sys::open_at(
-            Some(runs_dir.as_fd()),
+            Some(dir.as_fd()),
             &tmp_c,
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
             0o600,
         )?;
-        let written = sys::write_all(fd.as_fd(), text.as_bytes());
+        let written = sys::write_all(fd.as_fd(), bytes);
         drop(fd);
-        let renamed = written.and_then(|()| sys::rename_at(runs_dir.as_fd(), &tmp_c, &name_c));
+        let renamed = written.and_then(|()| sys::rename_at(dir.as_fd(), &tmp_c, &name_c));
         if renamed.is_err() {
-            let _ = sys::unlink_at(runs_dir.as_fd(), &tmp_c);
+            let _ = sys::unlink_at(dir.as_fd(), &tmp_c);
         }
         renamed
+    }
+
+    /// The lifetimes (milliseconds, oldest first) recorded for `program`.
+    pub fn runs(&self, program: &str) -> Vec<u32> {
+        self.read_record(c"runs", &run_file_name(program))
+            .map(|text| parse_runs(&text, program))
+            .unwrap_or_default()
+    }
+
+    /// Adds a lifetime for `program`, keeping the last [`RUNS_KEPT`].
+    pub fn record_run(&self, program: &str, lifetime_ms: u32) -> Result<(), Errno> {
+        let mut runs = self.runs(program);
+        runs.push(lifetime_ms);
+        let keep_from = runs.len().saturating_sub(RUNS_KEPT);
+        let text = format_runs(program, runs.get(keep_from..).unwrap_or(&[]));
+        self.write_record(c"runs", &run_file_name(program), text.as_bytes())
     }
 
     /// Records that the image `name` was built from `object`.

@@ -116,15 +116,15 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     };
     let off = backend == Some(Backend::Off);
     let prime = !args.no_prime && !off;
-    // The loader's libraries: for priming, and for --dlopen's TLS.
+    // The loader's libraries, for --dlopen's TLS (and then for priming).
     let libraries = match &program {
-        Some(p) if linked == Linkage::Dynamic && (prime || args.dlopen) => {
-            libs::startup_libraries(p)
-        }
+        Some(p) if linked == Linkage::Dynamic && args.dlopen => libs::startup_libraries(p),
         _ => Vec::new(),
     };
     if let (true, Some(p)) = (prime, &program) {
-        crate::prime::before_exec(p, &libraries, verbose);
+        let resolved = args.dlopen.then_some(libraries.as_slice());
+        let files = crate::prime::files_to_prime(&path, p, resolved);
+        crate::prime::before_exec(&files, verbose);
     }
 
     let mut cmd = Command::new(&path);
