@@ -106,6 +106,22 @@ impl Context {
         })
     }
 
+    /// True when this process would copy nothing whatever its plan says:
+    /// `auto`, no image cache, and not even one 2 MiB page's copy pays off
+    /// (a copy's cost grows with its size). Only text the kernel maps huge
+    /// by itself (the page cache) would end up huge, and it needs nothing
+    /// from us. Weighs the payoff (the run is then recorded).
+    pub fn copies_cannot_pay(&self) -> bool {
+        self.request.backend == Backend::Auto
+            && self.cache.is_none()
+            && self.payoff(HUGE_PAGE) != Payoff::Pays
+    }
+
+    /// Runs of the program remembered so far.
+    pub fn runs_known(&self) -> usize {
+        self.runs().len()
+    }
+
     /// Whether privately copying `bytes` pays off in this process.
     fn payoff(&self, bytes: u64) -> Payoff {
         self.payoff_weighed.set(true);

@@ -381,3 +381,66 @@ fn a_thread_started_before_the_constructor_means_hands_off() {
         &format!("text untouched: {cov:?}"),
     );
 }
+
+/// A program whose past runs are short, with no image cache: no copy could
+/// pay off, so the library stops before reading the mappings or planning
+/// (what it would add to every 50 ms compiler process), still records the
+/// run while its history is not full, and the program runs the same. Asked
+/// for a report, it plans and says why nothing moved.
+#[test]
+fn a_short_lived_program_without_a_cache_is_not_planned() {
+    if common::run(Command::new("strace").arg("-V"), T)
+        .status
+        .code()
+        != Some(0)
+    {
+        common::skip("strace is not installed");
+        return;
+    }
+    let exe = common::fixture(PIE);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]);
+    let mut cmd = preloaded(&exe, &[]);
+    common::remember_runs(&cmd, &exe, &[5, 5, 5]);
+    let state = common::state_dir_of(&cmd);
+    let trace = common::scratch_dir().join(format!("short-{}.trace", std::process::id()));
+    let mut traced = Command::new("strace");
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => traced.env(k, v),
+            None => traced.env_remove(k),
+        };
+    }
+    let o = common::run(
+        traced
+            .args(["-f", "-qq", "-e", "trace=openat", "-o"])
+            .arg(&trace)
+            .arg(&exe)
+            .args([CALLS, "run"]),
+        T,
+    );
+    o.check(
+        o.status.success() && o.stdout == plain.stdout,
+        "runs the same",
+    );
+    let text = std::fs::read_to_string(&trace).unwrap_or_default();
+    let _ = std::fs::remove_file(&trace);
+    assert!(
+        text.contains("libtiexec") && !text.contains("/proc/self/maps"),
+        "the library loaded, and read no mappings:\n{text}"
+    );
+    let dir = tiexec::internal::state::StateDir::open(&state).unwrap();
+    let program = std::fs::canonicalize(&exe).unwrap();
+    assert_eq!(
+        dir.runs(program.to_str().unwrap()).len(),
+        4,
+        "the run is recorded"
+    );
+    // Asked for a report: planned, and the reason given.
+    let report = common::scratch_dir().join(format!("short-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&report);
+    let o = common::run(cmd.env("TIEXEC_REPORT", &report).args([CALLS, "run"]), T);
+    o.check(o.status.success(), "with a report");
+    let json = std::fs::read_to_string(&report).unwrap_or_default();
+    let _ = std::fs::remove_file(&report);
+    assert!(json.contains("would not pay off"), "{json}");
+}
