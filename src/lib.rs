@@ -52,6 +52,7 @@ pub(crate) mod discover;
 pub(crate) mod elf;
 pub(crate) mod fault;
 pub(crate) mod forecast;
+pub(crate) mod history;
 pub(crate) mod inspect;
 #[allow(unsafe_code)]
 pub(crate) mod interpose;
@@ -101,6 +102,10 @@ pub mod internal {
     #[allow(missing_docs)]
     pub mod elf {
         pub use crate::elf::*;
+    }
+    #[allow(missing_docs)]
+    pub mod history {
+        pub use crate::history::*;
     }
     #[allow(missing_docs)]
     pub mod fault {

@@ -475,61 +475,15 @@ impl NotCacheable {
     }
 }
 
-/// Whether a private copy can pay for itself in this process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Payoff {
-    /// The program lives long enough, as far as its past runs tell (or the
-    /// process already has).
-    Pays,
-    /// Nothing is known yet about how long this program runs: this run is
-    /// measured instead.
-    Unknown,
-    /// Its processes live too briefly for the copy to pay off.
-    TooShort {
-        /// Median lifetime of its last runs, in milliseconds.
-        median_ms: u64,
-        /// Runs on record.
-        runs: usize,
-        /// What the copy would cost, in milliseconds (estimated).
-        copy_ms: u64,
-    },
-}
-
-/// Estimated cost of a private copy: milliseconds per MiB. The copy writes
-/// fresh memory: at least the kernel zeroing it plus one memcpy (about
-/// 0.2 ms/MiB on bare metal); in a VM whose host takes freed memory back,
-/// up to 2.5 ms/MiB. The estimate leans to the slow side.
-pub const COPY_MS_PER_MIB: u64 = 1;
-
-/// A copy must cost at most this share of the program's lifetime
-/// (1/50 = 2 %): gains from huge pages are a few percent at best, so a
-/// copy costing more could make the program slower.
-pub const PAYOFF_FACTOR: u64 = 50;
+/// Whether a private copy can pay for itself in this process (the rule and
+/// its constants live in `history`, shared with the preload stub).
+pub use crate::history::{Verdict as Payoff, COPY_MS_PER_MIB, PAYOFF_FACTOR};
 
 /// Decides whether copying `copy_bytes` privately can pay off, from the
 /// lifetimes of the program's last runs (milliseconds) and the age of this
 /// process when the copy would be made (libraries loaded late).
 pub fn payoff(runs: &[u32], copy_bytes: u64, age_ms: u64) -> Payoff {
-    let copy_ms = (copy_bytes >> 20).saturating_mul(COPY_MS_PER_MIB).max(1);
-    let needed = copy_ms.saturating_mul(PAYOFF_FACTOR);
-    if age_ms >= needed {
-        return Payoff::Pays;
-    }
-    if runs.is_empty() {
-        return Payoff::Unknown;
-    }
-    let mut sorted = runs.to_vec();
-    sorted.sort_unstable();
-    let median_ms = u64::from(sorted.get(sorted.len() / 2).copied().unwrap_or(0));
-    if median_ms >= needed {
-        Payoff::Pays
-    } else {
-        Payoff::TooShort {
-            median_ms,
-            runs: runs.len(),
-            copy_ms,
-        }
-    }
+    crate::history::weigh(runs, copy_bytes, age_ms)
 }
 
 /// Why no huge pages can be had for a range.

@@ -12,7 +12,13 @@
 //!    there is anything for it to do: an object with an executable segment
 //!    of 2 MiB or more (the full library's own first test), or environment
 //!    to prepare for children (`--dlopen`'s restore, `--no-children`);
-//!    the full library's constructor then does everything;
+//!    the full library's constructor then does everything. Except where
+//!    the library would only find that no copy pays off: `auto`, no image
+//!    cache mounted, nobody asking for a log or a report, and the program's
+//!    full run history (the same file and rule, `history.rs`, compiled in
+//!    here) too short for even one 2 MiB page's copy. One such process in
+//!    four still loads it, to record its run (the library records one in
+//!    four too), so that the history follows the program;
 //! 3. otherwise only turns off AddressSanitizer's link-order check for the
 //!    children, which inherit the preload (see `tiexec::preload_env`).
 //!
@@ -26,6 +32,10 @@
 
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
+
+#[allow(dead_code)] // the stub uses part of it
+#[path = "history.rs"]
+mod history;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -79,6 +89,12 @@ extern "C" {
     fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
     fn dl_iterate_phdr(callback: PhdrCallback, data: *mut c_void) -> c_int;
     fn write(fd: c_int, buf: *const c_void, count: usize) -> isize;
+    fn open(path: *const c_char, flags: c_int, ...) -> c_int;
+    fn read(fd: c_int, buf: *mut c_void, count: usize) -> isize;
+    fn close(fd: c_int) -> c_int;
+    fn readlink(path: *const c_char, buf: *mut c_char, size: usize) -> isize;
+    fn statfs(path: *const c_char, buf: *mut c_void) -> c_int;
+    fn getpid() -> c_int;
     fn syscall(number: i64, ...) -> i64;
 }
 
@@ -89,6 +105,12 @@ const RTLD_NOW: c_int = 2;
 const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
 const SYS_MPROTECT: i64 = 10;
 const HUGE_PAGE: u64 = 2 << 20;
+const O_RDONLY: c_int = 0;
+const O_NOFOLLOW: c_int = 0o400000;
+const O_CLOEXEC: c_int = 0o2000000;
+const HUGETLBFS_MAGIC: i64 = 0x958458f6;
+/// The image cache's default mount (`tiexec::cache::DEFAULT_ROOT`).
+const DEFAULT_CACHE: &[u8] = b"/run/tiexec";
 
 fn env(name: &CStr) -> Option<&'static [u8]> {
     // SAFETY: getenv returns null or a NUL-terminated string of the
@@ -218,6 +240,114 @@ pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: usize, prot: c_int) ->
     unsafe { next(addr, len, prot) }
 }
 
+/// `parts` joined into `buf` with a NUL at the end, as a C string; `None`
+/// if too long or holding a NUL. (Built by hand: core's checked `CStr`
+/// constructors would bring in code that unwinds.)
+fn c_path(parts: &[&[u8]], buf: &mut [u8]) -> Option<*const c_char> {
+    let mut n = 0;
+    for part in parts {
+        for &b in part.iter() {
+            if b == 0 {
+                return None;
+            }
+            *buf.get_mut(n)? = b;
+            n += 1;
+        }
+    }
+    *buf.get_mut(n)? = 0;
+    Some(buf.as_ptr().cast())
+}
+
+/// Whether a hugetlbfs is mounted at `path` (the image cache may serve).
+fn hugetlbfs_at(path: &[u8]) -> bool {
+    let mut name = [0u8; 4096];
+    let Some(name) = c_path(&[path], &mut name) else {
+        return false;
+    };
+    // `struct statfs` is 120 bytes on 64-bit Linux; `f_type` comes first.
+    let mut st = [0i64; 32];
+    // SAFETY: a NUL-terminated path and a buffer larger than the struct.
+    let r = unsafe { statfs(name, st.as_mut_ptr().cast()) };
+    r == 0 && st.first() == Some(&HUGETLBFS_MAGIC)
+}
+
+/// True when the full library, loaded, would only find that no private
+/// copy pays off here (see the module comment): then it need not load.
+fn copies_cannot_pay() -> bool {
+    if !matches!(env(c"TIEXEC_BACKEND"), None | Some(b"" | b"auto")) {
+        return false;
+    }
+    if matches!(env(c"TIEXEC_LOG"), Some(b"info" | b"debug"))
+        || env(c"TIEXEC_REPORT").is_some_and(|r| !r.is_empty())
+    {
+        return false;
+    }
+    let cache = match env(c"TIEXEC_CACHE") {
+        Some(b"off") => None,
+        Some(p) if !p.is_empty() => Some(p),
+        _ => Some(DEFAULT_CACHE),
+    };
+    if cache.is_some_and(hugetlbfs_at) {
+        return false;
+    }
+    // SAFETY: getpid has no preconditions.
+    if unsafe { getpid() } % 4 == 0 {
+        return false;
+    }
+    // The program's path, as the library names it (/proc/self/exe).
+    let mut exe = [0u8; 4096];
+    // SAFETY: a NUL-terminated path and a buffer of the given size.
+    let n = unsafe {
+        readlink(
+            c"/proc/self/exe".as_ptr(),
+            exe.as_mut_ptr().cast(),
+            exe.len(),
+        )
+    };
+    let Some(exe) = usize::try_from(n).ok().and_then(|n| exe.get(..n)) else {
+        return false;
+    };
+    if exe.len() >= 4096 - 1 {
+        return false;
+    }
+    // The history file: $XDG_CACHE_HOME/tiexec/runs/NAME, else
+    // $HOME/.cache/tiexec/runs/NAME (both absolute), as `tiexec::state`.
+    let name = history::file_name(exe);
+    let mut path = [0u8; 4096];
+    let path = match (env(c"XDG_CACHE_HOME"), env(c"HOME")) {
+        (Some(x), _) if x.first() == Some(&b'/') => {
+            c_path(&[x, b"/tiexec/runs/", &name], &mut path)
+        }
+        (_, Some(h)) if h.first() == Some(&b'/') && h != b"/" => {
+            c_path(&[h, b"/.cache/tiexec/runs/", &name], &mut path)
+        }
+        _ => None,
+    };
+    let Some(path) = path else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path; plain flags.
+    let fd = unsafe { open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) };
+    if fd < 0 {
+        return false;
+    }
+    let mut text = [0u8; 4096];
+    // SAFETY: reads into a buffer of the given size from our descriptor.
+    let got = unsafe { read(fd, text.as_mut_ptr().cast(), text.len()) };
+    // SAFETY: our own descriptor, closed once.
+    unsafe { close(fd) };
+    let Some(text) = usize::try_from(got).ok().and_then(|n| text.get(..n)) else {
+        return false;
+    };
+    let mut runs = [0u32; history::RUNS_KEPT];
+    let n = history::parse(text, exe, &mut runs);
+    if n < history::RUNS_KEPT {
+        return false; // the history fills first
+    }
+    // At start-up the process is young: its age adds nothing.
+    history::weigh(&runs, HUGE_PAGE, 0) != history::Verdict::Pays
+}
+
 extern "C" fn constructor() {
     // SAFETY: getauxval has no preconditions.
     if unsafe { getauxval(AT_SECURE) } != 0 {
@@ -232,7 +362,8 @@ extern "C" fn constructor() {
         return;
     }
     let children = env(c"TIEXEC_CHILDREN") != Some(b"0");
-    let needed = big_text_loaded() || env(c"TIEXEC_RESTORE_AUDIT").is_some() || !children;
+    let for_children = env(c"TIEXEC_RESTORE_AUDIT").is_some() || !children;
+    let needed = for_children || (big_text_loaded() && !copies_cannot_pay());
     if children {
         asan_options_for_children();
     }

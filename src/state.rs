@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::sys::{self, Errno};
 
-/// Runs remembered per program.
-pub const RUNS_KEPT: usize = 8;
+pub use crate::history::{fnv1a, RUNS_KEPT};
 
 /// Hit bytes appended to an image's record at most (the count saturates).
 const MAX_HIT_BYTES: u64 = 1 << 20;
@@ -275,16 +274,9 @@ impl StateDir {
     }
 }
 
-/// FNV-1a over bytes: names files after paths, and digests layouts.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    })
-}
-
 /// The record's file name for `program`: the digest of its path.
 pub fn run_file_name(program: &str) -> String {
-    format!("{:016x}", fnv1a(program.as_bytes()))
+    String::from_utf8_lossy(&crate::history::file_name(program.as_bytes())).into_owned()
 }
 
 /// `program` on the first line (telling apart two paths with one digest),
@@ -305,16 +297,9 @@ pub fn format_runs(program: &str, runs: &[u32]) -> String {
 
 /// The lifetimes in a record, if it is `program`'s.
 pub fn parse_runs(text: &[u8], program: &str) -> Vec<u32> {
-    let mut lines = text.split(|&b| b == b'\n');
-    if lines.next() != Some(program.as_bytes()) {
-        return Vec::new();
-    }
-    let Some(line) = lines.next() else {
-        return Vec::new();
-    };
-    line.split(|&b| b == b' ')
-        .filter_map(|w| std::str::from_utf8(w).ok()?.parse().ok())
-        .collect()
+    let mut runs = [0; RUNS_KEPT];
+    let n = crate::history::parse(text, program.as_bytes(), &mut runs);
+    runs.get(..n).unwrap_or(&[]).to_vec()
 }
 
 #[cfg(test)]

@@ -248,3 +248,36 @@ fn a_word_is_always_a_program_never_one_of_tiexecs_commands() {
     let o = common::run(common::tiexec_cmd().args(["echo", "--stat", "--help"]), T);
     o.check(o.stdout == "--stat --help\n", "echo got its arguments");
 }
+
+/// The stub loads into every process the wrapper reaches: it stays a few
+/// KiB, and needs nothing but libc (a symbol of Rust's runtime, such as the
+/// unwinder's personality routine, would make every program fail to start).
+#[test]
+fn the_stub_is_small_and_needs_only_libc() {
+    let stub = common::stub_lib();
+    let size = std::fs::metadata(&stub).unwrap().len();
+    assert!(size < 64 << 10, "{} is {size} bytes", stub.display());
+    let bytes = std::fs::read(&stub).unwrap();
+    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
+    let undefined: Vec<String> = elf
+        .dynsyms
+        .iter()
+        .filter(|s| s.is_import() && s.st_bind() != goblin::elf::sym::STB_WEAK)
+        .filter_map(|s| elf.dynstrtab.get_at(s.st_name).map(str::to_string))
+        .collect();
+    assert!(
+        !undefined
+            .iter()
+            .any(|n| n.starts_with("rust_") || n.starts_with("_Unwind") || n.starts_with("_ZN")),
+        "Rust runtime symbols needed: {undefined:?}"
+    );
+    // A missing symbol would fail every program at start-up.
+    let o = common::run(
+        Command::new("/bin/true").env("LD_PRELOAD", &stub),
+        std::time::Duration::from_secs(30),
+    );
+    o.check(
+        o.status.success() && o.stderr.is_empty(),
+        "a program starts with it",
+    );
+}

@@ -444,3 +444,71 @@ fn a_short_lived_program_without_a_cache_is_not_planned() {
     let _ = std::fs::remove_file(&report);
     assert!(json.contains("would not pay off"), "{json}");
 }
+
+/// Under the wrapper, once a program's full history says its runs are too
+/// short for any copy, and there is no cache, its processes mostly do not
+/// even load the library (the stub decides, with the same rule): one in
+/// four still does, to record its run.
+#[test]
+fn the_stub_leaves_the_library_out_of_short_lived_programs() {
+    if common::run(Command::new("strace").arg("-V"), T)
+        .status
+        .code()
+        != Some(0)
+    {
+        common::skip("strace is not installed");
+        return;
+    }
+    let exe = common::fixture(PIE);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]);
+    let cmd = common::tiexec_cmd();
+    common::remember_runs(&cmd, &exe, &[5; 8]);
+    let xdg = common::state_dir_of(&cmd).parent().unwrap().to_path_buf();
+    let trace = common::scratch_dir().join(format!("stub-skip-{}.trace", std::process::id()));
+    let (mut loaded, mut skipped) = (0, 0);
+    for _ in 0..12 {
+        let mut traced = Command::new("strace");
+        common::isolate(&mut traced);
+        let o = common::run(
+            traced
+                .env("XDG_CACHE_HOME", &xdg)
+                .args(["-f", "-qq", "-e", "trace=openat", "-o"])
+                .arg(&trace)
+                .arg(common::tiexec_bin())
+                .arg(&exe)
+                .args([CALLS, "run"]),
+            T,
+        );
+        o.check(
+            o.status.success() && o.stdout == plain.stdout,
+            "runs the same",
+        );
+        let text = std::fs::read_to_string(&trace).unwrap_or_default();
+        if text.contains("/libtiexec-0.") {
+            loaded += 1;
+        } else {
+            skipped += 1;
+        }
+    }
+    let _ = std::fs::remove_file(&trace);
+    // 12 processes, each skipping with probability 3/4: all loading has
+    // odds of 1 in 17 million.
+    assert!(
+        skipped > 0,
+        "the library loaded in every process ({loaded})"
+    );
+    // Asked to say what it does, it loads and says why nothing moved.
+    let mut verbose = common::tiexec_cmd();
+    let o = common::run(
+        verbose
+            .env("XDG_CACHE_HOME", &xdg)
+            .arg("-v")
+            .arg(&exe)
+            .args([CALLS, "run"]),
+        T,
+    );
+    o.check(
+        o.status.success() && o.stderr.contains("would not pay off"),
+        "the library says why",
+    );
+}

@@ -114,6 +114,11 @@ pub fn staticlib() -> PathBuf {
 }
 
 /// A file build.rs made (an empty placeholder means it did not).
+/// The stub library the wrapper preloads, as build.rs made it.
+pub fn stub_lib() -> PathBuf {
+    built_by_build_rs(env!("TIEXEC_EMBEDDED_STUB"))
+}
+
 fn built_by_build_rs(path: &str) -> PathBuf {
     let file = PathBuf::from(path);
     let built = std::fs::metadata(&file).is_ok_and(|m| m.len() > 0);
