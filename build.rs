@@ -77,6 +77,12 @@ fn build_stub(out: &std::path::Path) {
     if let Ok(target) = env::var("TARGET") {
         cmd.arg("--target").arg(target);
     }
+    // The linker cargo resolved for the target (cross builds name one).
+    if let Some(linker) = env::var_os("RUSTC_LINKER") {
+        let mut arg = std::ffi::OsString::from("linker=");
+        arg.push(linker);
+        cmd.arg("-C").arg(arg);
+    }
     let status = cmd.status().expect("run rustc for the stub library");
     assert!(status.success(), "building the stub library failed");
     // Renamed over, like the full library: a running program may map it.

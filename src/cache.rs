@@ -712,6 +712,7 @@ impl Cache {
                 // mapping reads zeros, and so does the image.
                 sys::pread_full(content.file, dst, p.file_offset).map_err(Failure::Read)?;
             }
+            map.sync_icache();
         }
         if FileIdentity::of_fd(content.file).ok() != Some(content.identity) {
             return Err(Failure::Changed);

@@ -214,6 +214,7 @@ fn split(chunk: Range) -> bool {
     // SAFETY: `chunk` is registered text: mapped and readable, 2 MiB long.
     let text = unsafe { core::slice::from_raw_parts(chunk.start as *const u8, len) };
     bytes.copy_from_slice(text);
+    copy.sync_icache();
     if copy.protect(Prot::READ_EXEC).is_err() {
         return false; // memory-deny-write-execute: the call fails as before
     }

@@ -103,10 +103,18 @@ const PT_LOAD: u32 = 1;
 const PF_X: u32 = 1;
 const RTLD_NOW: c_int = 2;
 const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
+// The numbers that differ between the architectures (the stub has no libc
+// crate: linux/asm headers' values).
+#[cfg(target_arch = "x86_64")]
 const SYS_MPROTECT: i64 = 10;
+#[cfg(target_arch = "aarch64")]
+const SYS_MPROTECT: i64 = 226;
 const HUGE_PAGE: u64 = 2 << 20;
 const O_RDONLY: c_int = 0;
+#[cfg(target_arch = "x86_64")]
 const O_NOFOLLOW: c_int = 0o400000;
+#[cfg(target_arch = "aarch64")]
+const O_NOFOLLOW: c_int = 0o100000;
 const O_CLOEXEC: c_int = 0o2000000;
 const HUGETLBFS_MAGIC: i64 = 0x958458f6;
 /// The image cache's default mount (`tiexec::cache::DEFAULT_ROOT`).

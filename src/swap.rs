@@ -218,6 +218,7 @@ pub fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
             .bytes_mut()
             .ok_or(SwapError::StagingMap(Errno(libc::EFAULT)))?;
         copy_text_into(bytes, req);
+        fill.sync_icache();
     }
     let fd = sys::reopen_read_only(file.as_fd()).map_err(SwapError::StagingMap)?;
     drop(file);
@@ -285,6 +286,7 @@ pub fn thp_copy(req: &SwapRange) -> Result<Staged, SwapError> {
         .bytes_mut()
         .ok_or(SwapError::StagingMap(Errno(libc::EFAULT)))?;
     copy_text_into(bytes, req);
+    staging.sync_icache();
     Ok(Staged {
         mapping: staging,
         fd: None,

@@ -1,5 +1,6 @@
 //! The routine that performs the swap (asm/swap_x86_64.s, whose header is
-//! its full contract), the numbers it is assembled with, and where it runs.
+//! its full contract; asm/swap_aarch64.s, the same contract on arm64), the
+//! numbers it is assembled with, and where it runs.
 //!
 //! Every constant the routine uses comes from here: syscall numbers, flags and
 //! errno values from the libc crate, record offsets from `offset_of!`, codes
@@ -142,60 +143,71 @@ impl SwapOp {
     }
 }
 
+/// Assembles one architecture's routine with every number it names
+/// supplied from here (see the module doc).
+macro_rules! assemble_swap_routine {
+    ($file:literal $(, $option:ident)?) => {
+        core::arch::global_asm!(
+            include_str!($file),
+            OP_STAGING = const offset_of!(SwapOp, staging),
+            OP_TEXT = const offset_of!(SwapOp, text),
+            OP_LEN = const offset_of!(SwapOp, len),
+            OP_FD = const offset_of!(SwapOp, fd),
+            OP_PROBE = const offset_of!(SwapOp, probe),
+            OP_FAIL = const offset_of!(SwapOp, fail),
+            OP_STATUS = const offset_of!(SwapOp, status),
+            OP_OUTCOME = const offset_of!(SwapOp, outcome),
+            OP_SIZE = const core::mem::size_of::<SwapOp>(),
+            SYS_MMAP = const libc::SYS_mmap,
+            SYS_MPROTECT = const libc::SYS_mprotect,
+            SYS_MUNMAP = const libc::SYS_munmap,
+            SYS_MREMAP = const libc::SYS_mremap,
+            SYS_MSYNC = const libc::SYS_msync,
+            SYS_RT_SIGPROCMASK = const libc::SYS_rt_sigprocmask,
+            SIG_SETMASK = const libc::SIG_SETMASK,
+            SIGSET_BYTES = const KERNEL_SIGSET_BYTES,
+            PROT_READ_EXEC = const libc::PROT_READ | libc::PROT_EXEC,
+            PROT_READ_WRITE = const libc::PROT_READ | libc::PROT_WRITE,
+            MREMAP_MAYMOVE_FIXED = const libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            MAP_SHARED_FIXED = const libc::MAP_SHARED | libc::MAP_FIXED,
+            MAP_PRIVATE_ANON_FIXED = const libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            MS_ASYNC = const libc::MS_ASYNC,
+            PAGE = const PAGE,
+            EPERM = const libc::EPERM,
+            ENOMEM = const libc::ENOMEM,
+            FAIL_PROTECT = const Fail::Protect as u64,
+            FAIL_REMAP = const Fail::Remap as u64,
+            FAIL_REMAP_HOLE = const Fail::RemapHole as u64,
+            OUTCOME_SWAPPED = const OutcomeCode::Swapped as u64,
+            OUTCOME_PROTECT_FAILED = const OutcomeCode::ProtectFailed as u64,
+            OUTCOME_REMAP_FAILED = const OutcomeCode::RemapFailed as u64,
+            OUTCOME_RESTORED_BY_COPY = const OutcomeCode::RestoredByCopy as u64,
+            OUTCOME_RESTORED_BY_MAP = const OutcomeCode::RestoredByMap as u64,
+            OUTCOME_TEXT_LOST = const OutcomeCode::TextLost as u64,
+            OUTCOME_RESTORE_PROTECT_FAILED = const OutcomeCode::RestoreProtectFailed as u64,
+            $(options($option))?
+        );
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
-core::arch::global_asm!(
-    include_str!("../asm/swap_x86_64.s"),
-    OP_STAGING = const offset_of!(SwapOp, staging),
-    OP_TEXT = const offset_of!(SwapOp, text),
-    OP_LEN = const offset_of!(SwapOp, len),
-    OP_FD = const offset_of!(SwapOp, fd),
-    OP_PROBE = const offset_of!(SwapOp, probe),
-    OP_FAIL = const offset_of!(SwapOp, fail),
-    OP_STATUS = const offset_of!(SwapOp, status),
-    OP_OUTCOME = const offset_of!(SwapOp, outcome),
-    OP_SIZE = const core::mem::size_of::<SwapOp>(),
-    SYS_MMAP = const libc::SYS_mmap,
-    SYS_MPROTECT = const libc::SYS_mprotect,
-    SYS_MUNMAP = const libc::SYS_munmap,
-    SYS_MREMAP = const libc::SYS_mremap,
-    SYS_MSYNC = const libc::SYS_msync,
-    SYS_RT_SIGPROCMASK = const libc::SYS_rt_sigprocmask,
-    SIG_SETMASK = const libc::SIG_SETMASK,
-    SIGSET_BYTES = const KERNEL_SIGSET_BYTES,
-    PROT_READ_EXEC = const libc::PROT_READ | libc::PROT_EXEC,
-    PROT_READ_WRITE = const libc::PROT_READ | libc::PROT_WRITE,
-    MREMAP_MAYMOVE_FIXED = const libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-    MAP_SHARED_FIXED = const libc::MAP_SHARED | libc::MAP_FIXED,
-    MAP_PRIVATE_ANON_FIXED = const libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-    MS_ASYNC = const libc::MS_ASYNC,
-    PAGE = const PAGE,
-    EPERM = const libc::EPERM,
-    ENOMEM = const libc::ENOMEM,
-    FAIL_PROTECT = const Fail::Protect as u64,
-    FAIL_REMAP = const Fail::Remap as u64,
-    FAIL_REMAP_HOLE = const Fail::RemapHole as u64,
-    OUTCOME_SWAPPED = const OutcomeCode::Swapped as u64,
-    OUTCOME_PROTECT_FAILED = const OutcomeCode::ProtectFailed as u64,
-    OUTCOME_REMAP_FAILED = const OutcomeCode::RemapFailed as u64,
-    OUTCOME_RESTORED_BY_COPY = const OutcomeCode::RestoredByCopy as u64,
-    OUTCOME_RESTORED_BY_MAP = const OutcomeCode::RestoredByMap as u64,
-    OUTCOME_TEXT_LOST = const OutcomeCode::TextLost as u64,
-    OUTCOME_RESTORE_PROTECT_FAILED = const OutcomeCode::RestoreProtectFailed as u64,
-    options(att_syntax)
-);
+assemble_swap_routine!("../asm/swap_x86_64.s", att_syntax);
+
+#[cfg(target_arch = "aarch64")]
+assemble_swap_routine!("../asm/swap_aarch64.s");
 
 /// The kernel's `sigset_t` (64 signals), which rt_sigprocmask wants, not
 /// glibc's 128-byte one.
 const KERNEL_SIGSET_BYTES: usize = 8;
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 extern "C" {
     static tiexec_trampoline_start: u8;
     static tiexec_trampoline_end: u8;
 }
 
 /// The routine's bytes in our own text.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn routine_bytes() -> &'static [u8] {
     // SAFETY: both symbols are defined by the asm in the same section, start
     // before end, and the bytes between them are read-only code that lives
@@ -208,7 +220,7 @@ fn routine_bytes() -> &'static [u8] {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 fn routine_bytes() -> &'static [u8] {
     &[]
 }
@@ -268,6 +280,9 @@ impl Trampoline {
         if let Some(dst) = bytes.get_mut(..code.len()) {
             dst.copy_from_slice(code);
         }
+        // The instruction cache does not see data writes on every
+        // architecture (arm64): the copy must reach it before it can run.
+        page.sync_icache();
         if fault::at(fault::Step::TrampolineProtect) {
             return Err(TrampolineError::Protect(Errno(libc::EACCES)));
         }
@@ -317,7 +332,7 @@ fn copy_through_memfd(code: &[u8], len: usize) -> Result<Mapping, TrampolineErro
         .map_err(TrampolineError::Protect)
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod tests {
     use super::*;
 
@@ -329,9 +344,18 @@ mod tests {
             "{} bytes",
             code.len()
         );
-        // endbr64 first, ret last.
-        assert_eq!(&code[..4], &[0xf3, 0x0f, 0x1e, 0xfa]);
-        assert_eq!(code.last(), Some(&0xc3));
+        // A landing pad for indirect calls first (endbr64 / bti c), a
+        // return last.
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(&code[..4], &[0xf3, 0x0f, 0x1e, 0xfa]);
+            assert_eq!(code.last(), Some(&0xc3));
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            assert_eq!(&code[..4], &0xd503245f_u32.to_le_bytes());
+            assert_eq!(&code[code.len() - 4..], &0xd65f03c0_u32.to_le_bytes());
+        }
     }
 
     #[test]
@@ -406,6 +430,144 @@ mod tests {
             .expect("writable")
             .iter()
             .all(|&b| b == 0xab));
+    }
+
+    /// A function that returns 42, in this architecture's machine code.
+    #[cfg(target_arch = "x86_64")]
+    const RETURNS_42: &[u8] = &[0xb8, 0x2a, 0, 0, 0, 0xc3]; // mov eax, 42; ret
+    #[cfg(target_arch = "aarch64")]
+    const RETURNS_42: &[u8] = &[0x40, 0x05, 0x80, 0x52, 0xc0, 0x03, 0x5f, 0xd6]; // mov w0, #42; ret
+
+    const TEXT_LEN: usize = 64 << 10;
+
+    /// "Text" on ordinary pages: `RETURNS_42` at the start of every 4 KiB
+    /// page, a pattern elsewhere, r-x. Returns the mapping and its bytes.
+    fn fake_text() -> (Mapping, Vec<u8>) {
+        let mut bytes = vec![0u8; TEXT_LEN];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i * 7 + i / 4096) as u8;
+        }
+        for page in bytes.chunks_mut(4096) {
+            page[..RETURNS_42.len()].copy_from_slice(RETURNS_42);
+        }
+        let mut text = Mapping::anonymous(TEXT_LEN, Prot::READ_WRITE, 0).expect("map");
+        text.bytes_mut().expect("writable").copy_from_slice(&bytes);
+        text.sync_icache();
+        text.protect(Prot::READ_EXEC).expect("r-x");
+        (text, bytes)
+    }
+
+    /// Calls the function at `addr` (a copy of `RETURNS_42`).
+    fn call(addr: u64) -> i32 {
+        // SAFETY: the tests call only addresses that hold `RETURNS_42`,
+        // mapped r-x, with caches synchronised.
+        let f = unsafe { core::mem::transmute::<u64, extern "C" fn() -> i32>(addr) };
+        f()
+    }
+
+    /// The `rwxp` field of the one /proc/self/maps line that covers
+    /// `[start, end)` exactly; None if no single line does.
+    fn perms_of(start: u64, end: u64) -> Option<String> {
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        maps.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, b) = f.next()?.split_once('-')?;
+            let a = u64::from_str_radix(a, 16).ok()?;
+            let b = u64::from_str_radix(b, 16).ok()?;
+            (a <= start && end <= b).then(|| f.next().map(str::to_owned))?
+        })
+    }
+
+    fn staging_with(bytes: &[u8]) -> Mapping {
+        let mut staging = Mapping::anonymous(TEXT_LEN, Prot::READ_WRITE, 0).expect("map");
+        staging
+            .bytes_mut()
+            .expect("writable")
+            .copy_from_slice(bytes);
+        staging.sync_icache();
+        staging
+    }
+
+    /// The whole routine on ordinary pages: swapped, or put back after an
+    /// injected hole, the text holds the same bytes, runs, and is r-x.
+    fn swap_case(fail: Option<Fail>, file_backed: bool) -> Outcome {
+        use std::os::fd::{AsFd, AsRawFd};
+        let t = Trampoline::prepare(&[], false).expect("prepare");
+        let (text, bytes) = fake_text();
+        let (staging, fd) = if file_backed {
+            let fd = sys::memfd(c"tiexec-test", false).expect("memfd");
+            sys::write_all(fd.as_fd(), &bytes).expect("write");
+            let m = Mapping::file(fd.as_fd(), 0, TEXT_LEN, Prot::READ_EXEC, false, true)
+                .expect("map file");
+            (m, Some(fd))
+        } else {
+            (staging_with(&bytes), None)
+        };
+        let mut ops = [SwapOp {
+            staging: staging.start(),
+            text: text.start(),
+            len: TEXT_LEN as u64,
+            probe: text.start() + 4096,
+            fd: fd.as_ref().map_or(-1, |f| i64::from(f.as_raw_fd())),
+            fail: fail.map_or(0, |f| f as u64),
+            ..SwapOp::default()
+        }];
+        // SAFETY: `text` and `staging` are our own mappings of the same
+        // length and bytes; nothing else runs in `text`.
+        unsafe { t.run(&mut ops) }.expect("run");
+        let outcome = ops[0].outcome();
+        // SAFETY: the text range is mapped (every outcome below but
+        // TextLost says so) and readable.
+        let now = unsafe { core::slice::from_raw_parts(text.start() as *const u8, TEXT_LEN) };
+        assert!(now == &bytes[..], "{outcome:?}: the same bytes");
+        for page in (0..TEXT_LEN as u64).step_by(4096) {
+            assert_eq!(call(text.start() + page), 42, "{outcome:?}: runs");
+        }
+        // Put back by mapping the file, the text is a shared mapping of it.
+        let want = if matches!(outcome, Outcome::RestoredByMap(_)) {
+            "r-xs"
+        } else {
+            "r-xp"
+        };
+        assert_eq!(
+            perms_of(text.start(), text.start() + TEXT_LEN as u64).as_deref(),
+            Some(want),
+            "{outcome:?}: r-x, never writable"
+        );
+        if outcome == Outcome::Swapped {
+            // The staging's pages are the text now: its old range is free.
+            staging.release();
+        }
+        outcome
+    }
+
+    #[test]
+    fn a_swap_on_ordinary_pages_moves_the_same_bytes_over_the_text() {
+        assert_eq!(swap_case(None, false), Outcome::Swapped);
+        assert_eq!(swap_case(None, true), Outcome::Swapped);
+    }
+
+    #[test]
+    fn an_injected_hole_is_filled_with_the_same_bytes_by_copy_or_by_map() {
+        let e = Errno(libc::ENOMEM);
+        assert_eq!(
+            swap_case(Some(Fail::RemapHole), false),
+            Outcome::RestoredByCopy(e)
+        );
+        assert_eq!(
+            swap_case(Some(Fail::RemapHole), true),
+            Outcome::RestoredByMap(e)
+        );
+    }
+
+    #[test]
+    fn injected_refusals_leave_the_text_alone() {
+        let e = Errno(libc::ENOMEM);
+        assert_eq!(swap_case(Some(Fail::Remap), false), Outcome::RemapFailed(e));
+        assert_eq!(
+            swap_case(Some(Fail::Protect), false),
+            Outcome::ProtectFailed(Errno(libc::EPERM))
+        );
     }
 
     #[test]

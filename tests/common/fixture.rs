@@ -6,6 +6,34 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The architecture fixtures are built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    X86_64,
+    Aarch64,
+}
+
+static TARGET: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
+
+/// Builds this test process's fixtures for `t` instead of the machine's own
+/// architecture (a process that prepares programs for another machine).
+/// Once per process, before the first fixture; false if already set.
+#[allow(dead_code)]
+pub fn set_target(t: Target) -> bool {
+    TARGET.set(t).is_ok()
+}
+
+/// The architecture fixtures are built for: the one set, else this one.
+pub fn target() -> Target {
+    *TARGET.get_or_init(|| {
+        if cfg!(target_arch = "aarch64") {
+            Target::Aarch64
+        } else {
+            Target::X86_64
+        }
+    })
+}
+
 /// How to build one fixture.
 #[derive(Clone, Copy, Debug)]
 pub struct Spec {
@@ -150,31 +178,48 @@ pub fn assembly(functions: u64, split: bool, rodata_mib: u64) -> String {
 /// `PREFIX_count`, `PREFIX_rodata`, `PREFIX_rodata_len`).
 pub fn assembly_named(prefix: &str, functions: u64, split: bool, rodata_mib: u64) -> String {
     let mut s = String::with_capacity(functions as usize * 120);
-    s.push_str("    .section .text.fixture,\"ax\",@progbits\n");
+    // `%` for section types and symbol kinds: what both architectures'
+    // assemblers accept (`@` starts a comment on some).
+    s.push_str("    .section .text.fixture,\"ax\",%progbits\n");
     for i in 0..functions {
         if split && i == functions / 2 {
-            let _ = writeln!(s, "    .section {SECOND_TEXT_SECTION},\"ax\",@progbits");
+            let _ = writeln!(s, "    .section {SECOND_TEXT_SECTION},\"ax\",%progbits");
         }
         let offset = (i * 17 % 60) * 64;
         let mul = (i.wrapping_mul(2654435761) % 0x7fff_0000) | 1;
         let add = i.wrapping_mul(40503) % 0x7fff_0000;
         s.push_str("    .p2align 12\n");
         if offset > 0 {
-            let _ = writeln!(s, "    .skip {offset}, 0x90");
+            let _ = writeln!(s, "    .skip {offset}, 0");
         }
         // Typed and sized like a compiler's functions, so symbol tools
-        // (perf maps, debuggers) see them.
-        let _ = write!(
-            s,
-            "    .type {prefix}_fn_{i}, @function\n{prefix}_fn_{i}:\n    imul ${mul}, %rdi, %rax\n    xor ${add}, %rax\n    ret\n    .size {prefix}_fn_{i}, .-{prefix}_fn_{i}\n"
-        );
+        // (perf maps, debuggers) see them. The same arithmetic (x * mul ^
+        // add, 64-bit) on both architectures.
+        let _ = writeln!(s, "    .type {prefix}_fn_{i}, %function\n{prefix}_fn_{i}:");
+        if target() == Target::Aarch64 {
+            let _ = writeln!(
+                s,
+                "    movz x1, #{}\n    movk x1, #{}, lsl #16\n    mul x0, x0, x1\n\
+                 \x20   movz x2, #{}\n    movk x2, #{}, lsl #16\n    eor x0, x0, x2\n    ret",
+                mul & 0xffff,
+                mul >> 16,
+                add & 0xffff,
+                add >> 16
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "    imul ${mul}, %rdi, %rax\n    xor ${add}, %rax\n    ret"
+            );
+        }
+        let _ = writeln!(s, "    .size {prefix}_fn_{i}, .-{prefix}_fn_{i}");
     }
     // Types and sizes matter: an executable that uses a library's data gets
     // a copy relocation, which copies `.size` bytes.
     let _ = write!(
         s,
-        "    .section .data.rel.ro,\"aw\",@progbits\n    .p2align 3\n    .globl {prefix}_table\n\
-         \x20   .type {prefix}_table, @object\n    .size {prefix}_table, {}\n{prefix}_table:\n",
+        "    .section .data.rel.ro,\"aw\",%progbits\n    .p2align 3\n    .globl {prefix}_table\n\
+         \x20   .type {prefix}_table, %object\n    .size {prefix}_table, {}\n{prefix}_table:\n",
         functions * 8
     );
     for i in 0..functions {
@@ -184,11 +229,11 @@ pub fn assembly_named(prefix: &str, functions: u64, split: bool, rodata_mib: u64
     let _ = write!(
         s,
         "    .section .rodata\n    .p2align 3\n\
-         \x20   .globl {prefix}_count\n    .type {prefix}_count, @object\n    .size {prefix}_count, 8\n\
+         \x20   .globl {prefix}_count\n    .type {prefix}_count, %object\n    .size {prefix}_count, 8\n\
          {prefix}_count:\n    .quad {functions}\n\
-         \x20   .globl {prefix}_rodata_len\n    .type {prefix}_rodata_len, @object\n    .size {prefix}_rodata_len, 8\n\
+         \x20   .globl {prefix}_rodata_len\n    .type {prefix}_rodata_len, %object\n    .size {prefix}_rodata_len, 8\n\
          {prefix}_rodata_len:\n    .quad {rodata_bytes}\n\
-         \x20   .globl {prefix}_rodata\n    .type {prefix}_rodata, @object\n    .size {prefix}_rodata, {}\n\
+         \x20   .globl {prefix}_rodata\n    .type {prefix}_rodata, %object\n    .size {prefix}_rodata, {}\n\
          {prefix}_rodata:\n",
         rodata_bytes + 1
     );
@@ -200,7 +245,7 @@ pub fn assembly_named(prefix: &str, functions: u64, split: bool, rodata_mib: u64
             0x9e37_79b9_7f4a_7c15u64.wrapping_mul(k + 1)
         );
     }
-    s.push_str("    .byte 0\n    .section .note.GNU-stack,\"\",@progbits\n");
+    s.push_str("    .byte 0\n    .section .note.GNU-stack,\"\",%progbits\n");
     s
 }
 
@@ -263,7 +308,7 @@ pub fn build_linking(spec: Spec, dir: &Path, archive: Option<&Path>) -> PathBuf 
     .expect("write asm");
     std::fs::write(&driver, DRIVER_C).expect("write driver");
     let tmp = dir.join(format!("{}.tmp{}", spec.name, std::process::id()));
-    let mut cc = Command::new("gcc");
+    let mut cc = Command::new(c_compiler());
     cc.arg("-O2").arg(&driver).arg(&asm).arg("-o").arg(&tmp);
     cc.arg(if spec.pie { "-pie" } else { "-no-pie" });
     if spec.pie {
@@ -353,8 +398,26 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// The C compiler that builds fixtures: `TIEXEC_TEST_CC`, else the
+/// target's (`gcc` for this machine's architecture, the Debian cross
+/// compiler for another).
+pub fn c_compiler() -> std::ffi::OsString {
+    if let Some(cc) = std::env::var_os("TIEXEC_TEST_CC") {
+        return cc;
+    }
+    let native = cfg!(target_arch = "aarch64") == (target() == Target::Aarch64);
+    match target() {
+        _ if native => "gcc".into(),
+        Target::Aarch64 => "aarch64-linux-gnu-gcc".into(),
+        Target::X86_64 => "x86_64-linux-gnu-gcc".into(),
+    }
+}
+
 fn gcc(args: &[&std::ffi::OsStr], what: &str) {
-    let out = Command::new("gcc").args(args).output().expect("run gcc");
+    let out = Command::new(c_compiler())
+        .args(args)
+        .output()
+        .expect("run gcc");
     assert!(
         out.status.success(),
         "building {what}: gcc {args:?}\n{}",

@@ -690,23 +690,48 @@ impl Drop for CacheMount {
     }
 }
 
-const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+const POOL_DIR: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
-/// Holds the hugetlb pool at a size for the life of the guard, exclusive
-/// across test threads and test processes; restores the old size on drop.
+/// Holds `pages` hugetlb pages free and unreserved for the life of the
+/// guard, exclusive across test threads and test processes; restores the
+/// pool's old size on drop.
+///
+/// Pages other owners already hold (a `tiexec --setup` cache mount's
+/// `min_size`, a database's shared memory, another user's mapping) are left
+/// alone and not counted: the pool is sized to those plus `pages`, so a
+/// test sees exactly `pages` it can take, on a fresh machine or a busy one.
 pub struct PoolGuard {
     old: u64,
     _lock: File,
     _thread: MutexGuard<'static, ()>,
 }
 
-fn read_pool() -> Option<u64> {
-    std::fs::read_to_string(POOL).ok()?.trim().parse().ok()
+fn read_pool_file(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("{POOL_DIR}/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// (pool size, pages held by others: in use or reserved, free for anyone).
+fn read_pool() -> Option<(u64, u64, u64)> {
+    let total = read_pool_file("nr_hugepages")?;
+    let free = read_pool_file("free_hugepages")?;
+    let reserved = read_pool_file("resv_hugepages")?;
+    let held = total.saturating_sub(free) + reserved;
+    Some((total, held, free.saturating_sub(reserved)))
+}
+
+/// Pool pages free and not reserved by anyone: what a new mapping can take.
+pub fn pool_pages_available() -> Option<u64> {
+    read_pool().map(|(_, _, available)| available)
 }
 
 impl PoolGuard {
-    /// Sets the pool to `pages`. `None` (and a note on stderr) when this
-    /// process may not change it (not root): the caller skips its test.
+    /// Makes exactly `pages` pool pages free for the taking. `None` (and a
+    /// note on stderr) when this process may not change the pool (not
+    /// root) or the kernel cannot find the memory: the caller skips its test.
     pub fn set(pages: u64) -> Option<PoolGuard> {
         static IN_PROCESS: OnceLock<Mutex<()>> = OnceLock::new();
         let thread = IN_PROCESS
@@ -720,20 +745,24 @@ impl PoolGuard {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return None;
         }
-        let old = read_pool()?;
-        if std::fs::OpenOptions::new()
-            .write(true)
-            .open(POOL)
-            .and_then(|mut f| f.write_all(format!("{pages}\n").as_bytes()))
-            .is_err()
-        {
+        let (old, held, _) = read_pool()?;
+        let write = |n: u64| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("{POOL_DIR}/nr_hugepages"))
+                .and_then(|mut f| f.write_all(format!("{n}\n").as_bytes()))
+        };
+        if write(held + pages).is_err() {
             skip("cannot set the hugetlb pool (not root?)");
             return None;
         }
-        let got = read_pool().unwrap_or(0);
-        if got < pages {
-            skip(format_args!("hugetlb pool reached {got} of {pages} pages"));
-            let _ = std::fs::write(POOL, format!("{old}\n"));
+        let (_, held_now, available) = read_pool().unwrap_or((0, 0, 0));
+        if available != pages {
+            skip(format_args!(
+                "hugetlb pool: {available} pages free for the test, not {pages} \
+                 ({held_now} held by others)"
+            ));
+            let _ = write(old);
             return None;
         }
         Some(PoolGuard {
@@ -746,7 +775,10 @@ impl PoolGuard {
 
 impl Drop for PoolGuard {
     fn drop(&mut self) {
-        let _ = std::fs::write(POOL, format!("{}\n", self.old));
+        let _ = std::fs::write(
+            format!("{POOL_DIR}/nr_hugepages"),
+            format!("{}\n", self.old),
+        );
     }
 }
 
