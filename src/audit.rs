@@ -125,6 +125,10 @@ fn object_opened(bias: u64, name: &[u8]) {
         );
         return;
     }
+    if let Err(why) = crate::pagesize::PageSizes::read().geometry() {
+        crate::tlog!(Level::Info, "{path}: {why}: left alone");
+        return;
+    }
     if object.text_relocations {
         // The loader is about to write into its text: it must stay the
         // file's private pages, writable for that moment.

@@ -106,6 +106,13 @@ impl Json {
         self
     }
 
+    /// An unsigned integer in an array.
+    pub fn uint_value(&mut self, value: u64) -> &mut Self {
+        self.separate();
+        let _ = write!(self.out, "{value}");
+        self
+    }
+
     /// An unsigned integer member.
     pub fn uint(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);

@@ -58,6 +58,7 @@ pub(crate) mod inspect;
 pub(crate) mod interpose;
 pub(crate) mod json;
 pub(crate) mod log;
+pub(crate) mod pagesize;
 pub(crate) mod plan;
 #[allow(unsafe_code)]
 pub(crate) mod preload;
@@ -122,6 +123,10 @@ pub mod internal {
     #[allow(missing_docs)]
     pub mod interpose {
         pub use crate::interpose::*;
+    }
+    #[allow(missing_docs)]
+    pub mod pagesize {
+        pub use crate::pagesize::*;
     }
     #[allow(missing_docs)]
     pub mod json {
@@ -222,6 +227,8 @@ pub enum Error {
     SecureExecution,
     /// The backend is `off`.
     Off,
+    /// The kernel's page sizes are not the 4 KiB / 2 MiB the swap works with.
+    PageSizes(pagesize::Unsupported),
 }
 
 impl core::fmt::Display for Error {
@@ -231,6 +238,7 @@ impl core::fmt::Display for Error {
             Error::ThreadCountUnknown => write!(f, "cannot count threads"),
             Error::SecureExecution => write!(f, "secure-execution process"),
             Error::Off => write!(f, "backend off"),
+            Error::PageSizes(why) => write!(f, "{why}"),
         }
     }
 }
@@ -311,6 +319,9 @@ pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
     if sys::secure_execution() {
         return Err(Error::SecureExecution);
     }
+    pagesize::PageSizes::read()
+        .geometry()
+        .map_err(Error::PageSizes)?;
     match discover::thread_count() {
         Some(1) => {}
         Some(n) => return Err(Error::ThreadsRunning(n)),

@@ -23,6 +23,7 @@
 
 use crate::config::{Backend, Strategy};
 
+pub use crate::pagesize::Geometry;
 pub use crate::range::{align_down, align_up, Range, HUGE_PAGE, PAGE};
 
 /// The page-rounded range the loader maps for a segment at runtime address
@@ -57,8 +58,14 @@ pub struct Split {
 /// assert_eq!(s.tail, Range::new(12 * MIB, 13 * MIB + 0x1000));
 /// ```
 pub fn split(segment: Range) -> Split {
-    let body_start = align_up(segment.start, HUGE_PAGE);
-    let body_end = align_down(segment.end, HUGE_PAGE);
+    split_in(Geometry::BASE_4K, segment)
+}
+
+/// Cuts `segment` at the boundaries of `g`'s huge pages (2 MiB, or 32 MiB
+/// and 512 MiB on arm64 kernels with 16 KiB and 64 KiB pages).
+pub fn split_in(g: Geometry, segment: Range) -> Split {
+    let body_start = align_up(segment.start, g.huge);
+    let body_end = align_down(segment.end, g.huge);
     let s = if body_start < body_end {
         Split {
             head: Range::new(segment.start, body_start),
@@ -74,9 +81,9 @@ pub fn split(segment: Range) -> Split {
         }
     };
     debug_assert_eq!(s.head.len() + s.body.len() + s.tail.len(), segment.len());
-    debug_assert!(s.body.is_empty() || (s.head.len() < HUGE_PAGE && s.tail.len() < HUGE_PAGE));
-    debug_assert_eq!(s.body.len() % HUGE_PAGE, 0);
-    debug_assert!(s.body.is_empty() || s.body.start % HUGE_PAGE == 0);
+    debug_assert!(s.body.is_empty() || (s.head.len() < g.huge && s.tail.len() < g.huge));
+    debug_assert_eq!(s.body.len() % g.huge, 0);
+    debug_assert!(s.body.is_empty() || s.body.start % g.huge == 0);
     s
 }
 
@@ -264,14 +271,35 @@ pub fn plan_object(
     pinned: &[u64],
     strategy: Strategy,
 ) -> ObjectPlan {
+    plan_object_in(
+        Geometry::BASE_4K,
+        segments,
+        mappings,
+        huge,
+        pinned,
+        strategy,
+    )
+}
+
+/// [`plan_object`] for a kernel with geometry `g`: chunks of `g.huge`
+/// bytes (32 MiB or 512 MiB pages on arm64 kernels with 16 KiB or 64 KiB
+/// base pages; only 2 MiB chunks are swapped today, see `pagesize`).
+pub fn plan_object_in(
+    g: Geometry,
+    segments: &[Range],
+    mappings: &[MappingView],
+    huge: &[Range],
+    pinned: &[u64],
+    strategy: Strategy,
+) -> ObjectPlan {
     // One decision per chunk, keyed by its start: two segments can share a
     // chunk, and it must be swapped once (only if both agree).
     let mut decisions: std::collections::BTreeMap<u64, (Option<Skip>, Vec<Range>)> =
         std::collections::BTreeMap::new();
     for &segment in segments.iter().filter(|s| !s.is_empty()) {
-        let mut chunk_start = align_down(segment.start, HUGE_PAGE);
+        let mut chunk_start = align_down(segment.start, g.huge);
         while chunk_start < segment.end {
-            let chunk = Range::new(chunk_start, chunk_start.saturating_add(HUGE_PAGE));
+            let chunk = Range::new(chunk_start, chunk_start.saturating_add(g.huge));
             let inside = chunk.intersect(segment).unwrap_or(chunk);
             let decision = decide_chunk(chunk, inside, mappings, huge, strategy);
             let entry = decisions.entry(chunk.start).or_insert((None, Vec::new()));
@@ -287,7 +315,7 @@ pub fn plan_object(
     for (&start, (decision, insides)) in &decisions {
         match decision {
             None => {
-                let chunk = Range::new(start, start + HUGE_PAGE);
+                let chunk = Range::new(start, start + g.huge);
                 let in_place = covered_by(chunk, mappings, |m| m.plain_text() && m.file_congruent);
                 let names_program = pinned.iter().any(|&a| chunk.start <= a && a < chunk.end);
                 push_merged(&mut swap, chunk, (in_place, names_program));
@@ -319,7 +347,7 @@ pub fn plan_object(
     debug_assert!(plan
         .swap
         .iter()
-        .all(|s| s.range.start % HUGE_PAGE == 0 && s.range.len() % HUGE_PAGE == 0));
+        .all(|s| s.range.start % g.huge == 0 && s.range.len() % g.huge == 0));
     plan
 }
 
@@ -737,6 +765,51 @@ mod tests {
         );
         assert!(!p.swap[0].in_place);
         assert!(p.swap[1].in_place);
+    }
+
+    /// One layout planned under each kernel geometry: a 40 MiB PIE text at
+    /// a base page-aligned address (1 page past 64 MiB), read-only data
+    /// after it, then writable data in the next huge page.
+    #[test]
+    fn each_geometry_plans_its_own_huge_pages() {
+        const KIB: u64 = 1 << 10;
+        const MIB: u64 = 1 << 20;
+        // (base page, expected swapped ranges, expected to keep something)
+        type Case = (u64, &'static [(u64, u64)], bool);
+        let table: [Case; 3] = [
+            // 4 KiB / 2 MiB: 64 MiB..104 MiB in 2 MiB pages, head and tail
+            // pages included (read-only neighbours only).
+            (4 * KIB, &[(64 * MIB, 106 * MIB)], false),
+            // 16 KiB / 32 MiB: 64..96 MiB (headers and text) and 96..128 MiB
+            // (the tail and rodata; the writable data starts the next page).
+            (16 * KIB, &[(64 * MIB, 128 * MIB)], false),
+            // 64 KiB / 512 MiB: the 512 MiB page around the text also holds
+            // the writable data: nothing is swapped, all kept.
+            (64 * KIB, &[], true),
+        ];
+        for (page, want, keeps) in table {
+            let g = Geometry::for_base_page(page);
+            let seg = Range::new(64 * MIB + page, 104 * MIB + page);
+            let mappings = [
+                view(64 * MIB, 64 * MIB + page, "r--p", true),
+                text(seg.start, seg.end),
+                view(seg.end, seg.end + 2 * MIB, "r--p", true),
+                view(128 * MIB, 128 * MIB + page, "rw-p", false),
+            ];
+            let p = plan_object_in(g, &[seg], &mappings, &[], &[], Strategy::Aggressive);
+            let want: Vec<Range> = want.iter().map(|&(a, b)| Range::new(a, b)).collect();
+            assert_eq!(ranges(&p), want, "base page {page}");
+            assert_eq!(!p.keep.is_empty(), keeps, "base page {page}: {:?}", p.keep);
+            for s in &p.swap {
+                assert_eq!(s.range.start % g.huge, 0);
+                assert_eq!(s.range.len() % g.huge, 0);
+            }
+            // Conservative: whole huge pages inside the text only.
+            let c = plan_object_in(g, &[seg], &mappings, &[], &[], Strategy::Conservative);
+            let body = split_in(g, seg).body;
+            let swapped: u64 = c.swap.iter().map(|s| s.range.len()).sum();
+            assert_eq!(swapped, body.len(), "base page {page}");
+        }
     }
 
     #[test]

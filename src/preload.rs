@@ -107,6 +107,20 @@ fn run() {
         }
     }
 
+    // Page sizes: the swap works with 4 KiB base pages and 2 MiB pages
+    // (arm64 kernels may use 16 or 64 KiB pages: see `pagesize`).
+    if let Err(why) = crate::pagesize::PageSizes::read().geometry() {
+        crate::tlog!(
+            if config.backend == Backend::Auto {
+                Level::Info
+            } else {
+                Level::Warn
+            },
+            "{why}: left alone"
+        );
+        return;
+    }
+
     // What children inherit (allocates: after the check above).
     prepare_environment_for_children(config.children);
     let objects = discover::loaded_objects();

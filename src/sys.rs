@@ -357,6 +357,27 @@ impl Drop for Mapping {
     }
 }
 
+/// The kernel's base page size (`AT_PAGESZ`); 0 if the kernel did not say.
+pub fn base_page_size() -> u64 {
+    // SAFETY: getauxval has no preconditions.
+    unsafe { libc::getauxval(libc::AT_PAGESZ) }
+}
+
+/// True when hugetlb offers pages of `size` bytes (its sysfs directory
+/// exists). Allocates nothing.
+pub fn hugetlb_size_offered(size: u64) -> bool {
+    let mut path = crate::log::LineBuf::new();
+    let _ = fmt::Write::write_fmt(
+        &mut path,
+        format_args!("/sys/kernel/mm/hugepages/hugepages-{}kB\0", size >> 10),
+    );
+    let Ok(c) = CStr::from_bytes_until_nul(path.as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::F_OK) == 0 }
+}
+
 /// Makes bytes just written into `range` (mapped, readable) visible to
 /// instruction fetch. arm64 does not keep its instruction cache coherent
 /// with data writes: each data cache line is cleaned to the point of

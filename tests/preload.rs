@@ -53,6 +53,7 @@ fn run_prepared_and_check(
     let wx = common::writable_executable_mappings(pid);
     let stray = common::stray_executable_anon(pid, &segments);
     let huge_elsewhere = common::huge_memory_outside(pid, &segments);
+    let reachable = common::reachable_text(pid, &segments, &exe, expect == Expect::Hugetlb);
     let first_line = w.first_line.clone();
     let o = w.finish(T);
     let context = format!("{o}\nsegments {segments:x?}\ninterior {interior}\ncoverage {cov:?}");
@@ -82,6 +83,24 @@ fn run_prepared_and_check(
         &format!("huge pages outside the text (leaked staging?): {huge_elsewhere:?}\n{context}"),
     );
     assert!(interior >= 20 << 20, "fixture too small: {context}");
+    // The share on 2 MiB pages of the text that can be, head and tail
+    // included (printed: the arm64 runs report it).
+    let text: u64 = segments.iter().map(|s| s.len()).sum();
+    let share = cov.huge() as f64 / reachable.max(1) as f64;
+    eprintln!(
+        "{}: {:.1} % of its reachable text on 2 MiB pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
+        spec.name,
+        share * 100.0,
+        cov.huge() as f64 / 1048576.0,
+        reachable as f64 / 1048576.0,
+        text as f64 / 1048576.0,
+    );
+    if expect != Expect::Untouched {
+        o.check(
+            share >= 0.95,
+            &format!("less than 95 % of the reachable text on 2 MiB pages\n{context}"),
+        );
+    }
     match expect {
         Expect::Hugetlb => o.check(
             cov.hugetlb + cov.file_thp >= interior,

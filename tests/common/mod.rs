@@ -495,6 +495,8 @@ pub struct Seen {
     pub pid: u32,
     pub interior: u64,
     pub text: u64,
+    /// See [`reachable_text`].
+    pub reachable: u64,
     pub cov: Coverage,
     pub stdout_first: String,
     pub outcome: Outcome,
@@ -510,6 +512,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
     let pid = w.pid();
     let segments = text_segments(pid, object);
     let cov = coverage(pid, &segments);
+    let reachable = reachable_text(pid, &segments, object, false);
     let bytes = read_only_segments_match_file(pid, object);
     let wx = writable_executable_mappings(pid);
     let stdout_first = w.first_line.clone();
@@ -525,6 +528,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
         pid,
         interior: planned_interior(&segments),
         text: segments.iter().map(|s| s.len()).sum(),
+        reachable,
         cov,
         stdout_first,
         outcome,
@@ -544,6 +548,73 @@ pub fn coverage(pid: u32, segments: &[Range]) -> Coverage {
         c.add(proc_maps::coverage(&mappings, *s));
     }
     c
+}
+
+/// The text bytes that can go on 2 MiB pages without changing anything
+/// else: all of `segments` but the parts in a 2 MiB page that also holds
+/// writable data (`object`'s writable segments, RELRO included, from its
+/// ELF file), another object's pages or anonymous memory, or, for hugetlb
+/// (`header_stays`), `object`'s ELF header (which keeps the program's name
+/// for symbolizers). Unmapped gaps do not count: a huge page may cover them.
+/// Read from `pid`'s maps after the swap and the ELF file, independently of
+/// the product's planner.
+pub fn reachable_text(pid: u32, segments: &[Range], object: &Path, header_stays: bool) -> u64 {
+    use goblin::elf::program_header::{PF_W, PT_LOAD};
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(object).map(|m| m.ino()).unwrap_or(0);
+    let bytes = std::fs::read(object).expect("read object");
+    let elf = goblin::elf::Elf::parse(&bytes).expect("parse object");
+    let bias = load_bias(pid, object, &elf);
+    let loads = || elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD);
+    let writable: Vec<Range> = loads()
+        .filter(|p| p.p_flags & PF_W != 0)
+        .map(|p| plan::segment_pages(bias + p.p_vaddr, p.p_memsz))
+        .collect();
+    let header = loads().find(|p| p.p_offset == 0).map(|p| bias + p.p_vaddr);
+    let maps = proc_maps::read(pid);
+    let blocked = |part: Range| {
+        writable.iter().any(|w| w.intersect(part).is_some())
+            || maps.iter().any(|m| {
+                // A swap's result (anonymous or hugetlb, executable) covers
+                // the whole 2 MiB page it took: that page was reachable.
+                let replacement = m.exec() && (m.inode == 0 || m.is_hugetlb());
+                m.range().intersect(part).is_some()
+                    && !replacement
+                    && (m.perms.contains('w') || m.inode != inode)
+            })
+    };
+    let mut reachable = 0;
+    for s in segments {
+        let mut lost = 0;
+        let first = plan::align_down(s.start, plan::HUGE_PAGE);
+        let mut page_start = first;
+        while page_start < s.end {
+            let page = Range::new(page_start, page_start + plan::HUGE_PAGE);
+            page_start = page.end;
+            let Some(text_part) = page.intersect(*s) else {
+                continue;
+            };
+            // A page found on 2 MiB pages (by the kernel from the page
+            // cache, or by the swap through whatever way it found) was
+            // reachable, whatever its neighbours.
+            let huge_now = maps
+                .iter()
+                .any(|m| m.huge_bytes() > 0 && m.range().intersect(text_part).is_some());
+            if huge_now {
+                continue;
+            }
+            let holds_header =
+                header_stays && header.is_some_and(|h| page.start <= h && h < page.end);
+            if holds_header
+                || blocked(Range::new(page.start, text_part.start))
+                || blocked(Range::new(text_part.end, page.end))
+            {
+                lost += text_part.len();
+            }
+        }
+        reachable += s.len().saturating_sub(lost);
+    }
+    reachable
 }
 
 /// Lines of /proc/<pid>/maps that are writable and executable at once.

@@ -85,6 +85,7 @@ enum CacheState {
 
 struct Machine {
     kernel: String,
+    page_sizes: tiexec::internal::pagesize::PageSizes,
     thp: ThpMode,
     thp_text: String,
     defrag: String,
@@ -238,6 +239,7 @@ fn machine() -> Machine {
     let thp_text = read_trim("/sys/kernel/mm/transparent_hugepage/enabled");
     Machine {
         kernel: read_trim("/proc/sys/kernel/osrelease"),
+        page_sizes: tiexec::internal::pagesize::PageSizes::read(),
         thp: discover::parse_thp_mode(thp_text.as_bytes()),
         defrag: selected(&read_trim("/sys/kernel/mm/transparent_hugepage/defrag")),
         thp_text: selected(&thp_text),
@@ -499,7 +501,17 @@ fn to_json(c: &Check) -> String {
     j.begin_object(None);
     j.begin_object(Some("machine"))
         .str("kernel", &m.kernel)
-        .str("thp_enabled", &m.thp_text)
+        .begin_object(Some("page_sizes"))
+        .uint("base", m.page_sizes.base)
+        .uint("thp", m.page_sizes.thp.unwrap_or(0))
+        .begin_array(Some("hugetlb"));
+    for size in m.page_sizes.hugetlb() {
+        j.uint_value(size);
+    }
+    j.end_array()
+        .bool("supported", m.page_sizes.geometry().is_ok())
+        .end_object();
+    j.str("thp_enabled", &m.thp_text)
         .str("thp_defrag", &m.defrag)
         .begin_object(Some("hugetlb_pool"))
         .uint("total", m.pool.total)
@@ -587,6 +599,23 @@ fn render(c: &Check) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "machine");
     let _ = writeln!(out, "  kernel {}", m.kernel);
+    let ps = &m.page_sizes;
+    let hugetlb: Vec<String> = ps.hugetlb().map(|s| Bytes(s).to_string()).collect();
+    let _ = writeln!(
+        out,
+        "  page sizes: base {}, THP {}, hugetlb {}{}",
+        Bytes(ps.base),
+        ps.thp.map_or("none".to_string(), |s| Bytes(s).to_string()),
+        if hugetlb.is_empty() {
+            "none".to_string()
+        } else {
+            hugetlb.join(", ")
+        },
+        match ps.geometry() {
+            Ok(_) => String::new(),
+            Err(why) => format!(": {why}"),
+        }
+    );
     let _ = writeln!(
         out,
         "  transparent huge pages: {} (defrag {}){}",

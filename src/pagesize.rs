@@ -1,0 +1,238 @@
+//! The running kernel's page sizes: inputs to planning, never assumed.
+//!
+//! x86_64 has 4 KiB base pages and 2 MiB pages at the PMD level. arm64
+//! kernels are built with 4 KiB, 16 KiB or 64 KiB base pages; a page table
+//! holds `base / 8` entries, so the PMD-level page is 2 MiB, 32 MiB or
+//! 512 MiB, and hugetlb may offer more sizes (64 KiB and 2 MiB contiguous
+//! entries, 1 GiB). [`PageSizes::read`] reads what this kernel has (the base
+//! page from `AT_PAGESZ`, THP's from `hpage_pmd_size`, hugetlb's from
+//! `/sys/kernel/mm/hugepages/`); [`PageSizes::geometry`] says whether
+//! tiexec can work with it and with which [`Geometry`], which the planner
+//! takes as input (`plan::split_in`, `plan::plan_object_in`).
+//!
+//! What runs today: the 4 KiB / 2 MiB geometry, on x86_64 and arm64. On a
+//! 16 KiB or 64 KiB kernel the planner's answer is computed (and its tests
+//! cover it), but the swap refuses with one line naming the sizes: the
+//! copy, the cache and the routine's records still assume 2 MiB pages.
+
+use crate::range::{HUGE_PAGE, PAGE};
+use crate::sys;
+
+/// A base page size and the huge page the swap uses with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// The base page (the kernel's page size).
+    pub page: u64,
+    /// The PMD-level huge page: what one TLB entry maps after the swap.
+    pub huge: u64,
+}
+
+impl Geometry {
+    /// 4 KiB base pages, 2 MiB huge pages: x86_64, and arm64 with 4 KiB
+    /// pages. The geometry the swap works with.
+    pub const BASE_4K: Geometry = Geometry {
+        page: PAGE,
+        huge: HUGE_PAGE,
+    };
+
+    /// The geometry of a kernel with `page`-byte base pages: the PMD level
+    /// maps `page / 8` (one table of 8-byte entries) base pages.
+    pub const fn for_base_page(page: u64) -> Geometry {
+        Geometry {
+            page,
+            huge: page * (page / 8),
+        }
+    }
+}
+
+/// Why the swap does not run with this kernel's page sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unsupported {
+    /// Base pages other than 4 KiB (huge pages of `huge` bytes).
+    BasePage {
+        /// The base page size.
+        page: u64,
+        /// Its PMD-level huge page.
+        huge: u64,
+    },
+    /// THP works with another PMD size than the base page implies.
+    ThpSize(u64),
+}
+
+impl core::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            Unsupported::BasePage { page, huge } => write!(
+                f,
+                "base pages of {} KiB (huge pages of {} MiB): tiexec moves text on 4 KiB-page kernels only",
+                page >> 10,
+                huge >> 20
+            ),
+            Unsupported::ThpSize(size) => {
+                write!(f, "THP page size of {} KiB, not 2 MiB", size >> 10)
+            }
+        }
+    }
+}
+
+/// Hugetlb sizes looked for, smallest first (every size Linux offers on
+/// x86_64 and arm64).
+const HUGETLB_CANDIDATES: [u64; 6] = [64 << 10, 2 << 20, 32 << 20, 512 << 20, 1 << 30, 16 << 30];
+
+/// The page sizes of a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageSizes {
+    /// The base page.
+    pub base: u64,
+    /// THP's PMD-level size; None without THP.
+    pub thp: Option<u64>,
+    /// Hugetlb sizes offered (a bit per [`HUGETLB_CANDIDATES`] entry).
+    hugetlb_mask: u8,
+}
+
+impl PageSizes {
+    /// Sizes given directly (tests, and other machines' descriptions).
+    pub fn new(base: u64, thp: Option<u64>, hugetlb: &[u64]) -> PageSizes {
+        let mut mask = 0u8;
+        for (i, size) in HUGETLB_CANDIDATES.iter().enumerate() {
+            if hugetlb.contains(size) {
+                mask |= 1 << i;
+            }
+        }
+        PageSizes {
+            base,
+            thp,
+            hugetlb_mask: mask,
+        }
+    }
+
+    /// This kernel's sizes. Allocates nothing (the constructor reads them
+    /// before anything else).
+    pub fn read() -> PageSizes {
+        let base = match sys::base_page_size() {
+            0 => PAGE,
+            n => n,
+        };
+        let mut buf = [0u8; 32];
+        let thp = sys::read_small_file(
+            c"/sys/kernel/mm/transparent_hugepage/hpage_pmd_size",
+            &mut buf,
+        )
+        .ok()
+        .and_then(|n| parse_decimal(buf.get(..n)?));
+        let mut mask = 0u8;
+        for (i, &size) in HUGETLB_CANDIDATES.iter().enumerate() {
+            if sys::hugetlb_size_offered(size) {
+                mask |= 1 << i;
+            }
+        }
+        PageSizes {
+            base,
+            thp,
+            hugetlb_mask: mask,
+        }
+    }
+
+    /// The hugetlb sizes offered, smallest first.
+    pub fn hugetlb(&self) -> impl Iterator<Item = u64> + '_ {
+        HUGETLB_CANDIDATES
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| self.hugetlb_mask & (1 << i) != 0)
+            .map(|(_, size)| size)
+    }
+
+    /// The geometry planning uses on this kernel: its base page and the
+    /// PMD-level page above it.
+    pub fn planning_geometry(&self) -> Geometry {
+        Geometry::for_base_page(self.base)
+    }
+
+    /// The geometry the swap works with here, or why there is none.
+    pub fn geometry(&self) -> Result<Geometry, Unsupported> {
+        let g = self.planning_geometry();
+        if g != Geometry::BASE_4K {
+            return Err(Unsupported::BasePage {
+                page: g.page,
+                huge: g.huge,
+            });
+        }
+        match self.thp {
+            Some(size) if size != g.huge => Err(Unsupported::ThpSize(size)),
+            _ => Ok(g),
+        }
+    }
+}
+
+fn parse_decimal(text: &[u8]) -> Option<u64> {
+    let digits = text.split(|b| b.is_ascii_whitespace()).next()?;
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_pmd_page_follows_the_base_page() {
+        assert_eq!(Geometry::for_base_page(4 * KIB), Geometry::BASE_4K);
+        assert_eq!(Geometry::for_base_page(16 * KIB).huge, 32 * MIB);
+        assert_eq!(Geometry::for_base_page(64 * KIB).huge, 512 * MIB);
+    }
+
+    #[test]
+    fn only_the_4k_geometry_is_swapped_and_others_are_named() {
+        let x86 = PageSizes::new(4 * KIB, Some(2 * MIB), &[2 * MIB, 1 << 30]);
+        assert_eq!(x86.geometry(), Ok(Geometry::BASE_4K));
+        // arm64, 4 KiB pages, THP off, contiguous hugetlb sizes offered.
+        let arm4k = PageSizes::new(4 * KIB, None, &[64 * KIB, 2 * MIB, 32 * MIB, 1 << 30]);
+        assert_eq!(arm4k.geometry(), Ok(Geometry::BASE_4K));
+        assert_eq!(
+            arm4k.hugetlb().collect::<Vec<_>>(),
+            [64 * KIB, 2 * MIB, 32 * MIB, 1 << 30]
+        );
+        let arm16k = PageSizes::new(16 * KIB, Some(32 * MIB), &[2 * MIB, 32 * MIB]);
+        assert_eq!(
+            arm16k.geometry(),
+            Err(Unsupported::BasePage {
+                page: 16 * KIB,
+                huge: 32 * MIB
+            })
+        );
+        assert_eq!(arm16k.planning_geometry().huge, 32 * MIB);
+        let arm64k = PageSizes::new(64 * KIB, Some(512 * MIB), &[2 * MIB, 512 * MIB]);
+        assert_eq!(arm64k.planning_geometry().huge, 512 * MIB);
+        assert!(arm64k
+            .geometry()
+            .unwrap_err()
+            .to_string()
+            .contains("64 KiB"));
+        let odd_thp = PageSizes::new(4 * KIB, Some(4 * MIB), &[]);
+        assert_eq!(odd_thp.geometry(), Err(Unsupported::ThpSize(4 * MIB)));
+    }
+
+    #[test]
+    fn this_kernel_is_read() {
+        let here = PageSizes::read();
+        assert!(here.base.is_power_of_two() && here.base >= 4 * KIB);
+        if let Some(thp) = here.thp {
+            assert_eq!(thp, here.planning_geometry().huge);
+        }
+    }
+
+    #[test]
+    fn decimals_parse_with_a_newline() {
+        assert_eq!(parse_decimal(b"2097152\n"), Some(2 * MIB));
+        assert_eq!(parse_decimal(b""), None);
+        assert_eq!(parse_decimal(b"x1"), None);
+    }
+}
