@@ -347,7 +347,7 @@ fn range_facts(
     // Written pages (relocations, breakpoints, patches) differ from the file.
     match sys::modified_file_pages(req.range.start, req.range.end) {
         Ok(written) if written.is_empty() => {}
-        // Written, or no way to tell (before Linux 6.7): not from the file.
+        // Written, or the page tables could not be read: not from the file.
         _ => return fail(NotCacheable::Modified),
     }
     (

@@ -960,18 +960,101 @@ pub fn huge_mapped_ranges_in(path: &CStr, start: u64, end: u64) -> Result<Vec<(u
 /// copies rather than the file's (present or swapped anonymous pages in a
 /// file mapping: written to, by text relocations, a debugger's breakpoint,
 /// a hot patch). Text built from the file would differ from them.
+///
+/// Uses `PAGEMAP_SCAN` (Linux 6.7); before it, the same answer from the
+/// per-page entries of /proc/self/pagemap ([`modified_file_pages_by_entries`]).
 pub fn modified_file_pages(start: u64, end: u64) -> Result<Vec<(u64, u64)>, Errno> {
     let copied = Categories {
         inverted: PAGE_IS_FILE,
         all: PAGE_IS_FILE,
         any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
     };
-    pagemap_scan(c"/proc/self/pagemap", start, end, copied)
+    match pagemap_scan(c"/proc/self/pagemap", start, end, copied) {
+        Err(Errno(libc::ENOTTY)) | Err(Errno(libc::EINVAL)) => {
+            modified_file_pages_by_entries(start, end)
+        }
+        other => other,
+    }
+}
+
+/// [`modified_file_pages`] from /proc/self/pagemap's 64-bit entries, one
+/// per base page (Linux 3.5 and later): a page is a private copy when it is
+/// present but not a file page (bit 63 set, bit 61 clear), or swapped out
+/// (bit 62: only anonymous pages of a private mapping are). Reads 512
+/// entries at a time into a stack buffer.
+pub fn modified_file_pages_by_entries(start: u64, end: u64) -> Result<Vec<(u64, u64)>, Errno> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    const BATCH: u64 = 512;
+    let page = match base_page_size() {
+        0 => crate::range::PAGE,
+        n => n,
+    };
+    // SAFETY: a NUL-terminated path.
+    let fd = check_fd(unsafe {
+        libc::open(
+            c"/proc/self/pagemap".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    })?;
+    let mut found: Vec<(u64, u64)> = Vec::new();
+    let mut buf = [0u8; (BATCH * 8) as usize];
+    let mut index = start / page;
+    let last = end.div_ceil(page);
+    while index < last {
+        let n = (last - index).min(BATCH) as usize;
+        let want = buf.get_mut(..n * 8).ok_or(Errno(libc::EINVAL))?;
+        if pread_full(fd.as_fd(), want, index * 8)? < n * 8 {
+            return Err(Errno(libc::EIO));
+        }
+        for (i, entry) in want.chunks_exact(8).enumerate() {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(entry);
+            let e = u64::from_ne_bytes(bytes);
+            if (e & PRESENT != 0 && e & FILE_OR_SHARED == 0) || e & SWAPPED != 0 {
+                let at = (index + i as u64) * page;
+                match found.last_mut() {
+                    Some(last) if last.1 == at => last.1 = at + page,
+                    _ => found.push((at, at + page)),
+                }
+            }
+        }
+        index += n as u64;
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_pages_of_a_file_mapping_are_found_with_or_without_pagemap_scan() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("tiexec-modified-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("file");
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(&[7u8; 8 * 4096]))
+            .expect("write file");
+        let file = std::fs::File::open(&path).expect("open");
+        let mut m = Mapping::file(file.as_fd(), 0, 8 * 4096, Prot::READ, false, true).expect("map");
+        let r = m.range();
+        assert_eq!(modified_file_pages_by_entries(r.start, r.end), Ok(vec![]));
+        m.protect(Prot::READ_WRITE).expect("writable");
+        if let Some(b) = m.bytes_mut().and_then(|b| b.get_mut(2 * 4096..3 * 4096)) {
+            b.fill(1);
+        }
+        let written = vec![(r.start + 2 * 4096, r.start + 3 * 4096)];
+        assert_eq!(
+            modified_file_pages_by_entries(r.start, r.end),
+            Ok(written.clone())
+        );
+        assert_eq!(modified_file_pages(r.start, r.end), Ok(written));
+        drop(m);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn aligned_anonymous_memory_is_aligned_and_given_back() {

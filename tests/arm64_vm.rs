@@ -28,7 +28,8 @@ const TRIPLE: &str = "aarch64-unknown-linux-gnu";
 /// empty). Together they cover what the port must show: a 32 MiB PIE and
 /// non-PIE fixture and a 24 MiB shared library on hugetlb and THP pages,
 /// same output, no W+X mapping, every injected fault leaving the text as it
-/// was, the image cache, and the wrapper.
+/// was; the image cache, the wrapper, `--check` and `--stat`, and programs
+/// that link the library in.
 const SUITES: &[(&str, &[&str])] = &[
     (
         "preload",
@@ -51,6 +52,30 @@ const SUITES: &[(&str, &[&str])] = &[
         ],
     ),
     ("faults", &[]),
+    (
+        "cache",
+        &[
+            "a_miss_builds_the_image_and_the_next_process_maps_it",
+            "six_concurrent_processes_hold_one_copy",
+            "a_pie_program_gets_a_private_image_with_the_cache_backend",
+            "tiexec_cache_lists_and_clears_images",
+        ],
+    ),
+    (
+        "observability",
+        &[
+            "check_describes_the_machine_and_plans_a_program",
+            "stat_shows_coverage_pages_and_a_picture_matching_smaps",
+        ],
+    ),
+    (
+        "linked",
+        &[
+            "a_c_program_linked_with_libtiexec_a_moves_its_whole_text",
+            "a_static_c_program_linked_with_libtiexec_a_moves_its_whole_text",
+            "a_forced_failure_leaves_the_linked_program_on_its_original_text",
+        ],
+    ),
 ];
 
 /// Where `.ci/arm64-setup` puts the kernel and busybox.
@@ -142,19 +167,38 @@ fn cross_build() -> CrossBuild {
 
 /// Builds the fixtures the chosen tests use, for arm64, where the arm64
 /// test programs look for them (their CARGO_TARGET_TMPDIR).
-fn cross_fixtures(tmp_dir: &Path) -> PathBuf {
+fn cross_fixtures(tmp_dir: &Path, archive: &Path) -> PathBuf {
     assert!(
         fixture::set_target(Target::Aarch64) || fixture::target() == Target::Aarch64,
         "fixtures of this process are for arm64"
     );
     let dir = tmp_dir.join("tiexec-tests").join("fixtures");
-    for spec in [common::PIE, common::NON_PIE, common::MERGED_RX] {
+    for spec in [
+        common::PIE,
+        common::NON_PIE,
+        common::MERGED_RX,
+        common::NON_PIE_64,
+    ] {
         fixture::build(spec, &dir);
     }
     let lib = fixture::build_library("bigtext", 24, &dir);
     fixture::build_host("host-linked", Some(&lib), &dir);
     fixture::build_library("plugin", 24, &dir);
     fixture::build_host("host-dlopen", None, &dir);
+    // Programs that link libtiexec.a (built for arm64), as
+    // `common::linked_fixture` names them.
+    for (spec, name) in [
+        (common::PIE, "fixture-pie-32m-linked"),
+        (
+            common::Spec {
+                static_link: true,
+                ..common::NON_PIE
+            },
+            "fixture-static-32m-linked",
+        ),
+    ] {
+        fixture::build_linking(common::Spec { name, ..spec }, &dir, Some(archive));
+    }
     dir
 }
 
@@ -263,16 +307,15 @@ fn init_script(build: &CrossBuild) -> String {
          mount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs devtmpfs /dev\n\
-         mount -t tmpfs tmpfs /tmp\n\
          echo madvise > /sys/kernel/mm/transparent_hugepage/enabled\n\
          export PATH=/bin HOME=/root TIEXEC_TEST_STRICT=1 RUST_BACKTRACE=1\n\
          echo \"tiexec-vm: kernel $(uname -r) $(uname -m), base page $(grep -m1 KernelPageSize /proc/self/smaps | tr -s ' ' | cut -d' ' -f2) KiB, \
          THP $(cat /sys/kernel/mm/transparent_hugepage/hpage_pmd_size) bytes, hugetlb sizes: $(ls /sys/kernel/mm/hugepages | tr '\\n' ' ')\"\n",
     );
-    // The fixtures on ramfs, not the root's tmpfs: like text on a disk
+    // The tests' files on ramfs, not the root's tmpfs: like text on a disk
     // filesystem (no huge page cache, no 2 MiB-aligned placement), which is
     // what the kernel does for programs on a server.
-    let fixtures = build.tmp_dir.join("tiexec-tests").join("fixtures");
+    let fixtures = build.tmp_dir.join("tiexec-tests");
     s.push_str(&format!(
         "mv {f} {f}.tmpfs && mkdir {f} && mount -t ramfs ramfs {f} && cp -a {f}.tmpfs/. {f}/ && rm -rf {f}.tmpfs\n",
         f = fixtures.display()
@@ -425,7 +468,7 @@ fn the_integration_tests_pass_on_an_arm64_kernel() {
         }
     }
     let build = cross_build();
-    let fixtures = cross_fixtures(&build.tmp_dir);
+    let fixtures = cross_fixtures(&build.tmp_dir, &build.out_dir.join("libtiexec-static.a"));
     let image = initramfs(&build, &fixtures, &busybox);
     let initrd = kit.join(format!("initrd-{}.cpio", std::process::id()));
     std::fs::File::create(&initrd)
