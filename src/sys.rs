@@ -970,7 +970,9 @@ pub fn modified_file_pages(start: u64, end: u64) -> Result<Vec<(u64, u64)>, Errn
         any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
     };
     match pagemap_scan(c"/proc/self/pagemap", start, end, copied) {
-        Err(Errno(libc::ENOTTY)) | Err(Errno(libc::EINVAL)) => {
+        // Unknown to the kernel (ENOTTY, EINVAL), or to an emulator or a
+        // filter in between (ENOSYS).
+        Err(Errno(libc::ENOTTY | libc::EINVAL | libc::ENOSYS)) => {
             modified_file_pages_by_entries(start, end)
         }
         other => other,

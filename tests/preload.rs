@@ -270,6 +270,50 @@ fn hugetlb_with_a_pool_smaller_than_the_text_covers_part_and_runs() {
     );
 }
 
+/// On a kernel whose page sizes the swap does not work with (arm64 with
+/// 16 or 64 KiB base pages: tests/arm64_vm.rs boots one), every backend
+/// leaves the text as it was, the program's output is the same, one line
+/// names the sizes, and `tiexec --check` forecasts exactly that.
+#[test]
+fn other_page_sizes_leave_the_text_and_say_so() {
+    use tiexec::internal::pagesize::PageSizes;
+    let why = match PageSizes::read().geometry() {
+        Ok(_) => {
+            common::unsupported("a 4 KiB-page kernel: the swap works with its page sizes");
+            return;
+        }
+        Err(why) => why.to_string(),
+    };
+    eprintln!("page sizes refused: {why}");
+    let exe = common::fixture(common::PIE_64);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]);
+    for backend in ["auto", "thp", "hugetlb", "cache"] {
+        let w = Waiting::start(
+            preloaded(&exe, &[("TIEXEC_BACKEND", backend), ("TIEXEC_LOG", "info")])
+                .args([CALLS, "wait"]),
+            T,
+        );
+        let pid = w.pid();
+        let segments = common::text_segments(pid, &exe);
+        let cov = common::coverage(pid, &segments);
+        let bytes = common::read_only_segments_match_file(pid, &exe);
+        let first = w.first_line.clone();
+        let o = w.finish(T);
+        let what = format!("{backend}: {cov:?}");
+        o.check(o.status.success() && first == plain.stdout, &what);
+        o.check(
+            bytes.is_ok() && cov.hugetlb == 0 && cov.anon_thp == 0,
+            &what,
+        );
+        o.check(o.stderr.contains(&why), &format!("{what}: says why"));
+    }
+    let check = common::run(common::tiexec_cmd().arg("--check").arg(&exe), T);
+    check.check(
+        check.stdout.contains(&why),
+        "--check says why nothing would move",
+    );
+}
+
 #[test]
 fn off_does_nothing() {
     let err = run_and_check(
