@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use tiexec::internal::plan::{Range, Source, HUGE_PAGE};
+use tiexec::internal::plan::{huge_page, Range, Source};
 use tiexec::internal::sys;
 
 const ROUNDS: usize = 7;
@@ -53,7 +53,7 @@ impl Text {
         unsafe {
             let reserve = libc::mmap(
                 std::ptr::null_mut(),
-                len + HUGE_PAGE as usize,
+                len + huge_page() as usize,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
@@ -61,7 +61,7 @@ impl Text {
             );
             assert_ne!(reserve, libc::MAP_FAILED);
             let aligned =
-                tiexec::internal::plan::align_up(reserve as u64, HUGE_PAGE) as *mut libc::c_void;
+                tiexec::internal::plan::align_up(reserve as u64, huge_page()) as *mut libc::c_void;
             let addr = libc::mmap(
                 aligned,
                 len,
@@ -107,7 +107,7 @@ fn time_fresh_fault(source: Source, len: usize) -> Option<f64> {
         Source::Hugetlb => Mapping::anonymous(len, Prot::READ_WRITE, libc::MAP_HUGETLB).ok()?,
         Source::Thp => {
             let mut m =
-                Mapping::anonymous_aligned(len, HUGE_PAGE as usize, Prot::READ_WRITE).ok()?;
+                Mapping::anonymous_aligned(len, huge_page() as usize, Prot::READ_WRITE).ok()?;
             m.advise(libc::MADV_HUGEPAGE).ok()?;
             m
         }

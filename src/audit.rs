@@ -120,8 +120,9 @@ fn object_opened(bias: u64, name: &[u8]) {
     if !remap::worth_planning(&object, config.strategy) {
         crate::tlog!(
             Level::Debug,
-            "{path}: text {} holds no whole 2 MiB page: nothing to do",
-            crate::log::Bytes(object.text_bytes())
+            "{path}: text {} holds no whole {} page: nothing to do",
+            crate::log::Bytes(object.text_bytes()),
+            crate::range::huge_page_name()
         );
         return;
     }

@@ -37,7 +37,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use crate::config::Strategy;
-use crate::plan::HUGE_PAGE;
+use crate::plan::huge_page;
 use crate::state::{fnv1a, StateDir};
 use crate::sys::{self, Errno, Mapping, Prot};
 
@@ -389,7 +389,7 @@ fn mount_pages(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
     let s = sys::fstatfs(fd).ok()?;
     let total = s.f_blocks;
     // No limit shows as 0 (no subpool) or as -1 pages.
-    if total == 0 || total >= u64::MAX / 2 || s.f_bsize as u64 != HUGE_PAGE {
+    if total == 0 || total >= u64::MAX / 2 || s.f_bsize as u64 != huge_page() {
         return None;
     }
     Some((total, s.f_bfree))
@@ -570,7 +570,7 @@ impl Cache {
                 }
             }
         }
-        let pages = len / HUGE_PAGE;
+        let pages = len / huge_page();
         let (_, free) = self.pages();
         if free >= pages {
             return Ok(false);
@@ -580,7 +580,7 @@ impl Cache {
             .entries()
             .iter()
             .filter(|e| !in_use.contains(&e.name))
-            .map(|e| e.bytes / HUGE_PAGE)
+            .map(|e| e.bytes / huge_page())
             .sum();
         if free + evictable >= pages {
             Ok(false)
@@ -625,7 +625,7 @@ impl Cache {
         } else {
             None
         };
-        let pages = content.len / HUGE_PAGE;
+        let pages = content.len / huge_page();
         self.make_room(pages, state)?;
         let image = self.build(content)?;
         if !publish {
@@ -746,7 +746,7 @@ impl Cache {
                     crate::log::Level::Debug,
                     "cache: evicted {} ({} pages)",
                     e.name,
-                    e.bytes / HUGE_PAGE
+                    e.bytes / huge_page()
                 );
             }
             free = self.pages().1;

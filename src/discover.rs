@@ -205,7 +205,7 @@ fn read_sys_u64(path: &core::ffi::CStr) -> Option<u64> {
     parse_leading_u64(buf.get(..n)?)
 }
 
-/// The 2 MiB hugetlb pool, system-wide.
+/// The hugetlb pool of tiexec's huge page size, system-wide.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pool {
     /// `nr_hugepages`.
@@ -223,14 +223,39 @@ impl Pool {
     }
 }
 
-/// Reads the 2 MiB pool from /sys (zeros when absent).
+/// Reads the pool of the huge page size tiexec uses (2 MiB with 4 KiB base
+/// pages; `range::huge_page`) from /sys (zeros when absent). Allocates
+/// nothing.
 pub fn hugetlb_pool() -> Pool {
+    let read = |file: &str| {
+        let mut path = crate::log::LineBuf::new();
+        let _ =
+            core::fmt::Write::write_fmt(&mut path, format_args!("{}/{file}\0", hugetlb_pool_dir()));
+        core::ffi::CStr::from_bytes_until_nul(path.as_bytes())
+            .ok()
+            .and_then(read_sys_u64)
+            .unwrap_or(0)
+    };
     Pool {
-        total: read_sys_u64(c"/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages").unwrap_or(0),
-        free: read_sys_u64(c"/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-            .unwrap_or(0),
-        reserved: read_sys_u64(c"/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages")
-            .unwrap_or(0),
+        total: read("nr_hugepages"),
+        free: read("free_hugepages"),
+        reserved: read("resv_hugepages"),
+    }
+}
+
+/// The sysfs directory of that pool: `/sys/kernel/mm/hugepages/hugepages-2048kB`
+/// with 2 MiB pages.
+pub fn hugetlb_pool_dir() -> HugetlbPoolDir {
+    HugetlbPoolDir(crate::range::huge_page())
+}
+
+/// See [`hugetlb_pool_dir`].
+#[derive(Clone, Copy, Debug)]
+pub struct HugetlbPoolDir(u64);
+
+impl core::fmt::Display for HugetlbPoolDir {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "/sys/kernel/mm/hugepages/hugepages-{}kB", self.0 >> 10)
     }
 }
 
@@ -366,10 +391,10 @@ pub fn probe_file_collapse(dir: &std::path::Path) -> Result<(), String> {
     // A 2 MiB page inside the mapping is congruent with the file only when
     // the kernel placed the mapping 2 MiB-aligned (it does for files this
     // big); otherwise the answer is unknown.
-    if map.start() % crate::plan::HUGE_PAGE != 0 {
+    if map.start() % crate::plan::huge_page() != 0 {
         return Err("unknown (could not place a congruent mapping)".into());
     }
-    let huge = crate::plan::HUGE_PAGE as usize;
+    let huge = crate::plan::huge_page() as usize;
     let _ = map.advise_range(0, huge, libc::MADV_HUGEPAGE);
     map.advise_range(0, huge, sys::MADV_COLLAPSE)
         .map_err(|e| format!("{} (kernel without CONFIG_READ_ONLY_THP_FOR_FS?)", e.name()))

@@ -18,7 +18,7 @@
 
 use crate::config::{self, CachePath};
 use crate::log::Bytes;
-use crate::plan::{Source, HUGE_PAGE};
+use crate::plan::{huge_page, Source};
 use crate::remap;
 use crate::report::ObjectReport;
 
@@ -125,8 +125,9 @@ impl Forecast {
             if r.already_huge_bytes > 0 {
                 let _ = writeln!(
                     out,
-                    "    {} already on 2 MiB pages (the page cache maps it so)",
-                    Bytes(r.already_huge_bytes)
+                    "    {} already on {} pages (the page cache maps it so)",
+                    Bytes(r.already_huge_bytes),
+                    crate::range::huge_page_name()
                 );
             }
             for source in Source::ALL {
@@ -162,8 +163,9 @@ impl Forecast {
             let huge = r.after.huge().min(r.text_bytes);
             let _ = writeln!(
                 out,
-                "    => {}% of its text on 2 MiB pages",
-                (huge * 100).checked_div(r.text_bytes).unwrap_or(0)
+                "    => {}% of its text on {} pages",
+                (huge * 100).checked_div(r.text_bytes).unwrap_or(0),
+                crate::range::huge_page_name()
             );
         }
         if let Some(with) = &self.with_setup {
@@ -173,7 +175,7 @@ impl Forecast {
                 .iter()
                 .flat_map(|r| &r.swapped)
                 .filter(|(_, s)| matches!(s, Source::CacheBuilt | Source::CacheHit))
-                .map(|(range, _)| range.len() / HUGE_PAGE)
+                .map(|(range, _)| range.len() / huge_page())
                 .sum();
             if moved_then > moved_now {
                 let _ = writeln!(

@@ -4,7 +4,7 @@
 //! PAGEMAP_SCAN). For `tiexec stat`; reads only.
 
 use crate::elf;
-use crate::plan::{align_down, align_up, Range, HUGE_PAGE, PAGE};
+use crate::plan::{align_down, align_up, huge_page, page, Range};
 use crate::smaps::{self, Coverage, Vma};
 
 /// The load bias of an object from one of its file-backed mappings: the
@@ -20,7 +20,7 @@ pub fn bias_from_mapping(
     let loads = || phdrs.iter().filter(|p| p.p_type == PT_LOAD);
     let load = loads()
         .find(|p| p.p_offset <= offset && offset < p.p_offset + p.p_filesz.max(1))
-        .or_else(|| loads().find(|p| align_down(p.p_offset, PAGE) == offset))?;
+        .or_else(|| loads().find(|p| align_down(p.p_offset, page()) == offset))?;
     let vaddr_of_offset = load
         .p_vaddr
         .wrapping_sub(load.p_offset)
@@ -129,12 +129,12 @@ impl ObjectStat {
 
     /// Page-table entries (TLB entries) the text needs on 4 KiB pages only.
     pub fn pages_if_small(&self) -> u64 {
-        self.text_bytes() / PAGE
+        self.text_bytes() / page()
     }
 
     /// Entries it needs now: one per 2 MiB page, plus the 4 KiB pages left.
     pub fn pages_now(&self) -> u64 {
-        self.coverage.huge().div_ceil(HUGE_PAGE) + self.coverage.small() / PAGE
+        self.coverage.huge().div_ceil(huge_page()) + self.coverage.small() / page()
     }
 
     /// Entries with every 2 MiB page it touches huge.
@@ -159,10 +159,10 @@ impl ObjectStat {
 fn chunk_kinds(pid: u32, text: &[Range], vmas: &[Vma]) -> Vec<Chunk> {
     let mut starts: Vec<u64> = Vec::new();
     for seg in text {
-        let mut c = align_down(seg.start, HUGE_PAGE);
+        let mut c = align_down(seg.start, huge_page());
         while c < seg.end {
             starts.push(c);
-            c += HUGE_PAGE;
+            c += huge_page();
         }
     }
     starts.sort_unstable();
@@ -170,11 +170,11 @@ fn chunk_kinds(pid: u32, text: &[Range], vmas: &[Vma]) -> Vec<Chunk> {
     let (Some(&lo), Some(&hi)) = (starts.first(), starts.last()) else {
         return Vec::new();
     };
-    let huge = crate::smaps::huge_ranges(Some(pid), Range::new(lo, hi + HUGE_PAGE), Some(vmas));
+    let huge = crate::smaps::huge_ranges(Some(pid), Range::new(lo, hi + huge_page()), Some(vmas));
     starts
         .into_iter()
         .map(|s| {
-            let chunk = Range::new(s, s + HUGE_PAGE);
+            let chunk = Range::new(s, s + huge_page());
             // Only the text's part of the chunk counts.
             let parts: Vec<Range> = text.iter().filter_map(|t| t.intersect(chunk)).collect();
             let total: u64 = parts.iter().map(Range::len).sum();
@@ -263,12 +263,14 @@ pub fn chunks_touched(range: Range) -> u64 {
     if range.is_empty() {
         return 0;
     }
-    (align_up(range.end, HUGE_PAGE) - align_down(range.start, HUGE_PAGE)) / HUGE_PAGE
+    (align_up(range.end, huge_page()) - align_down(range.start, huge_page())) / huge_page()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::range::{HUGE_PAGE, PAGE};
 
     #[test]
     fn this_process_is_described() {

@@ -23,7 +23,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
-use crate::plan::{align_down, align_up, Range, HUGE_PAGE};
+use crate::plan::{align_down, align_up, huge_page, Range};
 use crate::sys::{Mapping, Prot};
 
 /// Ranges at most: more are not registered (their chunks are then split
@@ -202,7 +202,7 @@ fn next_mprotect(addr: *mut libc::c_void, len: libc::size_t, prot: libc::c_int) 
 /// `mremap`. Returns false when that could not be done (the text is then as
 /// it was).
 fn split(chunk: Range) -> bool {
-    let len = HUGE_PAGE as usize;
+    let len = huge_page() as usize;
     let Ok(mut copy) = Mapping::anonymous(len, Prot::READ_WRITE, 0) else {
         return false;
     };
@@ -246,10 +246,10 @@ fn split_for(start: u64, end: u64, prot: libc::c_int) {
         return;
     }
     let _held = Locked::take(registry);
-    let mut chunk_start = align_down(start, HUGE_PAGE);
-    while chunk_start < align_up(end, HUGE_PAGE) {
-        let chunk = Range::new(chunk_start, chunk_start + HUGE_PAGE);
-        chunk_start += HUGE_PAGE;
+    let mut chunk_start = align_down(start, huge_page());
+    while chunk_start < align_up(end, huge_page()) {
+        let chunk = Range::new(chunk_start, chunk_start + huge_page());
+        chunk_start += huge_page();
         let whole = start <= chunk.start && chunk.end <= end;
         if whole && prot & libc::PROT_WRITE == 0 {
             continue; // the kernel does this on huge pages too
@@ -336,6 +336,8 @@ pub fn registered_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::range::{HUGE_PAGE, PAGE};
     use crate::sys;
 
     #[test]

@@ -24,14 +24,14 @@
 use crate::config::{Backend, Strategy};
 
 pub use crate::pagesize::Geometry;
-pub use crate::range::{align_down, align_up, Range, HUGE_PAGE, PAGE};
+pub use crate::range::{align_down, align_up, huge_page, page, Range};
 
 /// The page-rounded range the loader maps for a segment at runtime address
 /// `vaddr` with `memsz` bytes.
 pub fn segment_pages(vaddr: u64, memsz: u64) -> Range {
     Range::new(
-        align_down(vaddr, PAGE),
-        align_up(vaddr.saturating_add(memsz), PAGE),
+        align_down(vaddr, page()),
+        align_up(vaddr.saturating_add(memsz), page()),
     )
 }
 
@@ -46,7 +46,8 @@ pub struct Split {
     pub tail: Range,
 }
 
-/// Cuts `segment` at 2 MiB boundaries.
+/// Cuts `segment` at the kernel's huge page boundaries (2 MiB with 4 KiB
+/// base pages, as in this example).
 ///
 /// ```
 /// use tiexec::internal::plan::{split, Range};
@@ -58,7 +59,7 @@ pub struct Split {
 /// assert_eq!(s.tail, Range::new(12 * MIB, 13 * MIB + 0x1000));
 /// ```
 pub fn split(segment: Range) -> Split {
-    split_in(Geometry::BASE_4K, segment)
+    split_in(crate::pagesize::current(), segment)
 }
 
 /// Cuts `segment` at the boundaries of `g`'s huge pages (2 MiB, or 32 MiB
@@ -103,14 +104,14 @@ pub enum Skip {
 }
 
 impl Skip {
-    /// Short words for logs and reports.
-    pub fn describe(self) -> &'static str {
-        match self {
+    /// Short words for logs and reports (in the kernel's huge page size).
+    pub fn describe(self) -> crate::range::HugeText {
+        crate::range::HugeText(match self {
             Skip::PartialHugePage => "head/tail, not a whole 2 MiB page",
             Skip::SharedPage => "shares its 2 MiB page with writable data or another object",
             Skip::AlreadyHuge => "already on 2 MiB pages",
             Skip::NotPlainText => "not plain r-x private text",
-        }
+        })
     }
 }
 
@@ -255,7 +256,8 @@ fn decide_chunk(
     None
 }
 
-/// Plans every executable segment of one object.
+/// Plans every executable segment of one object, in the kernel's huge pages
+/// (the drawing's 2 MiB: see `pagesize`).
 ///
 /// - `segments`: its executable segments as mapped (page-rounded).
 /// - `mappings`: the process's mappings near them (from smaps), with
@@ -272,7 +274,7 @@ pub fn plan_object(
     strategy: Strategy,
 ) -> ObjectPlan {
     plan_object_in(
-        Geometry::BASE_4K,
+        crate::pagesize::current(),
         segments,
         mappings,
         huge,
@@ -360,7 +362,7 @@ pub fn split_at_budget(swaps: Vec<SwapRange>, budget: u64) -> Vec<SwapRange> {
     let mut out = Vec::with_capacity(swaps.len() + 1);
     let mut left = budget;
     for s in swaps {
-        let pages = s.range.len() / HUGE_PAGE;
+        let pages = s.range.len() / huge_page();
         if s.names_program {
             out.push(s);
             continue;
@@ -370,7 +372,7 @@ pub fn split_at_budget(swaps: Vec<SwapRange>, budget: u64) -> Vec<SwapRange> {
             out.push(s);
             continue;
         }
-        let cut = s.range.start + left * HUGE_PAGE;
+        let cut = s.range.start + left * huge_page();
         let part = |r: Range| SwapRange {
             range: r,
             pieces: s.pieces.iter().filter_map(|p| p.intersect(r)).collect(),
@@ -645,6 +647,8 @@ pub fn supplies(
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::range::{HUGE_PAGE, PAGE};
 
     const M: u64 = HUGE_PAGE;
 

@@ -227,9 +227,10 @@ pub(crate) fn targets(
                 } else {
                     Level::Debug
                 },
-                "{}: text {} holds no whole 2 MiB page: nothing to do",
+                "{}: text {} holds no whole {} page: nothing to do",
                 object.path,
-                log::Bytes(object.text_bytes())
+                log::Bytes(object.text_bytes()),
+                crate::range::huge_page_name()
             ),
             Err(why) => crate::tlog!(
                 Level::Debug,

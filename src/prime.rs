@@ -22,7 +22,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use crate::elf;
-use crate::plan::{align_down, align_up, Range, HUGE_PAGE};
+use crate::plan::{align_down, align_up, huge_page, Range};
 use crate::sys::{self, Errno, Mapping, Prot};
 
 /// How one executable segment of a file stands.
@@ -43,15 +43,15 @@ pub enum State {
 }
 
 impl State {
-    /// The state in words.
-    pub fn describe(self) -> &'static str {
-        match self {
+    /// The state in words (in the kernel's huge page size).
+    pub fn describe(self) -> crate::range::HugeText {
+        crate::range::HugeText(match self {
             State::NoWholePage => "no whole 2 MiB page",
             State::NotCongruent => "address and file offset differ modulo 2 MiB",
             State::Huge => "cached as 2 MiB folios",
             State::Primed => "primed: now cached as 2 MiB folios",
             State::Small => "cached as small folios (in use, or no large folios here)",
-        }
+        })
     }
 }
 
@@ -103,13 +103,13 @@ pub fn text_file_ranges(e_type: u16, phdrs: &[goblin::elf::ProgramHeader]) -> Ve
         || phdrs
             .iter()
             .filter(|p| p.p_type == PT_LOAD)
-            .any(|p| p.p_align >= HUGE_PAGE);
+            .any(|p| p.p_align >= huge_page());
     phdrs
         .iter()
         .filter(|p| p.p_type == PT_LOAD && p.p_flags & PF_X != 0)
         .map(|p| {
             let file = Range::new(p.p_offset, p.p_offset.saturating_add(p.p_filesz));
-            let congruent = base_aligned && p.p_vaddr.wrapping_sub(p.p_offset) % HUGE_PAGE == 0;
+            let congruent = base_aligned && p.p_vaddr.wrapping_sub(p.p_offset) % huge_page() == 0;
             (file, congruent)
         })
         .collect()
@@ -118,8 +118,8 @@ pub fn text_file_ranges(e_type: u16, phdrs: &[goblin::elf::ProgramHeader]) -> Ve
 /// The whole 2 MiB pages of a file range.
 pub fn huge_body(file: Range) -> Range {
     Range::new(
-        align_up(file.start, HUGE_PAGE),
-        align_down(file.end, HUGE_PAGE),
+        align_up(file.start, huge_page()),
+        align_down(file.end, huge_page()),
     )
 }
 
@@ -132,7 +132,7 @@ struct AlignedFileMap {
 impl AlignedFileMap {
     fn new(file: &File, range: Range) -> Result<AlignedFileMap, Errno> {
         let len = range.len() as usize;
-        let mut map = Mapping::anonymous_aligned(len, HUGE_PAGE as usize, Prot::NONE)?;
+        let mut map = Mapping::anonymous_aligned(len, huge_page() as usize, Prot::NONE)?;
         map.map_file_within(0, file.as_fd(), range.start, len, Prot::READ)?;
         Ok(AlignedFileMap { map })
     }
@@ -202,6 +202,8 @@ pub const LINK_ADVICE: &str = "-Wl,-z,max-page-size=0x200000 (or -Wl,-z,separate
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::range::{HUGE_PAGE, PAGE};
 
     #[test]
     fn bodies_are_whole_2m_pages_of_the_file_range() {

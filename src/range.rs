@@ -1,9 +1,59 @@
 //! Address arithmetic: half-open ranges, page sizes, alignment. Plain values
 //! used by every step (planning, the swap, the cache, inspection).
 
-/// 2 MiB, the huge page size tiexec uses (x86_64 PMD).
+/// The kernel's base page: 4 KiB on x86_64; 4, 16 or 64 KiB on arm64 (read
+/// once, see `pagesize`).
+pub fn page() -> u64 {
+    crate::pagesize::current().page
+}
+
+/// The huge page tiexec puts text on: the kernel's PMD-level page, 2 MiB
+/// with 4 KiB base pages, 32 MiB with 16 KiB, 512 MiB with 64 KiB.
+pub fn huge_page() -> u64 {
+    crate::pagesize::current().huge
+}
+
+/// The huge page's size in words: "2 MiB", "32 MiB", "512 MiB".
+pub fn huge_page_name() -> HugePageName {
+    HugePageName(huge_page())
+}
+
+/// See [`huge_page_name`].
+#[derive(Clone, Copy, Debug)]
+pub struct HugePageName(pub u64);
+
+impl core::fmt::Display for HugePageName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 >= 1 << 30 && self.0 % (1 << 30) == 0 {
+            write!(f, "{} GiB", self.0 >> 30)
+        } else if self.0 >= 1 << 20 {
+            write!(f, "{} MiB", self.0 >> 20)
+        } else {
+            write!(f, "{} KiB", self.0 >> 10)
+        }
+    }
+}
+
+/// A message written for 2 MiB pages, shown with the kernel's huge page
+/// size (the same text on 4 KiB-page kernels; allocates only elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HugeText(pub &'static str);
+
+impl core::fmt::Display for HugeText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if huge_page() == 2 << 20 {
+            f.write_str(self.0)
+        } else {
+            f.write_str(&self.0.replace("2 MiB", &huge_page_name().to_string()))
+        }
+    }
+}
+
+/// 2 MiB and 4 KiB: the sizes unit tests are written for.
+#[cfg(test)]
 pub const HUGE_PAGE: u64 = 2 << 20;
-/// 4 KiB, the base page size.
+/// See [`HUGE_PAGE`].
+#[cfg(test)]
 pub const PAGE: u64 = 4096;
 
 /// A half-open address range `[start, end)`.

@@ -21,8 +21,8 @@ use crate::cache::{self, Cache, Content, FileIdentity, ImageKey, Piece};
 use crate::config::{Backend, Strategy};
 use crate::discover::{self, LoadedObject};
 use crate::plan::{
-    self, align_down, align_up, MappingView, NotCacheable, ObjectPlan, Offer, Payoff, Range,
-    RangeFacts, Skip, Source, Supply, SwapRange, HUGE_PAGE, PAGE,
+    self, align_down, align_up, huge_page, page, MappingView, NotCacheable, ObjectPlan, Offer,
+    Payoff, Range, RangeFacts, Skip, Source, Supply, SwapRange,
 };
 use crate::report::{NotAttempted, ObjectReport};
 use crate::smaps::{self, Vma};
@@ -114,7 +114,7 @@ impl Context {
     pub fn copies_cannot_pay(&self) -> bool {
         self.request.backend == Backend::Auto
             && self.cache.is_none()
-            && self.payoff(HUGE_PAGE) != Payoff::Pays
+            && self.payoff(huge_page()) != Payoff::Pays
     }
 
     /// Runs of the program remembered so far.
@@ -136,7 +136,7 @@ impl Context {
 pub fn worth_planning(object: &LoadedObject, strategy: Strategy) -> bool {
     object.text_segments.iter().any(|s| match strategy {
         Strategy::Conservative => !plan::split(*s).body.is_empty(),
-        Strategy::Aggressive => s.len() >= HUGE_PAGE,
+        Strategy::Aggressive => s.len() >= huge_page(),
     })
 }
 
@@ -154,7 +154,7 @@ fn chunk_window(object: &LoadedObject) -> Range {
         .map(|s| s.end)
         .max()
         .unwrap_or(0);
-    Range::new(align_down(start, HUGE_PAGE), align_up(end, HUGE_PAGE))
+    Range::new(align_down(start, huge_page()), align_up(end, huge_page()))
 }
 
 /// True when every byte of `range` lies in one of `ranges` (the kernel may
@@ -171,7 +171,7 @@ fn covered_by_union(range: Range, ranges: &[Range]) -> bool {
 }
 
 fn file_congruent(v: &Vma) -> bool {
-    v.inode != 0 && !v.is_hugetlb() && v.start.wrapping_sub(v.offset) % HUGE_PAGE == 0
+    v.inode != 0 && !v.is_hugetlb() && v.start.wrapping_sub(v.offset) % huge_page() == 0
 }
 
 fn mapping_views(vmas: &[Vma], object: &LoadedObject, window: Range) -> Vec<MappingView> {
@@ -209,10 +209,10 @@ fn fault_in_congruent_text(vmas: &[Vma], object: &LoadedObject) {
             let Some(r) = seg.intersect(v.range()) else {
                 continue;
             };
-            let mut chunk = align_up(r.start, HUGE_PAGE);
-            while chunk + HUGE_PAGE <= r.end {
-                let _ = sys::populate_read(Range::new(chunk, chunk + PAGE));
-                chunk += HUGE_PAGE;
+            let mut chunk = align_up(r.start, huge_page());
+            while chunk + huge_page() <= r.end {
+                let _ = sys::populate_read(Range::new(chunk, chunk + page()));
+                chunk += huge_page();
             }
         }
     }
@@ -314,7 +314,7 @@ fn range_facts(
     file: Option<&ObjectFile>,
     vmas: &[Vma],
 ) -> (RangeFacts, Vec<Piece>) {
-    let phase_stable = object.bias % HUGE_PAGE == 0;
+    let phase_stable = object.bias % huge_page() == 0;
     let fail = |why| {
         (
             RangeFacts {
@@ -443,7 +443,7 @@ fn image_name(
         build_id: object.build_id.clone(),
         offset: req.range.start.wrapping_sub(object.bias),
         len: req.range.len(),
-        phase: object.bias % HUGE_PAGE,
+        phase: object.bias % huge_page(),
         layout: cache::layout_digest(pieces),
         strategy,
     }

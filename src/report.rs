@@ -1,7 +1,7 @@
 //! What happened to each object, verified from smaps, and its one-line form.
 
 use crate::log::{Bytes, Level, Millis};
-use crate::plan::{Range, Skip, Source, HUGE_PAGE, PAGE};
+use crate::plan::{huge_page, page, Range, Skip, Source};
 use crate::smaps::Coverage;
 use crate::swap::SwapError;
 
@@ -139,8 +139,15 @@ impl NotAttempted {
     /// The reason in words.
     pub fn describe(self) -> String {
         match self {
-            NotAttempted::NoWholeHugePage => "no whole 2 MiB page in its text".into(),
-            NotAttempted::AlreadyHuge => "already on 2 MiB pages".into(),
+            NotAttempted::NoWholeHugePage => {
+                format!(
+                    "no whole {} page in its text",
+                    crate::range::huge_page_name()
+                )
+            }
+            NotAttempted::AlreadyHuge => {
+                format!("already on {} pages", crate::range::huge_page_name())
+            }
             NotAttempted::NoPlainText => "no plain r-x text to move".into(),
             NotAttempted::NoSource(why) => why.to_string(),
             NotAttempted::SmapsUnreadable => "cannot read /proc/self/maps".into(),
@@ -222,7 +229,7 @@ impl ObjectReport {
         j.begin_array(Some("kept"));
         for (reason, bytes) in &self.kept {
             j.begin_object(None)
-                .str("reason", reason.describe())
+                .str("reason", &reason.describe().to_string())
                 .uint("bytes", *bytes)
                 .end_object();
         }
@@ -285,10 +292,11 @@ impl ObjectReport {
             };
             crate::tlog!(
                 level,
-                "{}: {:#x}-{:#x} left on 4 KiB pages: {e}",
+                "{}: {:#x}-{:#x} left on {} pages: {e}",
                 self.path,
                 range.start,
-                range.end
+                range.end,
+                crate::range::HugePageName(page())
             );
         }
         if let Some(why) = self.not_attempted {
@@ -302,26 +310,29 @@ impl ObjectReport {
             };
             crate::tlog!(
                 level,
-                "{}: text {}, nothing moved: {}; on 2 MiB pages {}",
+                "{}: text {}, nothing moved: {}; on {} pages {}",
                 self.path,
                 Bytes(self.text_bytes),
                 why.describe(),
+                crate::range::huge_page_name(),
                 Bytes(self.after.huge())
             );
             return;
         }
         crate::tlog!(
             Level::Info,
-            "{}: text {}, on 2 MiB pages {} ({} pages: {} new via {}{}, {} already), {} x 4 KiB left{}, {}",
+            "{}: text {}, on {} pages {} ({} pages: {} new via {}{}, {} already), {} x {} left{}, {}",
             self.path,
             Bytes(self.text_bytes),
+            crate::range::huge_page_name(),
             Bytes(self.after.huge()),
-            (self.swapped_bytes() + self.already_huge_bytes) / HUGE_PAGE,
-            self.swapped_bytes() / HUGE_PAGE,
+            (self.swapped_bytes() + self.already_huge_bytes) / huge_page(),
+            self.swapped_bytes() / huge_page(),
             self.sources(),
             InPlaceNote(self.in_place_error),
-            self.already_huge_bytes / HUGE_PAGE,
-            self.after.small() / PAGE,
+            self.already_huge_bytes / huge_page(),
+            self.after.small() / page(),
+            crate::range::HugePageName(page()),
             KeptReasons(&self.kept),
             Millis(self.elapsed_ns)
         );

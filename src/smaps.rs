@@ -2,7 +2,7 @@
 //! page sizes behind it. Parsing is pure over text; the same code reads back
 //! coverage after a swap, in tests, and in the CLI.
 
-use crate::plan::{Range, HUGE_PAGE};
+use crate::plan::{huge_page, Range};
 
 /// One mapping (VMA) with the fields tiexec needs. Sizes in bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl Vma {
 
     /// Bytes of this mapping that the kernel maps with 2 MiB pages.
     pub fn huge_bytes(&self) -> u64 {
-        if self.kernel_page_size >= HUGE_PAGE {
+        if self.kernel_page_size >= huge_page() {
             self.private_hugetlb + self.shared_hugetlb
         } else {
             self.anon_huge + self.file_pmd_mapped + self.shmem_pmd_mapped
@@ -61,7 +61,7 @@ impl Vma {
 
     /// True for a hugetlb mapping.
     pub fn is_hugetlb(&self) -> bool {
-        self.kernel_page_size >= HUGE_PAGE
+        self.kernel_page_size >= huge_page()
     }
 }
 

@@ -26,7 +26,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::fault::{self, Step};
-use crate::plan::{align_down, NoSupply, Range, Source, SwapRange, HUGE_PAGE, PAGE};
+use crate::plan::{align_down, huge_page, page, NoSupply, Range, Source, SwapRange};
 use crate::sys::{self, Errno, Mapping, Prot};
 use crate::trampoline::{Fail, Outcome, SwapOp, Trampoline, TrampolineError};
 
@@ -105,7 +105,11 @@ impl core::fmt::Display for SwapError {
             SwapError::StagingAdvise(e) => write!(f, "madvise(MADV_HUGEPAGE) failed: {e}"),
             SwapError::StagingPopulate(e) => write!(f, "populating huge pages failed: {e}"),
             SwapError::HoleTaken(e) => {
-                write!(f, "a hole in its 2 MiB page could not be reserved: {e}")
+                write!(
+                    f,
+                    "a hole in its {} page could not be reserved: {e}",
+                    crate::range::huge_page_name()
+                )
             }
             SwapError::AddressSpaceLimit { headroom } => write!(
                 f,
@@ -119,8 +123,9 @@ impl core::fmt::Display for SwapError {
             ),
             SwapError::StagingNotHuge { huge } => write!(
                 f,
-                "kernel gave only {} of 2 MiB pages",
-                crate::log::Bytes(*huge)
+                "kernel gave only {} of {} pages",
+                crate::log::Bytes(*huge),
+                crate::range::huge_page_name()
             ),
             SwapError::Trampoline(TrampolineError::Unsupported) => {
                 write!(f, "no swap routine for this architecture")
@@ -185,7 +190,7 @@ pub const ADDRESS_SPACE_MARGIN: u64 = 64 << 20;
 /// Checks there is address space for `len` more bytes of mappings.
 pub fn check_address_space(len: u64) -> Result<(), SwapError> {
     if let Some(headroom) = crate::discover::address_space_headroom() {
-        if headroom < len + HUGE_PAGE + ADDRESS_SPACE_MARGIN {
+        if headroom < len + huge_page() + ADDRESS_SPACE_MARGIN {
             return Err(SwapError::AddressSpaceLimit { headroom });
         }
     }
@@ -255,7 +260,7 @@ pub fn thp_copy(req: &SwapRange) -> Result<Staged, SwapError> {
     if fault::at(Step::StagingMap) {
         return Err(SwapError::StagingMap(Errno(libc::ENOMEM)));
     }
-    let mut staging = Mapping::anonymous_aligned(len, HUGE_PAGE as usize, Prot::READ_WRITE)
+    let mut staging = Mapping::anonymous_aligned(len, huge_page() as usize, Prot::READ_WRITE)
         .map_err(SwapError::StagingMap)?;
     if fault::at(Step::StagingAdvise) {
         return Err(SwapError::StagingAdvise(Errno(libc::EINVAL)));
@@ -429,7 +434,7 @@ pub unsafe fn swap_ranges(
                 let probe = req
                     .pieces
                     .first()
-                    .map_or(r.range.start, |p| align_down(p.start, PAGE));
+                    .map_or(r.range.start, |p| align_down(p.start, page()));
                 ops.push(SwapOp {
                     staging: s.mapping.start(),
                     text: r.range.start,

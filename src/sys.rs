@@ -831,8 +831,14 @@ pub fn reopen_read_only(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
 const MFD_HUGETLB: libc::c_uint = 4;
 
 /// An anonymous file (`memfd_create`), on hugetlb pages when `hugetlb`.
+///
+/// A hugetlb memfd asks for pages of `range::huge_page` explicitly (the
+/// size's log2 in the flags' top bits), not the kernel's default size, which
+/// a boot option may have set to 1 GiB.
 pub fn memfd(name: &CStr, hugetlb: bool) -> Result<OwnedFd, Errno> {
-    let flags = libc::MFD_CLOEXEC | if hugetlb { MFD_HUGETLB } else { 0 };
+    const MFD_HUGE_SHIFT: u32 = 26;
+    let huge_size = crate::range::huge_page().trailing_zeros() << MFD_HUGE_SHIFT;
+    let flags = libc::MFD_CLOEXEC | if hugetlb { MFD_HUGETLB | huge_size } else { 0 };
     // SAFETY: `name` is NUL-terminated.
     check_fd(unsafe { libc::memfd_create(name.as_ptr(), flags) })
 }
@@ -990,7 +996,7 @@ pub fn modified_file_pages_by_entries(start: u64, end: u64) -> Result<Vec<(u64, 
     const FILE_OR_SHARED: u64 = 1 << 61;
     const BATCH: u64 = 512;
     let page = match base_page_size() {
-        0 => crate::range::PAGE,
+        0 => crate::range::page(),
         n => n,
     };
     // SAFETY: a NUL-terminated path.

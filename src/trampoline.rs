@@ -19,7 +19,7 @@
 use core::mem::offset_of;
 
 use crate::fault;
-use crate::plan::{Range, PAGE};
+use crate::plan::{page, Range};
 use crate::sys::{self, Errno, Mapping, Prot};
 
 /// One record of the routine's input and output.
@@ -172,7 +172,7 @@ macro_rules! assemble_swap_routine {
             MAP_SHARED_FIXED = const libc::MAP_SHARED | libc::MAP_FIXED,
             MAP_PRIVATE_ANON_FIXED = const libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
             MS_ASYNC = const libc::MS_ASYNC,
-            PAGE = const PAGE,
+            PAGE = const MSYNC_PROBE_LEN,
             EPERM = const libc::EPERM,
             ENOMEM = const libc::ENOMEM,
             FAIL_PROTECT = const Fail::Protect as u64,
@@ -195,6 +195,10 @@ assemble_swap_routine!("../asm/swap_x86_64.s", att_syntax);
 
 #[cfg(target_arch = "aarch64")]
 assemble_swap_routine!("../asm/swap_aarch64.s");
+
+/// The length the routine's msync probes: one 4 KiB page, which the kernel
+/// rounds up to its own page (4, 16 or 64 KiB) from the page-aligned probe.
+const MSYNC_PROBE_LEN: u64 = 4096;
 
 /// The kernel's `sigset_t` (64 signals), which rt_sigprocmask wants, not
 /// glibc's 128-byte one.
@@ -256,8 +260,8 @@ impl Trampoline {
         }
         let start = code.as_ptr() as u64;
         let own = Range::new(
-            crate::plan::align_down(start, PAGE),
-            crate::plan::align_up(start + code.len() as u64, PAGE),
+            crate::plan::align_down(start, page()),
+            crate::plan::align_up(start + code.len() as u64, page()),
         );
         // The tests of the copy path force it.
         let forced =
@@ -265,7 +269,7 @@ impl Trampoline {
         if !forced && ranges.iter().all(|r| r.intersect(own).is_none()) {
             return Ok(Trampoline::InPlace(code));
         }
-        let len = crate::plan::align_up(code.len() as u64, PAGE) as usize;
+        let len = crate::plan::align_up(code.len() as u64, page()) as usize;
         if fault::at(fault::Step::TrampolineMap) {
             return Err(TrampolineError::Map(Errno(libc::ENOMEM)));
         }

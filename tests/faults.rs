@@ -14,8 +14,19 @@ use tiexec::internal::fault::Step;
 const T: Duration = Duration::from_secs(120);
 const CALLS: &str = "200000";
 
+/// A PIE holding whole huge pages of this kernel's size (2 MiB here; 32
+/// MiB on an arm64 kernel with 16 KiB pages, where the 32 MiB one may hold
+/// none).
+fn fixture() -> std::path::PathBuf {
+    if tiexec::internal::plan::huge_page() > 2 << 20 {
+        common::fixture(common::PIE_64)
+    } else {
+        common::fixture(PIE)
+    }
+}
+
 fn run_with_fault(step_name: &str, backend: &str) {
-    let exe = common::fixture(PIE);
+    let exe = fixture();
     let plain = common::run(Command::new(&exe).args([CALLS, "run"]), T);
     let w = Waiting::start(
         common::preloaded(
@@ -80,7 +91,8 @@ fn every_step_failing_on_thp_leaves_the_program_as_it_was() {
 
 #[test]
 fn hugetlb_staging_failures_leave_the_program_as_it_was() {
-    let Some(_pool) = PoolGuard::set(64) else {
+    // Room for the fixture's text and then some, in this kernel's pages.
+    let Some(_pool) = PoolGuard::set((128 << 20) / tiexec::internal::plan::huge_page()) else {
         return;
     };
     for step in [Step::StagingMap, Step::StagingPopulate, Step::RemapHole] {

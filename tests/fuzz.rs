@@ -6,7 +6,12 @@
 
 use proptest::prelude::*;
 use tiexec::internal::config::{self, Strategy as PlanStrategy};
-use tiexec::internal::plan::{self, MappingView, Range, HUGE_PAGE, PAGE};
+use tiexec::internal::plan::{self, MappingView, Range};
+
+/// The sizes the generated layouts are written for (the planner uses the
+/// kernel's; these tests run on 4 KiB-page machines).
+const HUGE_PAGE: u64 = 2 << 20;
+const PAGE: u64 = 4096;
 use tiexec::internal::smaps;
 
 fn corpus() -> Vec<String> {

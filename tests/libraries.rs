@@ -40,8 +40,9 @@ fn a_library_linked_at_start_up_is_covered() {
     );
     let share = seen.cov.huge() as f64 / seen.reachable.max(1) as f64;
     eprintln!(
-        "libbigtext.so: {:.1} % of its reachable text on 2 MiB pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
+        "libbigtext.so: {:.1} % of its reachable text on {} pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
         share * 100.0,
+        tiexec::internal::range::huge_page_name(),
         seen.cov.huge() as f64 / 1048576.0,
         seen.reachable as f64 / 1048576.0,
         seen.text as f64 / 1048576.0,

@@ -586,10 +586,10 @@ pub fn reachable_text(pid: u32, segments: &[Range], object: &Path, header_stays:
     let mut reachable = 0;
     for s in segments {
         let mut lost = 0;
-        let first = plan::align_down(s.start, plan::HUGE_PAGE);
+        let first = plan::align_down(s.start, plan::huge_page());
         let mut page_start = first;
         while page_start < s.end {
-            let page = Range::new(page_start, page_start + plan::HUGE_PAGE);
+            let page = Range::new(page_start, page_start + plan::huge_page());
             page_start = page.end;
             let Some(text_part) = page.intersect(*s) else {
                 continue;
@@ -638,8 +638,8 @@ pub fn rounded_out(segments: &[Range]) -> Vec<Range> {
         .iter()
         .map(|s| {
             Range::new(
-                plan::align_down(s.start, plan::HUGE_PAGE),
-                plan::align_up(s.end, plan::HUGE_PAGE),
+                plan::align_down(s.start, plan::huge_page()),
+                plan::align_up(s.end, plan::huge_page()),
             )
         })
         .collect()
@@ -697,9 +697,10 @@ impl CacheMount {
             .join("caches")
             .join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&path);
+        let huge_mib = plan::huge_page() >> 20;
         let opts = format!(
-            "pagesize=2M,size={mib}M,min_size={mib}M,mode=1777",
-            mib = pages * 2
+            "pagesize={huge_mib}M,size={mib}M,min_size={mib}M,mode=1777",
+            mib = pages * huge_mib
         );
         let o = run(
             Command::new("mount")
@@ -761,7 +762,10 @@ impl Drop for CacheMount {
     }
 }
 
-const POOL_DIR: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+/// The sysfs directory of the pool of the kernel's huge page size.
+fn pool_dir() -> String {
+    tiexec::internal::discover::hugetlb_pool_dir().to_string()
+}
 
 /// Holds `pages` hugetlb pages free and unreserved for the life of the
 /// guard, exclusive across test threads and test processes; restores the
@@ -778,7 +782,7 @@ pub struct PoolGuard {
 }
 
 fn read_pool_file(name: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("{POOL_DIR}/{name}"))
+    std::fs::read_to_string(format!("{}/{name}", pool_dir()))
         .ok()?
         .trim()
         .parse()
@@ -820,7 +824,7 @@ impl PoolGuard {
         let write = |n: u64| {
             std::fs::OpenOptions::new()
                 .write(true)
-                .open(format!("{POOL_DIR}/nr_hugepages"))
+                .open(format!("{}/nr_hugepages", pool_dir()))
                 .and_then(|mut f| f.write_all(format!("{n}\n").as_bytes()))
         };
         if write(held + pages).is_err() {
@@ -847,7 +851,7 @@ impl PoolGuard {
 impl Drop for PoolGuard {
     fn drop(&mut self) {
         let _ = std::fs::write(
-            format!("{POOL_DIR}/nr_hugepages"),
+            format!("{}/nr_hugepages", pool_dir()),
             format!("{}\n", self.old),
         );
     }

@@ -27,8 +27,10 @@ impl Mapping {
     pub fn exec(&self) -> bool {
         self.perms.as_bytes().get(2) == Some(&b'x')
     }
+    /// Mapped with hugetlb pages (of any size: 2 MiB, or 32 MiB and 512
+    /// MiB on arm64 kernels with bigger base pages).
     pub fn is_hugetlb(&self) -> bool {
-        self.kernel_page_bytes == 2 << 20
+        self.kernel_page_bytes >= 2 << 20
     }
     /// Bytes on 2 MiB pages of any kind.
     pub fn huge_bytes(&self) -> u64 {
@@ -100,7 +102,7 @@ pub fn read(pid: u32) -> Vec<Mapping> {
     out
 }
 
-/// How much of a range is on 2 MiB pages, by kind (bytes).
+/// How much of a range is on huge pages, by kind (bytes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Coverage {
     pub mapped: u64,

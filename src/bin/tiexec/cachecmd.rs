@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use tiexec::internal::cache::{self, Entry};
 use tiexec::internal::json::Json;
 use tiexec::internal::log::Bytes;
-use tiexec::internal::plan::HUGE_PAGE;
+use tiexec::internal::plan::huge_page;
 use tiexec::internal::state::StateDir;
 
 const USAGE: &str = "\
@@ -193,7 +193,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                 .str("name", &l.entry.name)
                 .uint("uid", u64::from(l.entry.uid))
                 .uint("bytes", l.entry.bytes)
-                .uint("pages", l.entry.bytes / HUGE_PAGE)
+                .uint("pages", l.entry.bytes / huge_page())
                 .uint("last_use", l.entry.last_use.max(0) as u64);
             match l.hits {
                 Some(h) => j.uint("hits", h),
@@ -212,7 +212,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             "  {}\n    {} ({} pages), last use {}, {} hits, mapped by {} processes{}",
             l.object,
             Bytes(l.entry.bytes),
-            l.entry.bytes / HUGE_PAGE,
+            l.entry.bytes / huge_page(),
             ago(now - l.entry.last_use),
             l.hits.map_or("?".to_string(), |h| h.to_string()),
             l.mapped_by,
@@ -223,7 +223,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             }
         );
     }
-    let used: u64 = listed.iter().map(|l| l.entry.bytes / HUGE_PAGE).sum();
+    let used: u64 = listed.iter().map(|l| l.entry.bytes / huge_page()).sum();
     println!(
         "{} images, {used} pages{}",
         listed.len(),

@@ -31,7 +31,7 @@ use tiexec::internal::config::{self, CachePath};
 use tiexec::internal::discover::{self, ThpMode};
 use tiexec::internal::json::Json;
 use tiexec::internal::log::Bytes;
-use tiexec::internal::plan::{self, Range, HUGE_PAGE};
+use tiexec::internal::plan::{self, huge_page, Range};
 use tiexec::internal::prime::{self, State};
 
 const USAGE: &str = "\
@@ -54,8 +54,6 @@ variables apply as they would to a run.
 Exit status: 0 when tiexec can put PROGRAM's text (or, without PROGRAM,
 anything) on 2 MiB pages; 1 when it cannot; 2 for a usage error.
 ";
-
-const POOL_DIR: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
 /// How long a forecast may take (the loader maps and relocates PROGRAM's
 /// libraries; a few hundred MiB of text take well under a second).
@@ -120,9 +118,10 @@ impl SegmentFacts {
     fn cache_words(&self) -> String {
         match (self.cache, self.cached_huge) {
             (Some(State::Small), Some((huge, all))) => format!(
-                "{} of {} cached as 2 MiB folios (the rest small: in use, or never read huge)",
+                "{} of {} cached as {} folios (the rest small: in use, or never read huge)",
                 Bytes(huge),
-                Bytes(all)
+                Bytes(all),
+                tiexec::internal::range::huge_page_name()
             ),
             (Some(state), _) => state.describe().to_string(),
             (None, _) => "unknown".to_string(),
@@ -227,7 +226,10 @@ fn machine() -> Machine {
             .collect();
         names.sort();
         for n in names {
-            let d = format!("/sys/devices/system/node/{n}/hugepages/hugepages-2048kB");
+            let d = format!(
+                "/sys/devices/system/node/{n}/hugepages/hugepages-{}kB",
+                plan::huge_page() >> 10
+            );
             nodes.push(NodePool {
                 total: read_u64(&format!("{d}/nr_hugepages")),
                 free: read_u64(&format!("{d}/free_hugepages")),
@@ -272,7 +274,7 @@ fn object_facts(path: &Path) -> Option<ObjectFacts> {
             whole_pages: plan::split(plan::segment_pages(p.p_vaddr, p.p_memsz))
                 .body
                 .len()
-                / HUGE_PAGE,
+                / huge_page(),
             cache: cache.as_ref().and_then(|c| c.get(i)).map(|s| s.state),
             cached_huge: cache
                 .as_ref()
@@ -685,7 +687,8 @@ fn render(c: &Check) -> String {
         let _ = writeln!(
             out,
             "\nno source of huge pages: THP is 'never' and the pool is empty; \
-             to reserve pages (as root): echo 64 > {POOL_DIR}/nr_hugepages"
+             to reserve pages (as root): echo 64 > {}/nr_hugepages",
+            discover::hugetlb_pool_dir()
         );
     }
     let _ = writeln!(out, "\n{}", if c.ready() { "ready" } else { "not ready" });
@@ -721,16 +724,20 @@ fn render_program(out: &mut String, p: &ProgramCheck) {
         for s in &o.segments {
             let _ = writeln!(
                 out,
-                "    text {} at file offset {:#x}, p_align {:#x}: {}; {} whole 2 MiB page(s); page cache: {}",
+                "    text {} at file offset {:#x}, p_align {:#x}: {}; {} whole {} page(s); page cache: {}",
                 Bytes(s.bytes),
                 s.file.start,
                 s.align,
                 if s.congruent {
-                    "congruent (the page cache can serve 2 MiB pages)".to_string()
+                    format!(
+                        "congruent (the page cache can serve {} pages)",
+                        tiexec::internal::range::huge_page_name()
+                    )
                 } else {
                     format!("not congruent (relink with {} for that)", prime::LINK_ADVICE)
                 },
                 s.whole_pages,
+                tiexec::internal::range::huge_page_name(),
                 s.cache_words()
             );
         }

@@ -70,7 +70,7 @@ pub fn report(path: &Path, prime: bool) -> bool {
     let mut ok = true;
     for s in &segments {
         println!(
-            "{}: text at file offset {:#x}, {} of whole 2 MiB pages: {}, {} on 2 MiB folios{}",
+            "{}: text at file offset {:#x}, {} of whole {huge} pages: {}, {} on {huge} folios{}",
             path.display(),
             s.file.start,
             Bytes(s.body.len()),
@@ -80,7 +80,8 @@ pub fn report(path: &Path, prime: bool) -> bool {
                 format!("; relink with {}", prime::LINK_ADVICE)
             } else {
                 String::new()
-            }
+            },
+            huge = tiexec::internal::range::huge_page_name()
         );
         ok &= matches!(s.state, State::Huge | State::Primed | State::NoWholePage);
     }
@@ -212,9 +213,10 @@ pub fn before_exec(files: &[PathBuf], verbose: bool) {
         {
             if verbose {
                 eprintln!(
-                    "tiexec: {}: primed {} of text as 2 MiB page-cache folios",
+                    "tiexec: {}: primed {} of text as {} page-cache folios",
                     f.display(),
-                    tiexec::internal::log::Bytes(s.body.len())
+                    tiexec::internal::log::Bytes(s.body.len()),
+                    tiexec::internal::range::huge_page_name()
                 );
             }
         }

@@ -29,7 +29,10 @@ setup permanent. An existing mount is reused as it is.
 Exit status: 0 when the cache is mounted, 1 when not, 2 for a usage error.
 ";
 
-const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+/// The pool's size file, for tiexec's huge page size.
+fn pool_file() -> String {
+    format!("{}/nr_hugepages", discover::hugetlb_pool_dir())
+}
 
 /// The default size: 256 pages (512 MiB, two Rust toolchains' text), at
 /// most 5 % of memory, at least 16 pages.
@@ -106,7 +109,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     let pool = discover::hugetlb_pool();
     if pool.available() < pages {
         let want = pool.total + (pages - pool.available());
-        if let Err(e) = std::fs::write(POOL, format!("{want}\n")) {
+        if let Err(e) = std::fs::write(pool_file(), format!("{want}\n")) {
             eprintln!("tiexec --setup: cannot grow the hugetlb pool to {want} pages: {e}");
             return ExitCode::from(1);
         }
@@ -117,7 +120,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                 now.total,
                 now.available()
             );
-            let _ = std::fs::write(POOL, format!("{}\n", pool.total));
+            let _ = std::fs::write(pool_file(), format!("{}\n", pool.total));
             return ExitCode::from(1);
         }
     }
@@ -154,9 +157,10 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
 }
 
 fn mount_options(pages: u64) -> String {
+    let huge_mib = tiexec::internal::plan::huge_page() >> 20;
     format!(
-        "pagesize=2M,size={mib}M,min_size={mib}M,mode=1777",
-        mib = pages * 2
+        "pagesize={huge_mib}M,size={mib}M,min_size={mib}M,mode=1777",
+        mib = pages * huge_mib
     )
 }
 

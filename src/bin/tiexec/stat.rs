@@ -136,13 +136,15 @@ fn print_process(pid: u32, name: &str, objects: &[ObjectStat]) {
         let c = &o.coverage;
         println!("  {}", o.path);
         println!(
-            "    text {}: {:.1} % on 2 MiB pages ({} hugetlb, {} anonymous THP, {} file THP), {} on 4 KiB pages",
+            "    text {}: {:.1} % on {} pages ({} hugetlb, {} anonymous THP, {} file THP), {} on {} pages",
             Bytes(o.text_bytes()),
             o.percent_huge(),
+            tiexec::internal::range::huge_page_name(),
             Bytes(c.hugetlb),
             Bytes(c.anon_thp),
             Bytes(c.file_thp),
-            Bytes(c.small())
+            Bytes(c.small()),
+            tiexec::internal::range::HugePageName(tiexec::internal::range::page())
         );
         if !o.images.is_empty() {
             let most = o.images.iter().map(|i| i.processes).max().unwrap_or(1);
