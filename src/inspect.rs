@@ -7,25 +7,42 @@ use crate::elf;
 use crate::plan::{align_down, align_up, huge_page, page, Range};
 use crate::smaps::{self, Coverage, Vma};
 
-/// The load bias of an object from one of its file-backed mappings: the
-/// mapping at file offset `offset` and address `start` belongs to the
+/// The load bias of an object from its file-backed mappings, each given as
+/// (address, file offset): a mapping at offset `offset` belongs to a
 /// `PT_LOAD` holding that offset, whose byte `offset` sits at
 /// `p_vaddr - p_offset + offset` before relocation.
-pub fn bias_from_mapping(
+///
+/// One mapping alone can be ambiguous: two segments may share a file page
+/// (read-only data ending where the writable data starts, both mapped from
+/// that page at different addresses, and RELRO makes part of the data
+/// read-only too), and the text and headers may have been replaced by
+/// anonymous huge pages. Each mapping votes for the biases it allows; the
+/// bias most of them allow wins (the first mapping's, on a tie).
+pub fn bias_from_mappings(
     phdrs: &[goblin::elf::ProgramHeader],
-    start: u64,
-    offset: u64,
+    mappings: &[(u64, u64)],
 ) -> Option<u64> {
     use goblin::elf::program_header::PT_LOAD;
-    let loads = || phdrs.iter().filter(|p| p.p_type == PT_LOAD);
-    let load = loads()
-        .find(|p| p.p_offset <= offset && offset < p.p_offset + p.p_filesz.max(1))
-        .or_else(|| loads().find(|p| align_down(p.p_offset, page()) == offset))?;
-    let vaddr_of_offset = load
-        .p_vaddr
-        .wrapping_sub(load.p_offset)
-        .wrapping_add(offset);
-    Some(start.wrapping_sub(vaddr_of_offset))
+    let mut votes: Vec<(u64, usize)> = Vec::new();
+    for &(start, offset) in mappings {
+        let mut mine: Vec<u64> = phdrs
+            .iter()
+            .filter(|p| p.p_type == PT_LOAD)
+            .filter(|p| {
+                align_down(p.p_offset, page()) <= offset && offset < p.p_offset + p.p_filesz.max(1)
+            })
+            .map(|p| start.wrapping_sub(p.p_vaddr.wrapping_sub(p.p_offset).wrapping_add(offset)))
+            .collect();
+        mine.dedup();
+        for bias in mine {
+            match votes.iter_mut().find(|(b, _)| *b == bias) {
+                Some((_, n)) => *n += 1,
+                None => votes.push((bias, 1)),
+            }
+        }
+    }
+    let best = votes.iter().map(|(_, n)| *n).max()?;
+    votes.iter().find(|(_, n)| *n == best).map(|(b, _)| *b)
 }
 
 /// What one 2 MiB page of text is mapped with.
@@ -233,7 +250,12 @@ pub fn process_objects(pid: u32, min_text: u64) -> std::io::Result<Vec<ObjectSta
         let Some(phdrs) = elf::read_program_headers(&file) else {
             continue;
         };
-        let Some(bias) = bias_from_mapping(&phdrs, v.start, v.offset) else {
+        let mappings: Vec<(u64, u64)> = vmas
+            .iter()
+            .filter(|m| m.path == v.path && m.inode == v.inode && !m.is_hugetlb())
+            .map(|m| (m.start, m.offset))
+            .collect();
+        let Some(bias) = bias_from_mappings(&phdrs, &mappings) else {
             continue;
         };
         let text = elf::load_segments(&phdrs, bias).text;
@@ -269,6 +291,43 @@ pub fn chunks_touched(range: Range) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_mapping_sharing_a_file_page_with_rodata_gets_the_right_bias() {
+        use goblin::elf::program_header::{ProgramHeader, PF_R, PF_W, PF_X, PT_LOAD};
+        let load = |offset: u64, vaddr: u64, filesz: u64, flags: u32| ProgramHeader {
+            p_type: PT_LOAD,
+            p_flags: flags,
+            p_offset: offset,
+            p_vaddr: vaddr,
+            p_paddr: vaddr,
+            p_filesz: filesz,
+            p_memsz: filesz,
+            p_align: 0x1000,
+        };
+        // The two-segment fixture's layout: headers, text, one page of
+        // rodata, data (RELRO first) starting in the rodata's file page.
+        let phdrs = [
+            load(0, 0, 0x309e0, PF_R),
+            load(0x31000, 0x31000, 0x10013d9, PF_R | PF_X),
+            load(0x1033000, 0x1033000, 0x244, PF_R),
+            load(0x1033dd0, 0x1034dd0, 0x102c0, PF_R | PF_W),
+        ];
+        let base = 0x55a0_c0fc_d000u64;
+        // Headers and text replaced by anonymous pages: left are the rodata
+        // page, RELRO (read-only now) and the writable rest, the last two
+        // mapped from offset 0x1033000 as well.
+        let mappings = [
+            (base + 0x1033000, 0x1033000),
+            (base + 0x1034000, 0x1033000),
+            (base + 0x1035000, 0x1034000),
+        ];
+        assert_eq!(bias_from_mappings(&phdrs, &mappings), Some(base));
+        // Alone, the RELRO mapping is ambiguous; with the header it is not.
+        let with_header = [(base, 0), (base + 0x1034000, 0x1033000)];
+        assert_eq!(bias_from_mappings(&phdrs, &with_header), Some(base));
+        assert_eq!(bias_from_mappings(&phdrs, &[]), None);
+    }
     #[allow(unused_imports)]
     use crate::range::{HUGE_PAGE, PAGE};
 

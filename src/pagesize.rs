@@ -92,7 +92,11 @@ impl core::fmt::Display for Unsupported {
                 huge >> 20
             ),
             Unsupported::ThpSize(size) => {
-                write!(f, "THP page size of {} KiB, not 2 MiB", size >> 10)
+                write!(
+                    f,
+                    "THP page size of {} KiB, not the PMD size its base page implies",
+                    size >> 10
+                )
             }
         }
     }

@@ -1,5 +1,6 @@
-//! The arm64 port on a real arm64 kernel. `qemu-system-aarch64` boots
-//! Debian's arm64 kernel (4 KiB pages) with a small root filesystem in
+//! The arm64 port on real arm64 kernels. `qemu-system-aarch64` boots
+//! Debian's arm64 kernels (4 KiB pages, and 16 KiB pages with 32 MiB PMD
+//! pages) with a small root filesystem in
 //! memory: busybox, the arm64 C library, tiexec's integration tests
 //! cross-built for arm64, and their fixtures cross-built here. Inside, the
 //! chosen tests run as they do on x86_64 (strict: none may skip), reading

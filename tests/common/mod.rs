@@ -426,20 +426,20 @@ impl Waiting {
     }
 }
 
-/// The load bias of `exe` in process `pid` (0 for non-PIE), from any of its
+/// The load bias of `exe` in process `pid` (0 for non-PIE), from its
 /// mappings still backed by the file (swapped ranges are anonymous; the data
-/// segment always stays).
+/// segment always stays), by their vote (`inspect::bias_from_mappings`).
 pub fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
     if elf.header.e_type != goblin::elf::header::ET_DYN {
         return 0;
     }
     let canon = std::fs::canonicalize(exe).expect("canon");
-    let vmas = proc_maps::read(pid);
-    vmas.iter()
+    let mappings: Vec<(u64, u64)> = proc_maps::read(pid)
+        .iter()
         .filter(|v| Path::new(&v.path) == canon)
-        .find_map(|v| {
-            tiexec::internal::inspect::bias_from_mapping(&elf.program_headers, v.start, v.offset)
-        })
+        .map(|v| (v.start, v.offset))
+        .collect();
+    tiexec::internal::inspect::bias_from_mappings(&elf.program_headers, &mappings)
         .unwrap_or_else(|| panic!("{} not mapped in {pid}", exe.display()))
 }
 
