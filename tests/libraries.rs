@@ -47,8 +47,10 @@ fn a_library_linked_at_start_up_is_covered() {
         seen.reachable as f64 / 1048576.0,
         seen.text as f64 / 1048576.0,
     );
-    seen.outcome
-        .check(share >= 0.95, "at least 95 % of its reachable text");
+    seen.outcome.check(
+        share >= 0.95,
+        &format!("at least 95 % of its reachable text; maps:\n{}", seen.near),
+    );
 }
 
 #[test]

@@ -497,6 +497,8 @@ pub struct Seen {
     pub text: u64,
     /// See [`reachable_text`].
     pub reachable: u64,
+    /// The maps lines around the text, while it ran (for failure messages).
+    pub near: String,
     pub cov: Coverage,
     pub stdout_first: String,
     pub outcome: Outcome,
@@ -513,6 +515,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
     let segments = text_segments(pid, object);
     let cov = coverage(pid, &segments);
     let reachable = reachable_text(pid, &segments, object, false);
+    let near = maps_near(pid, &segments);
     let bytes = read_only_segments_match_file(pid, object);
     let wx = writable_executable_mappings(pid);
     let stdout_first = w.first_line.clone();
@@ -529,6 +532,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
         interior: planned_interior(&segments),
         text: segments.iter().map(|s| s.len()).sum(),
         reachable,
+        near,
         cov,
         stdout_first,
         outcome,
@@ -576,8 +580,10 @@ pub fn reachable_text(pid: u32, segments: &[Range], object: &Path, header_stays:
         writable.iter().any(|w| w.intersect(part).is_some())
             || maps.iter().any(|m| {
                 // A swap's result (anonymous or hugetlb, executable) covers
-                // the whole 2 MiB page it took: that page was reachable.
-                let replacement = m.exec() && (m.inode == 0 || m.is_hugetlb());
+                // the whole 2 MiB page it took: that page was reachable. The
+                // vDSO is anonymous and executable too, but another object.
+                let kernel_object = m.path.starts_with('[') && !m.path.starts_with("[anon:tiexec:");
+                let replacement = m.exec() && !kernel_object && (m.inode == 0 || m.is_hugetlb());
                 m.range().intersect(part).is_some()
                     && !replacement
                     && (m.perms.contains('w') || m.inode != inode)
@@ -615,6 +621,35 @@ pub fn reachable_text(pid: u32, segments: &[Range], object: &Path, header_stays:
         reachable += s.len().saturating_sub(lost);
     }
     reachable
+}
+
+/// The lines of /proc/<pid>/maps within a huge page of `segments`.
+pub fn maps_near(pid: u32, segments: &[Range]) -> String {
+    let around: Vec<Range> = rounded_out(segments)
+        .iter()
+        .map(|r| {
+            Range::new(
+                r.start.saturating_sub(plan::huge_page()),
+                r.end + plan::huge_page(),
+            )
+        })
+        .collect();
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-')) else {
+                return false;
+            };
+            let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+                return false;
+            };
+            around
+                .iter()
+                .any(|r| r.intersect(Range::new(a, b)).is_some())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Lines of /proc/<pid>/maps that are writable and executable at once.
