@@ -15,42 +15,53 @@ const CALLS: &str = "200000";
 fn a_library_linked_at_start_up_is_covered() {
     let (host, lib) = common::linked_library_fixture();
     let plain = common::run(Command::new(&host).args([CALLS, "run"]), T);
-    let seen = common::observe(
-        common::tiexec_cmd()
-            .args(["-v", "--no-prime", "-b", "thp"])
-            .arg(&host)
-            .args([CALLS, "wait"]),
-        &lib,
-    );
-    seen.outcome
-        .check(seen.stdout_first == plain.stdout, "same output");
-    seen.outcome.check(
-        seen.cov.anon_thp + seen.cov.file_thp >= seen.interior && seen.interior >= 20 << 20,
-        &format!(
-            "library text not covered: {:?}, interior {}",
-            seen.cov, seen.interior
-        ),
-    );
-    seen.outcome.check(
+    for backend in ["thp", "hugetlb"] {
+        // Pool pages for the library's text and then some.
+        let pages = (32 << 20) / tiexec::internal::plan::huge_page() + 2;
+        let Some(_pool) = common::PoolGuard::set(pages) else {
+            return;
+        };
+        let seen = common::observe(
+            common::tiexec_cmd()
+                .args(["-v", "--no-prime", "-b", backend])
+                .arg(&host)
+                .args([CALLS, "wait"]),
+            &lib,
+        );
         seen.outcome
-            .stderr
-            .lines()
-            .any(|l| l.contains("libbigtext.so: text") && l.contains("new via thp")),
-        "reported as moved by tiexec",
-    );
-    let share = seen.cov.huge() as f64 / seen.reachable.max(1) as f64;
-    eprintln!(
-        "libbigtext.so: {:.1} % of its reachable text on {} pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
-        share * 100.0,
-        tiexec::internal::range::huge_page_name(),
-        seen.cov.huge() as f64 / 1048576.0,
-        seen.reachable as f64 / 1048576.0,
-        seen.text as f64 / 1048576.0,
-    );
-    seen.outcome.check(
-        share >= 0.95,
-        &format!("at least 95 % of its reachable text; maps:\n{}", seen.near),
-    );
+            .check(seen.stdout_first == plain.stdout, "same output");
+        seen.outcome.check(
+            seen.cov.huge() >= seen.interior && seen.interior >= 20 << 20,
+            &format!(
+                "{backend}: library text not covered: {:?}, interior {}",
+                seen.cov, seen.interior
+            ),
+        );
+        let moved = format!("new via {backend}");
+        seen.outcome.check(
+            seen.outcome
+                .stderr
+                .lines()
+                .any(|l| l.contains("libbigtext.so: text") && l.contains(&moved)),
+            &format!("{backend}: reported as moved by tiexec"),
+        );
+        let share = seen.cov.huge() as f64 / seen.reachable.max(1) as f64;
+        eprintln!(
+            "libbigtext.so on {backend}: {:.1} % of its reachable text on {} pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
+            share * 100.0,
+            tiexec::internal::range::huge_page_name(),
+            seen.cov.huge() as f64 / 1048576.0,
+            seen.reachable as f64 / 1048576.0,
+            seen.text as f64 / 1048576.0,
+        );
+        seen.outcome.check(
+            share >= 0.95,
+            &format!(
+                "{backend}: at least 95 % of its reachable text; maps:\n{}",
+                seen.near
+            ),
+        );
+    }
 }
 
 #[test]
