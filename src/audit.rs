@@ -126,7 +126,7 @@ fn object_opened(bias: u64, name: &[u8]) {
         );
         return;
     }
-    if let Err(why) = crate::pagesize::PageSizes::read().geometry() {
+    if let Err(why) = crate::pagesize::current_supported() {
         crate::tlog!(Level::Info, "{path}: {why}: left alone");
         return;
     }

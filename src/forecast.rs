@@ -223,7 +223,7 @@ fn forecast_here() -> Result<i32, String> {
     let objects = crate::discover::loaded_objects();
     let program = objects.first().map(|o| o.path.clone()).unwrap_or_default();
     // What would stop a run before any plan, in the order a run checks.
-    let page_sizes = crate::pagesize::PageSizes::read().geometry();
+    let page_sizes = crate::pagesize::current_supported();
     let refused = if config.backend == config::Backend::Off {
         Some("the backend is off (TIEXEC_BACKEND=off)".to_string())
     } else if let Err(why) = page_sizes {

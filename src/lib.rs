@@ -319,9 +319,7 @@ pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
     if sys::secure_execution() {
         return Err(Error::SecureExecution);
     }
-    pagesize::PageSizes::read()
-        .geometry()
-        .map_err(Error::PageSizes)?;
+    pagesize::current_supported().map_err(Error::PageSizes)?;
     match discover::thread_count() {
         Some(1) => {}
         Some(n) => return Err(Error::ThreadsRunning(n)),

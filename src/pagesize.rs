@@ -26,7 +26,8 @@ const HUGE_2M: u64 = 2 << 20;
 /// until first read.
 static CURRENT: AtomicU64 = AtomicU64::new(0);
 
-/// The geometry of the running kernel, read once (allocates nothing).
+/// The geometry of the running kernel, from its base page (`AT_PAGESZ`,
+/// read once: no system call, no allocation).
 pub fn current() -> Geometry {
     let packed = CURRENT.load(Ordering::Relaxed);
     if packed != 0 {
@@ -35,7 +36,7 @@ pub fn current() -> Geometry {
             huge: 1 << (packed >> 8),
         };
     }
-    let g = PageSizes::read().planning_geometry();
+    let g = Geometry::for_base_page(base_page());
     let packed = u64::from(g.page.trailing_zeros()) | (u64::from(g.huge.trailing_zeros()) << 8);
     CURRENT.store(packed, Ordering::Relaxed);
     g
@@ -133,13 +134,10 @@ impl PageSizes {
         }
     }
 
-    /// This kernel's sizes. Allocates nothing (the constructor reads them
-    /// before anything else).
+    /// This kernel's sizes, for reports (`tiexec --check`). Allocates
+    /// nothing.
     pub fn read() -> PageSizes {
-        let base = match sys::base_page_size() {
-            n if n.is_power_of_two() && n >= PAGE_4K => n,
-            _ => PAGE_4K,
-        };
+        let base = base_page();
         let mut buf = [0u8; 32];
         let thp = sys::read_small_file(
             c"/sys/kernel/mm/transparent_hugepage/hpage_pmd_size",
@@ -180,7 +178,7 @@ impl PageSizes {
     /// they imply.
     pub fn geometry(&self) -> Result<Geometry, Unsupported> {
         let g = self.planning_geometry();
-        if ![4 << 10, 16 << 10, 64 << 10].contains(&g.page) {
+        if !SUPPORTED_BASES.contains(&g.page) {
             return Err(Unsupported::BasePage {
                 page: g.page,
                 huge: g.huge,
@@ -190,6 +188,32 @@ impl PageSizes {
             Some(size) if size != g.huge => Err(Unsupported::ThpSize(size)),
             _ => Ok(g),
         }
+    }
+}
+
+/// The base page from `AT_PAGESZ` (4 KiB if the kernel gave none).
+fn base_page() -> u64 {
+    match sys::base_page_size() {
+        n if n.is_power_of_two() && n >= PAGE_4K => n,
+        _ => PAGE_4K,
+    }
+}
+
+/// The base page sizes Linux uses on x86_64 and arm64.
+const SUPPORTED_BASES: [u64; 3] = [4 << 10, 16 << 10, 64 << 10];
+
+/// Whether the swap works with this kernel's page sizes, from the base page
+/// alone (no system call: the constructor asks before anything else).
+/// A THP size other than the PMD's shows later, as staging that is not huge.
+pub fn current_supported() -> Result<Geometry, Unsupported> {
+    let g = current();
+    if SUPPORTED_BASES.contains(&g.page) {
+        Ok(g)
+    } else {
+        Err(Unsupported::BasePage {
+            page: g.page,
+            huge: g.huge,
+        })
     }
 }
 

@@ -109,7 +109,7 @@ fn run() {
 
     // Page sizes: the swap works with 4 KiB base pages and 2 MiB pages
     // (arm64 kernels may use 16 or 64 KiB pages: see `pagesize`).
-    if let Err(why) = crate::pagesize::PageSizes::read().geometry() {
+    if let Err(why) = crate::pagesize::current_supported() {
         crate::tlog!(
             if config.backend == Backend::Auto {
                 Level::Info
