@@ -243,20 +243,9 @@ pub fn hugetlb_pool() -> Pool {
     }
 }
 
-/// The sysfs directory of that pool: `/sys/kernel/mm/hugepages/hugepages-2048kB`
-/// with 2 MiB pages.
-pub fn hugetlb_pool_dir() -> HugetlbPoolDir {
-    HugetlbPoolDir(crate::range::huge_page())
-}
-
-/// See [`hugetlb_pool_dir`].
-#[derive(Clone, Copy, Debug)]
-pub struct HugetlbPoolDir(u64);
-
-impl core::fmt::Display for HugetlbPoolDir {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "/sys/kernel/mm/hugepages/hugepages-{}kB", self.0 >> 10)
-    }
+/// The sysfs directory of that pool.
+pub fn hugetlb_pool_dir() -> crate::pagesize::HugetlbDir {
+    crate::pagesize::HugetlbDir(crate::range::huge_page())
 }
 
 /// The system-wide THP mode (`always`, `madvise` or `never`).

@@ -291,6 +291,7 @@ pub fn chunks_touched(range: Range) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::range::HUGE_PAGE;
 
     #[test]
     fn a_data_mapping_sharing_a_file_page_with_rodata_gets_the_right_bias() {
@@ -328,8 +329,6 @@ mod tests {
         assert_eq!(bias_from_mappings(&phdrs, &with_header), Some(base));
         assert_eq!(bias_from_mappings(&phdrs, &[]), None);
     }
-    #[allow(unused_imports)]
-    use crate::range::{HUGE_PAGE, PAGE};
 
     #[test]
     fn this_process_is_described() {

@@ -336,8 +336,7 @@ pub fn registered_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[allow(unused_imports)]
-    use crate::range::{HUGE_PAGE, PAGE};
+    use crate::range::HUGE_PAGE;
     use crate::sys;
 
     #[test]

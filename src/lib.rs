@@ -227,7 +227,7 @@ pub enum Error {
     SecureExecution,
     /// The backend is `off`.
     Off,
-    /// The kernel's page sizes are not the 4 KiB / 2 MiB the swap works with.
+    /// The kernel's page sizes are not ones Linux uses on x86_64 or arm64.
     PageSizes(pagesize::Unsupported),
 }
 

@@ -107,6 +107,25 @@ impl core::fmt::Display for Unsupported {
 /// x86_64 and arm64).
 const HUGETLB_CANDIDATES: [u64; 6] = [64 << 10, 2 << 20, 32 << 20, 512 << 20, 1 << 30, 16 << 30];
 
+/// The sysfs directory of the hugetlb pool of pages of `.0` bytes:
+/// `/sys/kernel/mm/hugepages/hugepages-2048kB` for 2 MiB.
+#[derive(Clone, Copy, Debug)]
+pub struct HugetlbDir(pub u64);
+
+impl core::fmt::Display for HugetlbDir {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "/sys/kernel/mm/hugepages/hugepages-{}kB", self.0 >> 10)
+    }
+}
+
+/// True when hugetlb offers pages of `size` bytes (their pool's directory
+/// exists). Allocates nothing.
+fn hugetlb_size_offered(size: u64) -> bool {
+    let mut path = crate::log::LineBuf::new();
+    let _ = core::fmt::Write::write_fmt(&mut path, format_args!("{}\0", HugetlbDir(size)));
+    core::ffi::CStr::from_bytes_until_nul(path.as_bytes()).is_ok_and(sys::exists)
+}
+
 /// The page sizes of a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageSizes {
@@ -147,7 +166,7 @@ impl PageSizes {
         .and_then(|n| parse_decimal(buf.get(..n)?));
         let mut mask = 0u8;
         for (i, &size) in HUGETLB_CANDIDATES.iter().enumerate() {
-            if sys::hugetlb_size_offered(size) {
+            if hugetlb_size_offered(size) {
                 mask |= 1 << i;
             }
         }
@@ -194,7 +213,9 @@ impl PageSizes {
 /// The base page from `AT_PAGESZ` (4 KiB if the kernel gave none).
 fn base_page() -> u64 {
     match sys::base_page_size() {
-        n if n.is_power_of_two() && n >= PAGE_4K => n,
+        // Any power of two Linux could report (its sizes go to 64 KiB); an
+        // absurd value falls back rather than overflow the arithmetic.
+        n if n.is_power_of_two() && (PAGE_4K..=1 << 20).contains(&n) => n,
         _ => PAGE_4K,
     }
 }

@@ -285,7 +285,7 @@ pub fn plan_object(
 
 /// [`plan_object`] for a kernel with geometry `g`: chunks of `g.huge`
 /// bytes (32 MiB or 512 MiB pages on arm64 kernels with 16 KiB or 64 KiB
-/// base pages; only 2 MiB chunks are swapped today, see `pagesize`).
+/// base pages).
 pub fn plan_object_in(
     g: Geometry,
     segments: &[Range],
@@ -647,7 +647,6 @@ pub fn supplies(
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[allow(unused_imports)]
     use crate::range::{HUGE_PAGE, PAGE};
 
     const M: u64 = HUGE_PAGE;

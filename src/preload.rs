@@ -107,8 +107,8 @@ fn run() {
         }
     }
 
-    // Page sizes: the swap works with 4 KiB base pages and 2 MiB pages
-    // (arm64 kernels may use 16 or 64 KiB pages: see `pagesize`).
+    // Page sizes: base pages of 4, 16 or 64 KiB, whose PMD-level page the
+    // swap uses (see `pagesize`); from AT_PAGESZ, no system call.
     if let Err(why) = crate::pagesize::current_supported() {
         crate::tlog!(
             if config.backend == Backend::Auto {

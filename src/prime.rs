@@ -202,8 +202,7 @@ pub const LINK_ADVICE: &str = "-Wl,-z,max-page-size=0x200000 (or -Wl,-z,separate
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[allow(unused_imports)]
-    use crate::range::{HUGE_PAGE, PAGE};
+    use crate::range::HUGE_PAGE;
 
     #[test]
     fn bodies_are_whole_2m_pages_of_the_file_range() {

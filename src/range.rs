@@ -14,15 +14,15 @@ pub fn huge_page() -> u64 {
 }
 
 /// The huge page's size in words: "2 MiB", "32 MiB", "512 MiB".
-pub fn huge_page_name() -> HugePageName {
-    HugePageName(huge_page())
+pub fn huge_page_name() -> SizeName {
+    SizeName(huge_page())
 }
 
-/// See [`huge_page_name`].
+/// A page size in words: "4 KiB", "2 MiB", "1 GiB".
 #[derive(Clone, Copy, Debug)]
-pub struct HugePageName(pub u64);
+pub struct SizeName(pub u64);
 
-impl core::fmt::Display for HugePageName {
+impl core::fmt::Display for SizeName {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         if self.0 >= 1 << 30 && self.0 % (1 << 30) == 0 {
             write!(f, "{} GiB", self.0 >> 30)

@@ -296,7 +296,7 @@ impl ObjectReport {
                 self.path,
                 range.start,
                 range.end,
-                crate::range::HugePageName(page())
+                crate::range::SizeName(page())
             );
         }
         if let Some(why) = self.not_attempted {
@@ -332,7 +332,7 @@ impl ObjectReport {
             InPlaceNote(self.in_place_error),
             self.already_huge_bytes / huge_page(),
             self.after.small() / page(),
-            crate::range::HugePageName(page()),
+            crate::range::SizeName(page()),
             KeptReasons(&self.kept),
             Millis(self.elapsed_ns)
         );

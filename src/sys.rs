@@ -363,19 +363,10 @@ pub fn base_page_size() -> u64 {
     unsafe { libc::getauxval(libc::AT_PAGESZ) }
 }
 
-/// True when hugetlb offers pages of `size` bytes (its sysfs directory
-/// exists). Allocates nothing.
-pub fn hugetlb_size_offered(size: u64) -> bool {
-    let mut path = crate::log::LineBuf::new();
-    let _ = fmt::Write::write_fmt(
-        &mut path,
-        format_args!("/sys/kernel/mm/hugepages/hugepages-{}kB\0", size >> 10),
-    );
-    let Ok(c) = CStr::from_bytes_until_nul(path.as_bytes()) else {
-        return false;
-    };
+/// True when `path` names something that exists. Allocates nothing.
+pub fn exists(path: &CStr) -> bool {
     // SAFETY: a NUL-terminated path.
-    unsafe { libc::access(c.as_ptr(), libc::F_OK) == 0 }
+    unsafe { libc::access(path.as_ptr(), libc::F_OK) == 0 }
 }
 
 /// Makes bytes just written into `range` (mapped, readable) visible to

@@ -637,22 +637,6 @@ fn tiexec_cache_lists_and_clears_images() {
     assert_eq!(cache.used_pages(), 0);
 }
 
-/// The functions of `exe`: name -> (file address, size).
-fn functions(exe: &Path) -> std::collections::HashMap<String, (u64, u64)> {
-    let bytes = std::fs::read(exe).unwrap();
-    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
-    elf.syms
-        .iter()
-        .filter(|s| s.is_function() && s.st_size > 0)
-        .filter_map(|s| {
-            Some((
-                elf.strtab.get_at(s.st_name)?.to_string(),
-                (s.st_value, s.st_size),
-            ))
-        })
-        .collect()
-}
-
 /// Text served from a cache image stays named: gdb (through the loader's
 /// list of objects) names a function in the middle of it and the backtrace,
 /// and the perf map lists the image's functions at their addresses (perf
@@ -680,7 +664,7 @@ fn debuggers_and_profilers_name_functions_in_images() {
     let pid = w.pid();
     let segments = common::text_segments(pid, &exe);
     let cov = common::coverage(pid, &segments);
-    let symbols = functions(&exe);
+    let symbols = common::functions(&exe);
     let (value, size) = symbols["fixture_fn_4000"];
     let gdb = common::run(
         Command::new("gdb")

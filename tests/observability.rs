@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -95,22 +94,6 @@ fn reports_never_clobber_or_follow_symlinks() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Function symbols of `exe`: name -> (value, size).
-fn functions(exe: &Path) -> HashMap<String, (u64, u64)> {
-    let bytes = std::fs::read(exe).unwrap();
-    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
-    elf.syms
-        .iter()
-        .filter(|s| s.is_function() && s.st_size > 0)
-        .filter_map(|s| {
-            Some((
-                elf.strtab.get_at(s.st_name)?.to_string(),
-                (s.st_value, s.st_size),
-            ))
-        })
-        .collect()
-}
-
 #[test]
 fn the_perf_map_matches_the_binarys_symbols() {
     let exe = common::fixture(PIE);
@@ -129,7 +112,7 @@ fn the_perf_map_matches_the_binarys_symbols() {
     let map = std::fs::read_to_string(&map_path).expect("perf map written");
     let _ = std::fs::remove_file(&map_path);
     o.check(o.stderr.contains("functions written to"), "says so");
-    let symbols = functions(&exe);
+    let symbols = common::functions(&exe);
     let mut checked = 0;
     for line in map.lines() {
         let mut f = line.splitn(3, ' ');
@@ -160,7 +143,7 @@ fn gdb_still_names_functions_in_swapped_text() {
     let bias = common::load_bias(pid, &exe, &goblin::elf::Elf::parse(&bytes).unwrap());
     let segments = common::text_segments(pid, &exe);
     let cov = common::coverage(pid, &segments);
-    let symbols = functions(&exe);
+    let symbols = common::functions(&exe);
     let (value, _) = symbols["fixture_fn_4000"];
     let addr = bias + value;
     let gdb = common::run(

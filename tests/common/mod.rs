@@ -652,6 +652,23 @@ pub fn maps_near(pid: u32, segments: &[Range]) -> String {
         .join("\n")
 }
 
+/// The function symbols of `exe`: name -> (value, size).
+#[allow(dead_code)]
+pub fn functions(exe: &Path) -> std::collections::HashMap<String, (u64, u64)> {
+    let bytes = std::fs::read(exe).expect("read exe");
+    let elf = goblin::elf::Elf::parse(&bytes).expect("parse exe");
+    elf.syms
+        .iter()
+        .filter(|s| s.is_function() && s.st_size > 0)
+        .filter_map(|s| {
+            Some((
+                elf.strtab.get_at(s.st_name)?.to_string(),
+                (s.st_value, s.st_size),
+            ))
+        })
+        .collect()
+}
+
 /// Lines of /proc/<pid>/maps that are writable and executable at once.
 pub fn writable_executable_mappings(pid: u32) -> Vec<String> {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))

@@ -144,7 +144,7 @@ fn print_process(pid: u32, name: &str, objects: &[ObjectStat]) {
             Bytes(c.anon_thp),
             Bytes(c.file_thp),
             Bytes(c.small()),
-            tiexec::internal::range::HugePageName(tiexec::internal::range::page())
+            tiexec::internal::range::SizeName(tiexec::internal::range::page())
         );
         if !o.images.is_empty() {
             let most = o.images.iter().map(|i| i.processes).max().unwrap_or(1);
