@@ -405,6 +405,10 @@ fn boot(kernel: &Path, initrd: &Path) -> common::Outcome {
     let mut qemu = Command::new("qemu-system-aarch64");
     qemu.args(["-M", "virt", "-cpu", "max,pauth-impdef=on", "-smp", "2"])
         .args(["-m", "3072", "-nographic", "-no-reboot"])
+        // No network card: the machine needs none, and the default one's
+        // boot ROM (efi-virtio.rom, Debian's ipxe-qemu) is not installed
+        // with qemu-system-arm --no-install-recommends.
+        .args(["-nic", "none"])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -413,7 +417,22 @@ fn boot(kernel: &Path, initrd: &Path) -> common::Outcome {
             "-append",
             "console=ttyAMA0 rdinit=/init panic=-1 quiet transparent_hugepage=madvise",
         ]);
-    common::run(&mut qemu, Duration::from_secs(2400))
+    let o = common::run(&mut qemu, Duration::from_secs(2400));
+    if let Some(line) = o
+        .stderr
+        .lines()
+        .find(|l| l.contains("failed to find romfile"))
+    {
+        o.check(
+            false,
+            &format!(
+                "qemu-system-aarch64 lacks a firmware file it asked for ({line}): \
+                 install the package that holds it (ipxe-qemu for efi-*.rom), \
+                 or boot without the device that needs it"
+            ),
+        );
+    }
+    o
 }
 
 /// The library's unit tests, cross-built, run by qemu's user-mode emulator

@@ -57,18 +57,38 @@ pub const STATIC_SMALL: Spec = Spec {
 /// returns). Under `TIEXEC_TEST_STRICT=1` (what CI sets) a skip fails the
 /// test instead: there, everything a test needs was set up, so a skip would
 /// hide a test that can no longer pass.
+///
+/// The note goes straight to stderr, past the test harness's capture, so
+/// that it shows in a plain `cargo test` next to the test's `ok` (the
+/// harness has no "skipped" result of its own).
 pub fn skip(why: impl std::fmt::Display) {
     if std::env::var_os("TIEXEC_TEST_STRICT").is_some_and(|v| !v.is_empty() && v != "0") {
         panic!("skipped under TIEXEC_TEST_STRICT: {why}");
     }
-    eprintln!("note: {why}: test skipped");
+    uncaptured(format_args!("SKIPPED {}: {why}", test_name()));
 }
 
 /// Says that a test does not apply to this kernel (a feature it was built
 /// without, which no set-up can add), and returns. Never fails, strict or
 /// not: use [`skip`] for anything a machine could be set up to have.
 pub fn unsupported(why: impl std::fmt::Display) {
-    eprintln!("note: {why}: not applicable on this kernel");
+    uncaptured(format_args!(
+        "NOT APPLICABLE {}: {why} (this kernel)",
+        test_name()
+    ));
+}
+
+/// The running test's name (the harness names each test's thread after it).
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string()
+}
+
+/// One line on the real stderr, not the harness's captured one.
+fn uncaptured(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// A digest of a fixture's source, for its file name: an edited source is
@@ -865,14 +885,31 @@ impl PoolGuard {
             .get_or_init(|| Mutex::new(()))
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let lock =
-            File::create(std::env::temp_dir().join("tiexec-tests-hugetlb-pool.lock")).ok()?;
+        let lock_path = std::env::temp_dir().join("tiexec-tests-hugetlb-pool.lock");
+        let lock = match File::create(&lock_path) {
+            Ok(f) => f,
+            Err(e) => {
+                skip(format_args!("the pool's lock {}: {e}", lock_path.display()));
+                return None;
+            }
+        };
         use std::os::fd::AsRawFd;
         // SAFETY: a valid open fd; flock blocks until the other holder ends.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            skip(format_args!(
+                "locking {}: {}",
+                lock_path.display(),
+                std::io::Error::last_os_error()
+            ));
             return None;
         }
-        let (old, held, _) = read_pool()?;
+        let Some((old, held, _)) = read_pool() else {
+            skip(format_args!(
+                "cannot read the hugetlb pool in {}",
+                pool_dir()
+            ));
+            return None;
+        };
         let write = |n: u64| {
             std::fs::OpenOptions::new()
                 .write(true)
