@@ -16,8 +16,8 @@
 //   mremap(MREMAP_MAYMOVE|MREMAP_FIXED) moves it over the text; 3. only if
 //   that failed, msync(probe, page, MS_ASYNC) tells whether the text is still
 //   mapped (ENOMEM: a hole); 4. only then the same bytes are put back at the
-//   same address: the staging's file mapped r-x, else anonymous memory, a
-//   copy of the staging, then r-x.
+//   same address: the staging's file mapped r-x (from the record's
+//   fd_offset), else anonymous memory, a copy of the staging, then r-x.
 //
 // Instruction cache (aarch64 does not keep it coherent with data writes):
 //   - staging the Rust side filled (anonymous copies) and the copy of this
@@ -140,7 +140,7 @@ tiexec_trampoline_start:
     mov     x2, #{PROT_READ_EXEC}           // prot: executable from the start
     mov     x3, #{MAP_SHARED_FIXED}         // flags
     ldr     x4, [x19, #{OP_FD}]             // fd
-    mov     x5, #0                          // offset
+    ldr     x5, [x19, #{OP_FD_OFFSET}]      // offset: where the staging maps from
     svc     #0
     ldr     x9, [x19, #{OP_TEXT}]
     cmp     x0, x9

@@ -14,7 +14,7 @@
 #
 # Contract
 #   long tiexec_swap(struct SwapOp *ops, unsigned long count)
-#     rdi = ops: `count` records (`SwapOp`, 64 bytes):
+#     rdi = ops: `count` records (`SwapOp`, 72 bytes):
 #       staging  in:  address of the replacement: 2 MiB aligned, populated,
 #                     holding the text's bytes, a single mapping. Anonymous
 #                     (fd < 0): r-w, made r-x here. File-backed (fd >= 0):
@@ -22,7 +22,8 @@
 #       text     in:  address of the text range to replace
 #       len      in:  length of both, a multiple of 2 MiB
 #       fd       in:  -1, or a read-only descriptor of the file the staging
-#                     maps (from offset 0), for the restore in step 4
+#                     maps, for the restore in step 4
+#       fd_offset in: where in that file the staging mapping starts
 #       probe    in:  a page of the text range that was mapped before (the
 #                     range may also hold unmapped holes, which a check of the
 #                     whole range would take for damage)
@@ -171,7 +172,7 @@ tiexec_trampoline_start:
     mov     ${PROT_READ_EXEC}, %edx     # prot: executable from the start
     mov     ${MAP_SHARED_FIXED}, %r10d  # flags
     mov     {OP_FD}(%r12), %r8          # fd
-    xor     %r9d, %r9d                  # offset
+    mov     {OP_FD_OFFSET}(%r12), %r9   # offset: where the staging maps from
     syscall
     cmp     {OP_TEXT}(%r12), %rax
     jne     .Lrestore_by_copy           # not mapped: try the copy

@@ -13,7 +13,8 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use tiexec::internal::plan::{huge_page, Range, Source};
+use tiexec::internal::plan::{huge_page, Range};
+use tiexec::internal::policy::Source;
 use tiexec::internal::sys;
 
 const ROUNDS: usize = 7;
@@ -156,9 +157,11 @@ fn bench(file: &std::fs::File, mib: usize, source: Source) -> Option<Row> {
             in_place: false,
             names_program: false,
         };
+        // SAFETY (both copies): `req` is the request above: our own
+        // mapping, mapped and readable, not written meanwhile.
         let mut supply = |req: &tiexec::internal::plan::SwapRange| match source {
-            Source::Hugetlb => tiexec::internal::swap::pool_copy(req),
-            _ => tiexec::internal::swap::thp_copy(req),
+            Source::Hugetlb => unsafe { tiexec::internal::swap::pool_copy(req) },
+            _ => unsafe { tiexec::internal::swap::thp_copy(req) },
         };
         let results =
             unsafe { tiexec::internal::swap::swap_ranges(&[request], &mut supply, false) };

@@ -26,10 +26,10 @@ use crate::config;
 use crate::discover::LoadedObject;
 use crate::elf;
 use crate::log::Level;
-use crate::remap;
+use crate::pipeline;
 use crate::select;
+use crate::session::Refusal;
 use crate::smaps;
-use crate::sys;
 
 /// `LA_ACT_CONSISTENT`: the set of loaded objects is complete again.
 const LA_ACT_CONSISTENT: libc::c_uint = 0;
@@ -99,7 +99,19 @@ fn object_opened(bias: u64, name: &[u8]) {
     crate::log::set_level(parsed.config.log);
     crate::fault::set(parsed.config.fault);
     let config = parsed.config;
-    if config.backend == config::Backend::Off || sys::secure_execution() || name.is_empty() {
+    if name.is_empty() {
+        return;
+    }
+    // The session's refusals, less the thread count: here, before the new
+    // object's code can run, other threads do no harm.
+    if let Some(why) = Refusal::before_selection(config.backend)
+        .or_else(|| crate::sys::secure_execution().then_some(Refusal::SecureExecution))
+    {
+        crate::tlog!(
+            Level::Debug,
+            "{}: {why}: left alone",
+            String::from_utf8_lossy(name)
+        );
         return;
     }
     let path = String::from_utf8_lossy(name).into_owned();
@@ -117,7 +129,7 @@ fn object_opened(bias: u64, name: &[u8]) {
         crate::tlog!(Level::Debug, "{path}: left alone: {}", why.describe());
         return;
     }
-    if !remap::worth_planning(&object, config.strategy) {
+    if !pipeline::worth_planning(&object, config.strategy) {
         crate::tlog!(
             Level::Debug,
             "{path}: text {} holds no whole {} page: nothing to do",
@@ -126,32 +138,73 @@ fn object_opened(bias: u64, name: &[u8]) {
         );
         return;
     }
-    if let Err(why) = crate::pagesize::current_supported() {
-        crate::tlog!(Level::Info, "{path}: {why}: left alone");
-        return;
-    }
     if object.text_relocations {
         // The loader is about to write into its text: it must stay the
         // file's private pages, writable for that moment.
         crate::tlog!(Level::Info, "{path}: has text relocations: left alone");
         return;
     }
-    let request = remap::Request {
-        backend: config.backend,
-        strategy: config.strategy,
-    };
     let program = std::fs::read_link("/proc/self/exe")
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let ctx = crate::preload::context(request, &config, program, false);
+    let origin = crate::session::origin_from_env(&env);
+    let ctx = crate::session::open_context(&config, program, origin, false);
     let objects = [object];
     // SAFETY: the object was just mapped by the loader, which holds its lock
     // and will not unmap it during this call; none of its code has run or can
     // run before la_objopen returns (it is not relocated, and no other
     // thread can reach it yet).
-    let reports = unsafe { remap::remap_objects(&objects, &ctx) };
-    crate::preload::after_swap(&objects, &reports, &config, false);
+    let reports = unsafe { pipeline::remap_objects(&objects, &ctx) };
+    if let Ok(mut opened) = ON_HUGETLB.lock() {
+        for (range, source) in reports.iter().flat_map(|r| &r.swapped) {
+            if source.on_hugetlb() {
+                opened.push((bias, *range));
+            }
+        }
+    }
+    crate::session::after_swap(&objects, &reports, &config, false);
 }
+
+/// An object is about to be unloaded (its last `dlclose`): the ranges of
+/// its text on hugetlb pages leave the `mprotect` interposer's registry, so
+/// that nothing mapped there later is taken for them (see `interpose`).
+///
+/// # Safety
+/// Called by the loader with the cookie of an object it reported to
+/// `la_objopen` (by default, its link map's address), while the object is
+/// still mapped.
+#[no_mangle]
+pub unsafe extern "C" fn la_objclose(cookie: *mut usize) -> libc::c_uint {
+    if cookie.is_null() {
+        return 0;
+    }
+    // SAFETY: the loader's cookie holds the object's link map (we never set
+    // it to anything else), valid until the object is unmapped, after this
+    // call.
+    let map = unsafe { *cookie } as *const LinkMap;
+    if map.is_null() {
+        return 0;
+    }
+    // SAFETY: as above: a valid link map.
+    let bias = unsafe { (*map).l_addr } as u64;
+    let _ = std::panic::catch_unwind(|| {
+        let Ok(mut opened) = ON_HUGETLB.lock() else {
+            return;
+        };
+        opened.retain(|&(b, range)| {
+            if b == bias {
+                crate::interpose::unregister(range);
+            }
+            b != bias
+        });
+    });
+    0
+}
+
+/// Text this hook put on hugetlb pages, by the load bias of its object (the
+/// link map's `l_addr`, which `la_objclose` sees again).
+static ON_HUGETLB: std::sync::Mutex<Vec<(u64, crate::range::Range)>> =
+    std::sync::Mutex::new(Vec::new());
 
 /// Builds the object's description from its program headers, read from its
 /// file (the header table is not always in a mapped page), after checking

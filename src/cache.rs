@@ -2,13 +2,19 @@
 //! a hugetlbfs mount, so that the copy is paid once per machine and the pages
 //! are shared by every process of a program.
 //!
-//! An *image* holds exactly the bytes a process would otherwise copy for one
-//! range: the file's bytes of the mapped pieces at their offsets in the
-//! 2 MiB pages, zeros elsewhere. A process whose range has an image maps it
+//! An *image* holds the bytes of one region of an object's text as a
+//! process maps it: the huge pages its text spans (its text segments,
+//! rounded out to huge pages, merged where they share one), with the
+//! file's bytes of the object's read-only mappings there at their offsets,
+//! zeros elsewhere. One image per object, region and load phase (the load
+//! address modulo the huge page), whatever part of it a process needs: a
+//! process maps the part it plans to move (at that offset in the image)
 //! `PROT_READ|PROT_EXEC`, `MAP_SHARED`, populated, from a read-only
 //! descriptor, and moves it over its text with the usual single `mremap`: no
 //! copy, no private memory, and no mapping that was ever writable (so it works
 //! under memory-deny-write-execute, and no process can write through it).
+//! What the page cache already maps huge in one process and not in another
+//! changes which part is mapped, never which image.
 //!
 //! Layout: `<root>/<uid>/<name>` where `<root>` is a hugetlbfs mount (made by
 //! `tiexec --setup`, default [`DEFAULT_ROOT`]) and `<uid>` the directory of
@@ -19,7 +25,8 @@
 //! Building (a miss): from the file on disk, never from the process's memory
 //! (a debugger's breakpoint or a relocated text page must never be shared),
 //! under an exclusive lock per image (a second process that misses meanwhile
-//! does not wait: it runs without the image this time), into an unnamed file
+//! waits for it, at most about twice the time the build is expected to take
+//! on this machine, then goes on without the image), into an unnamed file
 //! (`O_TMPFILE`) filled through a writable mapping that is then dropped, and
 //! published with `linkat`, which never replaces a name. A crashed builder
 //! leaves nothing behind: the unnamed file goes with its descriptor.
@@ -36,9 +43,8 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::config::Strategy;
 use crate::plan::huge_page;
-use crate::state::{fnv1a, StateDir};
+use crate::state::{fnv1a, RateKind, StateDir};
 use crate::sys::{self, Errno, Mapping, Prot};
 
 /// Where `tiexec --setup` mounts the cache, and where processes look for it
@@ -46,7 +52,7 @@ use crate::sys::{self, Errno, Mapping, Prot};
 pub const DEFAULT_ROOT: &str = "/run/tiexec";
 
 /// The version of the image format, part of every name.
-const FORMAT: &str = "v1";
+pub const FORMAT: &str = "v2";
 
 /// Bytes of the object's file name kept in an image's name.
 const NAME_BYTES: usize = 40;
@@ -101,16 +107,15 @@ pub struct ImageKey {
     pub file: FileIdentity,
     /// Its ELF build ID (empty when it has none).
     pub build_id: Vec<u8>,
-    /// Start of the range relative to the load bias.
+    /// Start of the region relative to the load bias.
     pub offset: u64,
-    /// Length of the range, a multiple of 2 MiB.
+    /// Length of the region, a multiple of the huge page.
     pub len: u64,
-    /// The load bias modulo 2 MiB: where the file's bytes fall in the pages.
+    /// The load bias modulo the huge page: where the file's bytes fall in
+    /// the pages.
     pub phase: u64,
     /// A digest of the pieces: which bytes come from where in the file.
     pub layout: u64,
-    /// The planning strategy that chose the range.
-    pub strategy: Strategy,
 }
 
 /// One part of an image that holds file bytes.
@@ -150,6 +155,18 @@ fn safe_name(name: &str, max: usize) -> String {
         .collect()
 }
 
+/// Whether `name` is an image of the first format (one image per range,
+/// `@v1-`, eleven fields ending in the strategy's letter): never used now,
+/// but listed and evicted like any image so that its pages come back.
+pub fn is_legacy_image_name(name: &str) -> bool {
+    name.rsplit_once('@').is_some_and(|(_, rest)| {
+        let fields: Vec<&str> = rest.split('-').collect();
+        fields.len() == 12
+            && fields.first() == Some(&"v1")
+            && matches!(fields.last(), Some(&("a" | "c")))
+    })
+}
+
 /// Whether `path` names a cache image of this format (what `tiexec --stat`
 /// looks for among a process's mappings).
 pub fn is_image_path(path: &str) -> bool {
@@ -157,7 +174,7 @@ pub fn is_image_path(path: &str) -> bool {
 }
 
 impl ImageKey {
-    /// The image's file name: `<object file name>@v1-<key fields in hex>`.
+    /// The image's file name: `<object file name>@v2-<key fields in hex>`.
     /// Every field of the key is in it (the build ID cut to 20 bytes), so a
     /// name matches only the bytes it was built from. At most ~240 bytes.
     pub fn file_name(&self, object_path: &str) -> String {
@@ -171,7 +188,7 @@ impl ImageKey {
         }
         let f = &self.file;
         format!(
-            "{}@{FORMAT}-{:x}-{:x}-{:x}-{:x}-{:x}-{id}-{:x}-{:x}-{:x}-{:x}-{}",
+            "{}@{FORMAT}-{:x}-{:x}-{:x}-{:x}-{:x}-{id}-{:x}-{:x}-{:x}-{:x}",
             safe_name(base, NAME_BYTES),
             f.dev,
             f.ino,
@@ -182,10 +199,6 @@ impl ImageKey {
             self.len,
             self.phase,
             self.layout,
-            match self.strategy {
-                Strategy::Aggressive => 'a',
-                Strategy::Conservative => 'c',
-            }
         )
     }
 }
@@ -199,7 +212,11 @@ pub fn parse_name(name: &str) -> Option<(&str, u64)> {
         return None;
     }
     let fields: Vec<&str> = fields.collect();
-    if fields.len() != 11 || !matches!(fields.last(), Some(&("a" | "c"))) {
+    if fields.len() != 10
+        || !fields
+            .iter()
+            .all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
         return None;
     }
     let len = u64::from_str_radix(fields.get(7)?, 16).ok()?;
@@ -259,8 +276,12 @@ impl core::fmt::Display for Unusable {
 pub enum Failure {
     /// An entry with that name is not safe to use (owner, mode, type).
     Untrusted(&'static str),
-    /// Another process is building this image right now.
-    Busy,
+    /// Another process was building this image, and had not published it
+    /// after this one waited as long as a build should take.
+    Busy {
+        /// How long this process waited (ms).
+        waited_ms: u64,
+    },
     /// Not enough room, even after evicting what no process uses.
     NoRoom {
         /// 2 MiB pages needed.
@@ -288,7 +309,10 @@ impl core::fmt::Display for Failure {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Failure::Untrusted(why) => write!(f, "cache entry not used: {why}"),
-            Failure::Busy => write!(f, "another process is building its image"),
+            Failure::Busy { waited_ms } => write!(
+                f,
+                "another process is building its image (waited {waited_ms} ms, longer than a build should take)"
+            ),
             Failure::NoRoom { needed, free } => write!(
                 f,
                 "cache full: {needed} pages needed, {free} free after evicting unused images"
@@ -316,12 +340,16 @@ pub struct Image {
 }
 
 impl Image {
-    /// Maps it r-x, shared, populated: nothing left to allocate later, so no
+    /// Maps `len` bytes of it from `offset` (both multiples of the huge
+    /// page) r-x, shared, populated: nothing left to allocate later, so no
     /// SIGBUS; never writable, through this mapping or any other made from
     /// the read-only descriptor.
-    pub fn map(&self) -> Result<Mapping, Errno> {
-        let len = usize::try_from(self.len).map_err(|_| Errno(libc::EINVAL))?;
-        Mapping::file(self.fd.as_fd(), 0, len, Prot::READ_EXEC, true, true)
+    pub fn map(&self, offset: u64, len: u64) -> Result<Mapping, Errno> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) || offset % huge_page() != 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        let len = usize::try_from(len).map_err(|_| Errno(libc::EINVAL))?;
+        Mapping::file(self.fd.as_fd(), offset, len, Prot::READ_EXEC, true, true)
     }
 
     /// The read-only descriptor (for the swap routine's restore path).
@@ -594,8 +622,9 @@ impl Cache {
 
     /// Returns the image `name` holding `content`: found (a hit), or built
     /// now. With `publish`, a built image gets its name in the cache (under
-    /// the image's lock: a process that finds the lock taken gets
-    /// [`Failure::Busy`] at once instead of waiting); without, it stays
+    /// the image's lock: a process that finds the lock taken waits for the
+    /// builder, at most `wait_ms`, and then uses what it published; after
+    /// that it gets [`Failure::Busy`] and goes on without); without, it stays
     /// unnamed and private to this process (text whose load address is
     /// random: no other process could use it).
     pub fn get_or_build(
@@ -603,6 +632,7 @@ impl Cache {
         name: &str,
         content: &Content<'_>,
         publish: bool,
+        wait_ms: u64,
         state: Option<&StateDir>,
         object: &str,
     ) -> Result<Image, Failure> {
@@ -613,8 +643,9 @@ impl Cache {
                 }
                 return Ok(image);
             }
-            let lock = self.lock(name)?;
-            // Published between the lookup and the lock?
+            let lock = self.lock(name, wait_ms)?;
+            // Published between the lookup and the lock (by the process
+            // waited for)?
             if let Some(image) = self.lookup(name, content.len)? {
                 if let Some(s) = state {
                     s.image_hit(name, object);
@@ -627,7 +658,13 @@ impl Cache {
         };
         let pages = content.len / huge_page();
         self.make_room(pages, state)?;
+        let started = sys::monotonic_ns();
         let image = self.build(content)?;
+        if let (Some(s), true) = (state, content.len >= huge_page()) {
+            let us = sys::monotonic_ns().saturating_sub(started) / 1000;
+            let per_mib = us.saturating_mul(1 << 20) / content.len;
+            s.record_rate(RateKind::Image, u32::try_from(per_mib).unwrap_or(u32::MAX));
+        }
         if !publish {
             return Ok(Image {
                 fd: sys::reopen_read_only(image.as_fd()).map_err(Failure::Reopen)?,
@@ -666,8 +703,10 @@ impl Cache {
         })
     }
 
-    /// Takes the image's build lock, or reports that another process holds it.
-    fn lock(&self, name: &str) -> Result<OwnedFd, Failure> {
+    /// Takes the image's build lock. When another process holds it (it is
+    /// building the image), waits for it, polling, at most `wait_ms`: never
+    /// unboundedly.
+    fn lock(&self, name: &str, wait_ms: u64) -> Result<OwnedFd, Failure> {
         let lock_c = c(&format!("{name}.lock")).map_err(|_| Failure::Untrusted("bad name"))?;
         let fd = sys::open_at(
             Some(self.dir.as_fd()),
@@ -676,11 +715,35 @@ impl Cache {
             0o600,
         )
         .map_err(Failure::Create)?;
-        match sys::try_lock_exclusive(fd.as_fd()) {
-            Ok(true) => Ok(fd),
-            Ok(false) => Err(Failure::Busy),
-            Err(e) => Err(Failure::Create(e)),
+        let started = sys::monotonic_ns();
+        let mut pause_us = 500;
+        loop {
+            match sys::try_lock_exclusive(fd.as_fd()) {
+                Ok(true) => return Ok(fd),
+                Ok(false) => {}
+                Err(e) => return Err(Failure::Create(e)),
+            }
+            let waited_ms = sys::monotonic_ns().saturating_sub(started) / 1_000_000;
+            if waited_ms >= wait_ms {
+                return Err(Failure::Busy { waited_ms });
+            }
+            sys::sleep_us(pause_us);
+            pause_us = (pause_us * 2).min(4000);
         }
+    }
+
+    /// How long a process should wait for another's build of `len` bytes
+    /// (ms): twice what builds measured on this machine took for that size
+    /// (`us_per_mib`, 0: unknown, taken as 2 ms/MiB), plus 20 ms for the
+    /// scheduler, at most 5 s.
+    pub fn wait_for_build_ms(len: u64, us_per_mib: u32) -> u64 {
+        let rate = if us_per_mib == 0 {
+            2000
+        } else {
+            u64::from(us_per_mib)
+        };
+        let expected_ms = (len >> 20).saturating_mul(rate) / 1000;
+        (expected_ms.saturating_mul(2) + 20).min(5000)
     }
 
     /// Builds an unnamed image file holding `content`; returns its
@@ -792,13 +855,18 @@ pub fn entries_in(dir: &Path, uid: u32) -> Vec<Entry> {
     list.flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            parse_name(&name)?;
+            let legacy = is_legacy_image_name(&name);
+            if parse_name(&name).is_none() && !legacy {
+                return None;
+            }
             let meta = e.metadata().ok()?;
             meta.is_file().then(|| Entry {
                 name,
                 uid,
                 bytes: meta.len(),
-                last_use: meta.mtime(),
+                // Images of the first format are never used again: the
+                // first to be evicted.
+                last_use: if legacy { i64::MIN } else { meta.mtime() },
             })
         })
         .collect()
@@ -895,7 +963,6 @@ mod tests {
             len: 0x3c00000,
             phase: 0,
             layout: 0x1234,
-            strategy: Strategy::Aggressive,
         }
     }
 
@@ -903,7 +970,7 @@ mod tests {
     fn names_hold_the_whole_key_and_stay_short() {
         let k = key();
         let name = k.file_name("/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1");
-        assert!(name.starts_with("libLLVM.so.22.1@v1-fe00-2f2a7-"), "{name}");
+        assert!(name.starts_with("libLLVM.so.22.1@v2-fe00-2f2a7-"), "{name}");
         assert!(name.len() < 255);
         assert_eq!(parse_name(&name), Some(("libLLVM.so.22.1", 0x3c00000)));
         // Any field changed: another name.
@@ -930,7 +997,6 @@ mod tests {
             len: u64::MAX,
             phase: u64::MAX,
             layout: u64::MAX,
-            strategy: Strategy::Conservative,
         };
         let name = worst.file_name(&format!("/{}", "n".repeat(300)));
         assert!(name.len() <= 255, "{} bytes", name.len());
@@ -940,9 +1006,9 @@ mod tests {
     #[test]
     fn odd_object_names_become_safe_names() {
         let name = key().file_name("/opt/we ird/lib@x:y.so");
-        assert!(name.starts_with("lib_x_y.so@v1-"), "{name}");
+        assert!(name.starts_with("lib_x_y.so@v2-"), "{name}");
         assert!(parse_name("not-an-image").is_none());
-        assert!(parse_name("x@v2-1-2").is_none());
+        assert!(parse_name("x@v3-1-2").is_none());
         assert!(parse_name("x.lock").is_none());
         let lock = format!("{}.lock", key().file_name("/x/libx.so"));
         assert!(parse_name(&lock).is_none());
@@ -950,7 +1016,12 @@ mod tests {
             "/run/c/{}",
             key().file_name("/x/libx.so")
         )));
-        assert!(!is_image_path("/run/c/x@v1-"));
+        assert!(!is_image_path("/run/c/x@v2-"));
+        // The first format's names (one image per range) are not images now,
+        // but are known, to be evicted.
+        assert!(parse_name("a@v1-1-2-3-4-5-0-6-200000-0-7-a").is_none());
+        assert!(is_legacy_image_name("a@v1-1-2-3-4-5-0-6-200000-0-7-a"));
+        assert!(!is_legacy_image_name("a@v1-1-2-3.lock"));
     }
 
     #[test]

@@ -424,12 +424,15 @@ impl EnvSnapshot {
 
     /// The settings they make.
     pub fn parse(&self) -> Parsed<'_> {
-        parse(|name| {
-            self.0
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_slice())
-        })
+        parse(|name| self.get(name))
+    }
+
+    /// One `TIEXEC_*` variable's value, if set.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
     }
 }
 

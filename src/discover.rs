@@ -2,7 +2,8 @@
 //! of objects (`dl_iterate_phdr`), /proc and /sys.
 
 use crate::elf;
-use crate::plan::{Offer, Range};
+use crate::policy::Offer;
+use crate::range::Range;
 use crate::sys;
 
 /// One loaded ELF object and its executable segments.
@@ -39,6 +40,64 @@ impl LoadedObject {
             .iter()
             .any(|r| r.start <= addr && addr < r.end)
     }
+
+    /// A digest of what makes this object's text what it is, wherever it is
+    /// loaded: its build ID and its text segments' link-time ranges (a
+    /// rebuilt object differs in one or the other). Keys its hot map.
+    pub fn identity_digest(&self) -> u64 {
+        let mut bytes = self.build_id.clone();
+        for s in &self.text_segments {
+            bytes.extend_from_slice(&s.start.wrapping_sub(self.bias).to_le_bytes());
+            bytes.extend_from_slice(&s.len().to_le_bytes());
+        }
+        crate::history::fnv1a(&bytes)
+    }
+}
+
+/// `RTLD_DL_LINKMAP` from <dlfcn.h> (not in the libc crate).
+const RTLD_DL_LINKMAP: libc::c_int = 2;
+
+/// True when the copy of this library whose code is at `own` lives in the
+/// program's own link-map namespace (not in the one the loader makes for
+/// audit modules).
+pub fn in_base_namespace_of(own: u64) -> bool {
+    let mut info = libc::Dl_info {
+        dli_fname: core::ptr::null(),
+        dli_fbase: core::ptr::null_mut(),
+        dli_sname: core::ptr::null(),
+        dli_saddr: core::ptr::null_mut(),
+    };
+    let mut map: *mut libc::c_void = core::ptr::null_mut();
+    // SAFETY: dladdr1 with RTLD_DL_LINKMAP stores our link map (a valid
+    // handle for dlinfo) into `map`; both out-pointers are valid.
+    let found = unsafe {
+        libc::dladdr1(
+            own as *const libc::c_void,
+            &mut info,
+            (&mut map as *mut *mut libc::c_void).cast(),
+            RTLD_DL_LINKMAP,
+        )
+    };
+    if found == 0 || map.is_null() {
+        return true; // statically linked: there is only one namespace
+    }
+    let mut lmid: libc::c_long = libc::LM_ID_BASE;
+    // SAFETY: `map` is a link map (dlopen handle) from the loader; `lmid` is
+    // a valid out-pointer of the size RTLD_DI_LMID writes.
+    let ok = unsafe {
+        libc::dlinfo(
+            map,
+            libc::RTLD_DI_LMID,
+            (&mut lmid as *mut libc::c_long).cast(),
+        )
+    };
+    ok != 0 || lmid == libc::LM_ID_BASE
+}
+
+/// True when this copy of the library lives in the program's own link-map
+/// namespace.
+pub fn in_base_namespace() -> bool {
+    in_base_namespace_of(in_base_namespace as *const () as usize as u64)
 }
 
 struct Collector {
@@ -380,10 +439,10 @@ pub fn probe_file_collapse(dir: &std::path::Path) -> Result<(), String> {
     // A 2 MiB page inside the mapping is congruent with the file only when
     // the kernel placed the mapping 2 MiB-aligned (it does for files this
     // big); otherwise the answer is unknown.
-    if map.start() % crate::plan::huge_page() != 0 {
+    if map.start() % crate::range::huge_page() != 0 {
         return Err("unknown (could not place a congruent mapping)".into());
     }
-    let huge = crate::plan::huge_page() as usize;
+    let huge = crate::range::huge_page() as usize;
     let _ = map.advise_range(0, huge, libc::MADV_HUGEPAGE);
     map.advise_range(0, huge, sys::MADV_COLLAPSE)
         .map_err(|e| format!("{} (kernel without CONFIG_READ_ONLY_THP_FOR_FS?)", e.name()))

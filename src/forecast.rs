@@ -4,7 +4,7 @@
 //! The CLI starts PROGRAM with this library preloaded and [`VAR`] naming
 //! where to write. The constructor, at the very point where a run would
 //! move text, takes the same settings, selects the same objects and plans
-//! them with the same planner and policy ([`remap::forecast_objects`]),
+//! them with the same planner and policy ([`pipeline::forecast_objects`]),
 //! writes the forecast, and ends the process with `_exit`. By then the
 //! loader has mapped and relocated every start-up object and run the
 //! initializers of the libraries that come before the preload, as in any
@@ -17,10 +17,18 @@
 //! ([`ALL_HUGE`], [`SOME_LEFT`], [`FAILED`]).
 
 use crate::config::{self, CachePath};
+use crate::context::{Context, Origin, Program, Request};
 use crate::log::Bytes;
-use crate::plan::{huge_page, Source};
-use crate::remap;
+use crate::pipeline;
+use crate::policy::Source;
+use crate::range::huge_page;
 use crate::report::ObjectReport;
+use crate::session::Refusal;
+
+/// An address in this library's code: its own object is never a target.
+fn tiexec_address() -> u64 {
+    tiexec_address as *const () as usize as u64
+}
 
 /// Where to write the forecast: `fd:N` or a path created new (set by the
 /// CLI; its presence is what turns the forecast on).
@@ -119,6 +127,9 @@ impl Forecast {
                 "  no object with a whole 2 MiB page of text: nothing to move \
                  (the programs it starts may have: check them)"
             );
+        }
+        if let Some(d) = self.now.iter().find_map(|r| r.decision) {
+            let _ = writeln!(out, "  private copies: {d}");
         }
         for r in &self.now {
             let _ = writeln!(out, "  {}: text {}", r.path, Bytes(r.text_bytes));
@@ -222,36 +233,26 @@ fn forecast_here() -> Result<i32, String> {
     let config = parsed.config;
     let objects = crate::discover::loaded_objects();
     let program = objects.first().map(|o| o.path.clone()).unwrap_or_default();
-    // What would stop a run before any plan, in the order a run checks.
-    let page_sizes = crate::pagesize::current_supported();
-    let refused = if config.backend == config::Backend::Off {
-        Some("the backend is off (TIEXEC_BACKEND=off)".to_string())
-    } else if let Err(why) = page_sizes {
-        Some(why.to_string())
-    } else if crate::sys::secure_execution() {
-        Some("a secure-execution process (setuid, setgid or capabilities)".to_string())
-    } else {
-        match crate::discover::thread_count() {
-            Some(1) => None,
-            Some(n) => Some(format!("{n} threads already running before main")),
-            None => Some("the threads cannot be counted".to_string()),
-        }
-    };
+    // What would stop a run before any plan: the run's own list, in its
+    // order.
+    let refused = Refusal::any(config.backend).map(|why| why.to_string());
     let targets = if refused.is_some() {
         Vec::new()
     } else {
-        crate::preload::targets(&objects, &config, false)
+        crate::session::targets(&objects, &config, tiexec_address(), false)
     };
-    let request = remap::Request {
-        backend: config.backend,
-        strategy: config.strategy,
-    };
-    let ctx = crate::preload::context(request, &config, program.clone(), false);
-    let now = remap::forecast_objects(&targets, &ctx, in_place);
+    // `tiexec PROGRAM` names PROGRAM (see `context::Origin`).
+    let ctx = crate::session::open_context(&config, program.clone(), Origin::Named, false);
+    let now = pipeline::forecast_objects(&targets, &ctx, in_place);
     let with_setup = (ctx.cache.is_none() && config.cache != CachePath::Off).then(|| {
-        let (mut hypothetical, _) = remap::Context::new(request, None, program, false);
+        let request = Request {
+            backend: config.backend,
+            strategy: config.strategy,
+        };
+        let (mut hypothetical, _) =
+            Context::new(request, None, Program::new(program, Origin::Named), false);
         hypothetical.offer.cache = true;
-        remap::forecast_objects(&targets, &hypothetical, in_place)
+        pipeline::forecast_objects(&targets, &hypothetical, in_place)
     });
     let forecast = Forecast {
         cache_set_up: ctx.cache.is_some(),

@@ -20,11 +20,18 @@
 //! Every other call goes straight to the next `mprotect` (libc's, or another
 //! interposer's), found once with `dlsym(RTLD_NEXT)`; without a loader (a
 //! static program), the system call itself.
+//!
+//! `_exit` and `_Exit` as the program sees them: a program that ends with
+//! `_exit` (rust-lld does, for speed) runs no exit handler, so the run
+//! record's end line (`session`) is written here first, by a function that
+//! allocates nothing and takes no lock (`_exit` is called from signal
+//! handlers and from `vfork` children). Then the next `_exit` runs (a
+//! sanitizer's, libc's), or the system call.
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crate::plan::{align_down, align_up, huge_page, Range};
-use crate::sys::{Mapping, Prot};
+use crate::sys::{self, Mapping, Prot};
 
 /// Ranges at most: more are not registered (their chunks are then split
 /// only if the kernel refuses the call, see `mprotect`).
@@ -105,6 +112,18 @@ impl Registry {
         }
     }
 
+    /// Empties every slot whose range overlaps `range`.
+    fn remove_overlapping(&self, range: Range) {
+        let _held = Locked::take(self);
+        for (i, r) in self.ranges() {
+            if r.intersect(range).is_some() {
+                if let Some(e) = self.ends.get(i) {
+                    e.store(r.start, Ordering::Release);
+                }
+            }
+        }
+    }
+
     /// Takes `chunk` out of the range in slot `i` (whose part it is).
     fn remove_chunk(&self, i: usize, chunk: Range) {
         let (Some(s), Some(e)) = (self.starts.get(i), self.ends.get(i)) else {
@@ -133,7 +152,7 @@ impl Registry {
 /// The registry of the preloaded copy of this library: ours, unless this
 /// copy is the audit module, whose namespace is not the program's.
 fn shared_registry() -> &'static Registry {
-    if crate::preload::in_base_namespace() {
+    if crate::discover::in_base_namespace() {
         return &REGISTRY;
     }
     base_namespace_registry().unwrap_or(&REGISTRY)
@@ -166,6 +185,12 @@ pub fn register(range: Range) {
     shared_registry().add(range);
 }
 
+/// Forgets every registered range that overlaps `range` (its object is being
+/// unloaded: whatever is mapped there next is not ours).
+pub fn unregister(range: Range) {
+    shared_registry().remove_overlapping(range);
+}
+
 /// The next `mprotect` in the lookup order (libc's, or another interposer's).
 static NEXT: AtomicPtr<libc::c_void> = AtomicPtr::new(core::ptr::null_mut());
 
@@ -180,6 +205,20 @@ pub fn resolve_next() {
     let own = mprotect as MprotectFn as *mut libc::c_void;
     if !f.is_null() && f != own {
         NEXT.store(f, Ordering::Release);
+    }
+    for (name, slot, own) in [
+        (c"_exit", &NEXT_EXIT, _exit as ExitFn as *mut libc::c_void),
+        (
+            c"_Exit",
+            &NEXT_EXIT_C99,
+            _Exit as ExitFn as *mut libc::c_void,
+        ),
+    ] {
+        // SAFETY: as above.
+        let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+        if !f.is_null() && f != own {
+            slot.store(f, Ordering::Release);
+        }
     }
 }
 
@@ -220,20 +259,10 @@ fn split(chunk: Range) -> bool {
     }
     // SAFETY: moves our private copy over the chunk in one call: the same
     // bytes at the same addresses before and after, no moment without code.
-    let moved = unsafe {
-        libc::mremap(
-            copy.as_ptr().cast(),
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            chunk.start as *mut libc::c_void,
-        )
-    };
-    if moved as u64 != chunk.start {
-        return false; // `copy` is unmapped on drop; the chunk is unchanged
+    match unsafe { sys::move_over(copy, chunk.start) } {
+        Ok(()) => true,
+        Err(_) => false, // the copy is unmapped; the chunk is unchanged
     }
-    copy.release();
-    true
 }
 
 /// Puts back on 4 KiB pages every registered 2 MiB page that a call on
@@ -326,6 +355,72 @@ pub unsafe extern "C" fn mprotect(
     let start = addr as u64;
     split_for(start, start.saturating_add(len as u64), prot);
     next_mprotect(addr, len, prot)
+}
+
+// --- _exit ------------------------------------------------------------------
+
+/// What runs before the process ends through `_exit` (see the module doc).
+static EXIT_HOOK: AtomicPtr<libc::c_void> = AtomicPtr::new(core::ptr::null_mut());
+/// The next `_exit` and `_Exit` in the lookup order.
+static NEXT_EXIT: AtomicPtr<libc::c_void> = AtomicPtr::new(core::ptr::null_mut());
+static NEXT_EXIT_C99: AtomicPtr<libc::c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+type ExitFn = unsafe extern "C" fn(libc::c_int) -> !;
+type HookFn = extern "C" fn();
+
+/// Has `hook` run before the process ends with `_exit` or `_Exit`: through
+/// this library's own `_exit` (preloaded by hand, or linked in), or through
+/// the wrapper's stub, which defines the program's.
+pub fn on_exit_now(hook: HookFn) {
+    EXIT_HOOK.store(hook as *mut libc::c_void, Ordering::Release);
+    type SetFn = unsafe extern "C" fn(HookFn);
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
+    let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"tiexec_stub_set_exit_handler".as_ptr()) };
+    if !f.is_null() {
+        // SAFETY: the stub defines this function with this C signature.
+        let set: SetFn = unsafe { core::mem::transmute::<*mut libc::c_void, SetFn>(f) };
+        // SAFETY: registers a function of this library, which is never
+        // unloaded.
+        unsafe { set(hook) };
+    }
+}
+
+fn run_exit_hook() {
+    let h = EXIT_HOOK.load(Ordering::Acquire);
+    if !h.is_null() {
+        // SAFETY: `on_exit_now` stored a function of this type.
+        let h: HookFn = unsafe { core::mem::transmute::<*mut libc::c_void, HookFn>(h) };
+        h();
+    }
+}
+
+/// Ends the process through `next` (another `_exit`), or the system call.
+fn exit_through(next: &AtomicPtr<libc::c_void>, status: libc::c_int) -> ! {
+    let f = next.load(Ordering::Acquire);
+    if !f.is_null() {
+        // SAFETY: dlsym's address of the next `_exit`, of this type.
+        let f: ExitFn = unsafe { core::mem::transmute::<*mut libc::c_void, ExitFn>(f) };
+        // SAFETY: the caller's status, passed on.
+        unsafe { f(status) }
+    }
+    loop {
+        // SAFETY: ends the process (all threads); never returns.
+        unsafe { libc::syscall(libc::SYS_exit_group, status) };
+    }
+}
+
+/// `_exit(2)`, after the run record's end line (see the module doc).
+#[no_mangle]
+pub extern "C" fn _exit(status: libc::c_int) -> ! {
+    run_exit_hook();
+    exit_through(&NEXT_EXIT, status)
+}
+
+/// `_Exit` (C99's name for `_exit`), likewise.
+#[no_mangle]
+pub extern "C" fn _Exit(status: libc::c_int) -> ! {
+    run_exit_hook();
+    exit_through(&NEXT_EXIT_C99, status)
 }
 
 /// How many bytes are registered now (for tests and reports).

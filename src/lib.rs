@@ -11,19 +11,25 @@
 //! [`range::Range`]s):
 //!
 //! ```text
-//!   discover  ->  plan  ->  swap  ->  verify  ->  report
-//!   (loaded     (2 MiB     (asm        (smaps      (one line per
-//!    objects)    ranges)    trampoline) read back)  object)
+//!   session  ->  discover  ->  plan  ->  supply  ->  swap  ->  verify  ->  report
+//!   (who asked,  (loaded      (huge     (policy,    (asm      (smaps      (one line
+//!    refusals,    objects)     pages)    cache,      routine)  read back)  per object)
+//!    decision)                           copies)
 //! ```
 //!
+//! `session` runs it for each way in (`preload`, `audit`, [`remap_text`],
+//! `forecast`); `pipeline` chains the steps; `context` is what they share;
+//! `history` and `hotmap` are what a program's runs taught.
+//!
 //! Unsafe code is denied at the root and allowed, by name below, only in:
-//! [`sys`] (syscall wrappers and the owned [`sys::Mapping`]), [`trampoline`]
-//! (the asm routine and where it runs), [`swap`] (the only module that
-//! replaces mappings), [`remap`] (which calls it), [`discover`] (the
-//! loader's callback), [`interpose`] (the `mprotect` interposer), [`audit`]
-//! (the loader's audit hooks) and the constructor (`preload`). Planning
-//! ([`plan`]), parsing ([`config`], [`smaps`]), the cache's bookkeeping and
-//! reporting hold none.
+//! `sys` (syscall wrappers and the owned `sys::Mapping`), `trampoline` (the
+//! asm routine and where it runs), `swap` (the only module that replaces
+//! text), `pipeline` (which calls it), `discover` (the loader's callback),
+//! `interpose` (the `mprotect` and `_exit` interposers), `audit` (the
+//! loader's audit hooks), `env` (the environment, changed before `main`),
+//! `session` (which changes it) and the constructor (`preload`). Planning
+//! (`plan`, `policy`, `history`, `hotmap`), parsing (`config`, `smaps`),
+//! the cache's bookkeeping and reporting hold none.
 
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -47,31 +53,39 @@
 pub(crate) mod audit;
 pub(crate) mod cache;
 pub(crate) mod config;
+pub(crate) mod context;
 #[allow(unsafe_code)]
 pub(crate) mod discover;
 pub(crate) mod elf;
+#[allow(unsafe_code)]
+pub(crate) mod env;
 pub(crate) mod fault;
 pub(crate) mod forecast;
 pub(crate) mod history;
+pub(crate) mod hotmap;
 pub(crate) mod inspect;
 #[allow(unsafe_code)]
 pub(crate) mod interpose;
 pub(crate) mod json;
 pub(crate) mod log;
 pub(crate) mod pagesize;
+#[allow(unsafe_code)]
+pub(crate) mod pipeline;
 pub(crate) mod plan;
+pub(crate) mod policy;
 #[allow(unsafe_code)]
 pub(crate) mod preload;
 pub(crate) mod preload_env;
 pub(crate) mod prime;
 pub(crate) mod profiling;
 pub(crate) mod range;
-#[allow(unsafe_code)]
-pub(crate) mod remap;
 pub(crate) mod report;
 pub(crate) mod select;
+#[allow(unsafe_code)]
+pub(crate) mod session;
 pub(crate) mod smaps;
 pub(crate) mod state;
+pub(crate) mod supply;
 #[allow(unsafe_code)]
 pub(crate) mod swap;
 #[allow(unsafe_code)]
@@ -157,8 +171,24 @@ pub mod internal {
         pub use crate::range::*;
     }
     #[allow(missing_docs)]
-    pub mod remap {
-        pub use crate::remap::*;
+    pub mod pipeline {
+        pub use crate::pipeline::*;
+    }
+    #[allow(missing_docs)]
+    pub mod policy {
+        pub use crate::policy::*;
+    }
+    #[allow(missing_docs)]
+    pub mod context {
+        pub use crate::context::*;
+    }
+    #[allow(missing_docs)]
+    pub mod session {
+        pub use crate::session::*;
+    }
+    #[allow(missing_docs)]
+    pub mod hotmap {
+        pub use crate::hotmap::*;
     }
     #[allow(missing_docs)]
     pub mod report {
@@ -191,7 +221,8 @@ pub mod internal {
 }
 
 pub use config::{Backend, Strategy};
-pub use plan::{Skip, Source};
+pub use plan::Skip;
+pub use policy::Source;
 pub use range::Range;
 pub use report::{NotAttempted, ObjectReport};
 pub use smaps::Coverage;
@@ -229,6 +260,25 @@ pub enum Error {
     Off,
     /// The kernel's page sizes are not ones Linux uses on x86_64 or arm64.
     PageSizes(pagesize::Unsupported),
+    /// `RLIMIT_AS` leaves too little address space to work in.
+    AddressSpaceLimit {
+        /// Bytes the process could still map.
+        headroom: u64,
+    },
+}
+
+impl From<session::Refusal> for Error {
+    fn from(r: session::Refusal) -> Error {
+        use session::Refusal as R;
+        match r {
+            R::Off => Error::Off,
+            R::PageSizes(why) => Error::PageSizes(why),
+            R::AddressSpace { headroom } => Error::AddressSpaceLimit { headroom },
+            R::SecureExecution => Error::SecureExecution,
+            R::Threads(n) => Error::ThreadsRunning(n),
+            R::ThreadsUnknown => Error::ThreadCountUnknown,
+        }
+    }
 }
 
 impl core::fmt::Display for Error {
@@ -239,6 +289,11 @@ impl core::fmt::Display for Error {
             Error::SecureExecution => write!(f, "secure-execution process"),
             Error::Off => write!(f, "backend off"),
             Error::PageSizes(why) => write!(f, "{why}"),
+            Error::AddressSpaceLimit { headroom } => write!(
+                f,
+                "address-space limit (RLIMIT_AS) leaves only {}",
+                log::Bytes(*headroom)
+            ),
         }
     }
 }
@@ -296,9 +351,12 @@ pub extern "C" fn tiexec_remap_text() -> libc::c_int {
 /// Moves the main program's text to huge pages, in this process, now.
 ///
 /// Safe to call at any time: it refuses (with an error) unless the calling
-/// thread is the only one, and every failure leaves the text as it was. The
-/// reports say, per object, what was moved and what the kernel now maps huge
-/// (read back from smaps).
+/// thread is the only one (the same refusals as the preloaded library), and
+/// every failure leaves the text as it was. The reports say, per object,
+/// what was moved and what the kernel now maps huge (read back from smaps).
+/// The program asked for huge text: the first time it runs it gets them,
+/// and its run history (as any program's) decides from then on whether a
+/// private copy pays.
 ///
 /// ```
 /// // Early in main, before any thread is started:
@@ -313,30 +371,34 @@ pub extern "C" fn tiexec_remap_text() -> libc::c_int {
 /// ```
 #[allow(unsafe_code)] // the call into the swap, under the checks above it
 pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
-    if options.backend == Backend::Off {
-        return Err(Error::Off);
-    }
-    if sys::secure_execution() {
-        return Err(Error::SecureExecution);
-    }
-    pagesize::current_supported().map_err(Error::PageSizes)?;
-    match discover::thread_count() {
-        Some(1) => {}
-        Some(n) => return Err(Error::ThreadsRunning(n)),
-        None => return Err(Error::ThreadCountUnknown),
+    if let Some(why) = session::Refusal::any(options.backend) {
+        return Err(why.into());
     }
     let objects = discover::loaded_objects();
     let main = objects.get(..1).unwrap_or(&[]);
-    let request = remap::Request {
-        backend: options.backend,
-        strategy: options.strategy,
-    };
     let env = config::EnvSnapshot::take();
     let parsed = env.parse();
+    let config = config::Config {
+        backend: options.backend,
+        strategy: options.strategy,
+        ..parsed.config
+    };
     let program = main.first().map(|o| o.path.clone()).unwrap_or_default();
     // The caller reads the reports: their coverage comes from smaps.
-    let ctx = preload::context(request, &parsed.config, program, true);
-    // SAFETY: one thread (checked above; only this thread could start
-    // another, and it is busy here); the main program stays loaded.
-    Ok(unsafe { remap::remap_objects(main, &ctx) })
+    let ctx = session::open_context(&config, program, context::Origin::Linked, true);
+    ctx.decide(main);
+    session::log_decision(&ctx);
+    if let Some(d) = ctx.decision() {
+        // SAFETY: one thread (checked above; only this thread could start
+        // another, and it is busy here).
+        unsafe { session::begin_run(&ctx, d.arm) };
+    }
+    // SAFETY: one thread (as above); the main program stays loaded.
+    let reports = unsafe { pipeline::remap_objects(main, &ctx) };
+    if ctx.decision().is_some() {
+        // SAFETY: one thread (as above).
+        unsafe { session::run_took(session::arm_of(&reports)) };
+        session::plan_hot_measurement(&ctx, main, &reports);
+    }
+    Ok(reports)
 }

@@ -1,5 +1,6 @@
-//! Which ranges to swap, and with which backend. Pure functions over plain
-//! data: no system calls, no unsafe, tested with tables of layouts.
+//! Which ranges of text to swap: layout planning. Pure functions over plain
+//! data: no system calls, no unsafe, tested with tables of layouts. (Where
+//! each range's pages come from is `policy`'s.)
 //!
 //! A text segment, as mapped (page-rounded), split at 2 MiB boundaries:
 //!
@@ -21,7 +22,7 @@
 //! `head < 2 MiB`, `tail < 2 MiB`, `body.len() % 2 MiB == 0`, and
 //! `head + body + tail == segment`.
 
-use crate::config::{Backend, Strategy};
+use crate::config::Strategy;
 
 pub use crate::pagesize::Geometry;
 pub use crate::range::{align_down, align_up, huge_page, page, Range};
@@ -101,6 +102,9 @@ pub enum Skip {
     /// Not covered by private, read-only, executable mappings (a hole, a
     /// writable page): not ours to replace.
     NotPlainText,
+    /// The program's recent runs did not touch it (see `hotmap`): a private
+    /// copy under `auto` leaves it on 4 KiB pages.
+    Cold,
 }
 
 impl Skip {
@@ -111,6 +115,7 @@ impl Skip {
             Skip::SharedPage => "shares its 2 MiB page with writable data or another object",
             Skip::AlreadyHuge => "already on 2 MiB pages",
             Skip::NotPlainText => "not plain r-x private text",
+            Skip::Cold => "not touched by the program's recent runs",
         })
     }
 }
@@ -353,6 +358,74 @@ pub fn plan_object_in(
     plan
 }
 
+/// Keeps of `swaps` the huge pages for which `hot` holds, as ranges of
+/// their own (merged where adjacent), and returns the others apart: a
+/// private copy under `auto` takes only what the program's runs use.
+///
+/// ```text
+///   swap:   |== hot ==|== cold ==|== hot ==|== hot ==|
+///   kept:   |== A ====|          |== B ==============|
+///   cold:              |== C ===|
+/// ```
+///
+/// Pieces are cut along (the bytes each new range copies); `in_place` and
+/// `names_program` stay with the huge pages they were decided for.
+pub fn keep_hot(
+    swaps: Vec<SwapRange>,
+    huge: u64,
+    hot: impl Fn(Range) -> bool,
+) -> (Vec<SwapRange>, Vec<Range>) {
+    let mut kept: Vec<SwapRange> = Vec::with_capacity(swaps.len());
+    let mut cold: Vec<Range> = Vec::new();
+    for s in swaps {
+        // Merged only within one of `swaps` (their boundaries may be
+        // deliberate: see `split_at_budget`).
+        let first_of_s = kept.len();
+        let mut at = s.range.start;
+        while at < s.range.end {
+            let chunk = Range::new(at, at.saturating_add(huge).min(s.range.end));
+            at = chunk.end;
+            if !hot(chunk) {
+                match cold.last_mut() {
+                    Some(last) if last.end == chunk.start => last.end = chunk.end,
+                    _ => cold.push(chunk),
+                }
+                continue;
+            }
+            let pieces: Vec<Range> = s.pieces.iter().filter_map(|p| p.intersect(chunk)).collect();
+            let merge = kept.len() > first_of_s;
+            match kept.last_mut() {
+                Some(last) if merge && last.range.end == chunk.start => {
+                    last.range.end = chunk.end;
+                    for p in pieces {
+                        // Rejoin what one original piece held (a piece is
+                        // one mapping: never join two).
+                        match last.pieces.last_mut() {
+                            Some(prev)
+                                if prev.end == p.start
+                                    && s.pieces
+                                        .iter()
+                                        .any(|q| q.start <= prev.start && p.end <= q.end) =>
+                            {
+                                prev.end = p.end
+                            }
+                            _ => last.pieces.push(p),
+                        }
+                    }
+                }
+                _ => kept.push(SwapRange {
+                    range: chunk,
+                    pieces,
+                    in_place: s.in_place,
+                    names_program: s.names_program,
+                }),
+            }
+        }
+    }
+    debug_assert!(kept.iter().all(|k| k.range.len() % huge == 0));
+    (kept, cold)
+}
+
 /// Splits `swaps` so that the first `budget` 2 MiB pages form ranges of
 /// their own: with a hugetlb pool smaller than the plan, those get huge pages
 /// and the rest is tried (and reported) on its own. A range that names the
@@ -384,264 +457,6 @@ pub fn split_at_budget(swaps: Vec<SwapRange>, budget: u64) -> Vec<SwapRange> {
         left = 0;
     }
     out
-}
-
-/// What this process may use for copies, as far as choosing goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Offer {
-    /// Free 2 MiB pages in the hugetlb pool not already promised to others
-    /// (`free_hugepages - resv_hugepages`). Only an explicit `hugetlb`
-    /// backend takes them: the pool belongs to the machine's applications
-    /// (and for any other backend it is not read: 0).
-    pub pool_available: u64,
-    /// THP usable here: not `never` system-wide, not disabled for this
-    /// process.
-    pub thp_usable: bool,
-    /// The image cache is set up and usable by this user.
-    pub cache: bool,
-    /// Memory-deny-write-execute is on: no copy written in place can become
-    /// executable; only mappings executable from the start (images) work.
-    pub mdwe: bool,
-}
-
-/// Where the pages for a range came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// The file's own page cache, collapsed in place (no copy).
-    PageCache,
-    /// A shared image from the cache, built by an earlier process (a hit).
-    CacheHit,
-    /// A shared image from the cache, built by this process (a miss).
-    CacheBuilt,
-    /// A private copy on hugetlb pages: from the pool (explicit `hugetlb`),
-    /// or from the cache's pages for text whose load address is random.
-    Hugetlb,
-    /// A private copy on anonymous transparent huge pages.
-    Thp,
-}
-
-impl Source {
-    /// Its name in logs and reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Source::PageCache => "page cache",
-            Source::CacheHit => "cache (hit)",
-            Source::CacheBuilt => "cache (built)",
-            Source::Hugetlb => "hugetlb",
-            Source::Thp => "thp",
-        }
-    }
-
-    /// Its key in JSON reports.
-    pub fn key(self) -> &'static str {
-        match self {
-            Source::PageCache => "page_cache",
-            Source::CacheHit => "cache_hit",
-            Source::CacheBuilt => "cache_built",
-            Source::Hugetlb => "hugetlb",
-            Source::Thp => "thp",
-        }
-    }
-
-    /// Every source, in report order.
-    pub const ALL: [Source; 5] = [
-        Source::PageCache,
-        Source::CacheHit,
-        Source::CacheBuilt,
-        Source::Hugetlb,
-        Source::Thp,
-    ];
-}
-
-/// A way to get huge pages for a range that is not served in place.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Supply {
-    /// The range's image in the cache: found, or built and published.
-    SharedImage,
-    /// An unnamed image on the cache's pages, private to this process.
-    PrivateImage,
-    /// A private copy on pages of the hugetlb pool.
-    Pool,
-    /// A private copy on anonymous THP.
-    Thp,
-}
-
-/// What is known about one range's bytes, for the cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RangeFacts {
-    /// An image built from the file would hold exactly the range's bytes
-    /// (else why not).
-    pub cacheable: Result<(), NotCacheable>,
-    /// The object's load address modulo 2 MiB is the same in every process
-    /// (libraries and non-PIE programs; PIE programs linked 2 MiB aligned):
-    /// an image can serve other processes.
-    pub phase_stable: bool,
-}
-
-/// Why a range's bytes cannot come from a cache image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NotCacheable {
-    /// Its object's file could not be opened, or is not the file mapped
-    /// (replaced or deleted since it was loaded).
-    FileNotMapped,
-    /// Its object has text relocations: its text differs from its file.
-    TextRelocations,
-    /// Some of its pages were written (a breakpoint, a hot patch): they
-    /// differ from the file.
-    Modified,
-    /// Part of it is not mapped from the object's file.
-    NotFromFile,
-}
-
-impl NotCacheable {
-    /// The reason in words.
-    pub fn describe(self) -> &'static str {
-        match self {
-            NotCacheable::FileNotMapped => "its file is not the one mapped (replaced or deleted?)",
-            NotCacheable::TextRelocations => "it has text relocations",
-            NotCacheable::Modified => "some of its text pages were written",
-            NotCacheable::NotFromFile => "part of it is not mapped from its file",
-        }
-    }
-}
-
-/// Whether a private copy can pay for itself in this process (the rule and
-/// its constants live in `history`, shared with the preload stub).
-pub use crate::history::{Verdict as Payoff, COPY_MS_PER_MIB, PAYOFF_FACTOR};
-
-/// Decides whether copying `copy_bytes` privately can pay off, from the
-/// lifetimes of the program's last runs (milliseconds) and the age of this
-/// process when the copy would be made (libraries loaded late).
-pub fn payoff(runs: &[u32], copy_bytes: u64, age_ms: u64) -> Payoff {
-    crate::history::weigh(runs, copy_bytes, age_ms)
-}
-
-/// Why no huge pages can be had for a range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NoSupply {
-    /// The backend is `off`.
-    Off,
-    /// `hugetlb` was asked for and the pool has no free page.
-    PoolEmpty,
-    /// `thp` was asked for and THP is `never` or disabled for the process.
-    ThpUnusable,
-    /// `cache` was asked for and there is no usable cache.
-    NoCache,
-    /// Memory-deny-write-execute forbids making a private copy executable,
-    /// and no cache image can serve.
-    Mdwe,
-    /// THP unusable and no cache: nothing to copy to.
-    Nothing,
-    /// A private copy would not pay off (see [`Payoff`]).
-    WouldNotPay(Payoff),
-    /// It names the program (see [`SwapRange::names_program`]) and no
-    /// anonymous copy is allowed.
-    NamesProgram,
-    /// The cache could serve, but not this range's bytes.
-    NotCacheable(NotCacheable),
-}
-
-impl core::fmt::Display for NoSupply {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            NoSupply::Off => write!(f, "backend off"),
-            NoSupply::PoolEmpty => write!(f, "hugetlb pool has no free pages"),
-            NoSupply::ThpUnusable => write!(f, "transparent huge pages are disabled"),
-            NoSupply::NoCache => write!(f, "no usable cache"),
-            NoSupply::Mdwe => write!(
-                f,
-                "memory-deny-write-execute forbids private copies, and no cache image serves"
-            ),
-            NoSupply::Nothing => write!(
-                f,
-                "transparent huge pages are disabled and no cache is set up"
-            ),
-            NoSupply::WouldNotPay(Payoff::Unknown) => write!(
-                f,
-                "a private copy pays off only for long runs; this first run is measured (--backend thp copies now)"
-            ),
-            NoSupply::WouldNotPay(Payoff::TooShort {
-                median_ms,
-                runs,
-                copy_ms,
-            }) => write!(
-                f,
-                "a private copy (~{copy_ms} ms) would not pay off: median run {median_ms} ms over {runs} runs"
-            ),
-            NoSupply::WouldNotPay(Payoff::Pays) => write!(f, "a private copy pays off"),
-            NoSupply::NotCacheable(why) => write!(f, "not cacheable: {}", why.describe()),
-            NoSupply::NamesProgram => write!(
-                f,
-                "holds the program's ELF header, by whose mapping symbolizers name the program: only the page cache or THP may replace it"
-            ),
-        }
-    }
-}
-
-/// True when a private THP copy can be made at all here.
-pub fn supplies_thp(offer: Offer) -> bool {
-    offer.thp_usable && !offer.mdwe
-}
-
-/// The ways to get huge pages for one range, in the order to try them, or
-/// why there is none.
-///
-/// - `auto`: a cache image when the cache is set up and the range's bytes
-///   are its file's (shared when the load phase is stable, paid once per
-///   machine; else private, like any copy); private copies (THP) only when
-///   they pay off, never under memory-deny-write-execute; never the pool.
-/// - `cache`: cache images only, whatever the payoff.
-/// - `hugetlb`: private copies from the pool, whatever the payoff.
-/// - `thp`: private THP copies, whatever the payoff.
-pub fn supplies(
-    backend: Backend,
-    offer: Offer,
-    facts: RangeFacts,
-    payoff: Payoff,
-) -> Result<Vec<Supply>, NoSupply> {
-    let image = if facts.phase_stable {
-        Supply::SharedImage
-    } else {
-        Supply::PrivateImage
-    };
-    let cache_serves = offer.cache && facts.cacheable.is_ok();
-    match backend {
-        Backend::Off => Err(NoSupply::Off),
-        Backend::Cache if cache_serves => Ok(vec![image]),
-        Backend::Cache => Err(match facts.cacheable {
-            Err(why) if offer.cache => NoSupply::NotCacheable(why),
-            _ => NoSupply::NoCache,
-        }),
-        Backend::Hugetlb if offer.pool_available == 0 => Err(NoSupply::PoolEmpty),
-        Backend::Hugetlb => Ok(vec![Supply::Pool]),
-        Backend::Thp if offer.mdwe => Err(NoSupply::Mdwe),
-        Backend::Thp if !offer.thp_usable => Err(NoSupply::ThpUnusable),
-        Backend::Thp => Ok(vec![Supply::Thp]),
-        Backend::Auto => {
-            let pays = payoff == Payoff::Pays;
-            let thp = supplies_thp(offer);
-            let mut out = Vec::with_capacity(2);
-            if cache_serves && (facts.phase_stable || pays) {
-                out.push(image);
-            }
-            if thp && pays {
-                out.push(Supply::Thp);
-            }
-            if !out.is_empty() {
-                Ok(out)
-            } else if let (true, Err(why)) = (offer.cache, facts.cacheable) {
-                Err(NoSupply::NotCacheable(why))
-            } else if !thp && !cache_serves {
-                Err(if offer.mdwe {
-                    NoSupply::Mdwe
-                } else {
-                    NoSupply::Nothing
-                })
-            } else {
-                Err(NoSupply::WouldNotPay(payoff))
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -963,128 +778,40 @@ mod tests {
     }
 
     #[test]
-    fn supplies_by_backend_and_offer() {
-        let stable = RangeFacts {
-            cacheable: Ok(()),
-            phase_stable: true,
-        };
-        let random = RangeFacts {
-            phase_stable: false,
-            ..stable
-        };
-        let modified = RangeFacts {
-            cacheable: Err(NotCacheable::Modified),
-            ..stable
-        };
-        let laptop = Offer {
-            pool_available: 0,
-            thp_usable: true,
-            cache: false,
-            mdwe: false,
-        };
-        let server = Offer {
-            pool_available: 64,
-            cache: true,
-            ..laptop
-        };
-        let hardened = Offer {
-            mdwe: true,
-            ..server
-        };
-        let auto = |offer, facts, payoff| supplies(Backend::Auto, offer, facts, payoff);
-        // auto never takes the pool; THP only when it pays off.
-        assert_eq!(auto(laptop, stable, Payoff::Pays), Ok(vec![Supply::Thp]));
+    fn only_hot_huge_pages_are_kept_and_the_pieces_follow() {
+        let swaps = vec![
+            SwapRange {
+                range: Range::new(2 * M, 6 * M),
+                pieces: vec![Range::new(2 * M + 0x1000, 6 * M)],
+                in_place: false,
+                names_program: false,
+            },
+            SwapRange {
+                range: Range::new(6 * M, 8 * M),
+                pieces: vec![Range::new(6 * M, 8 * M)],
+                in_place: true,
+                names_program: false,
+            },
+        ];
+        // Hot: the huge pages at 2M, 4M, 5M and 7M; 3M and 6M are cold.
+        let hot = |r: Range| [2, 4, 5, 7].contains(&(r.start / M));
+        let (kept, cold) = keep_hot(swaps.clone(), M, hot);
         assert_eq!(
-            auto(laptop, stable, Payoff::Unknown),
-            Err(NoSupply::WouldNotPay(Payoff::Unknown))
+            kept.iter().map(|k| k.range).collect::<Vec<_>>(),
+            [
+                Range::new(2 * M, 3 * M),
+                Range::new(4 * M, 6 * M),
+                Range::new(7 * M, 8 * M)
+            ]
         );
-        // A set-up cache serves stable text whatever the payoff...
-        assert_eq!(
-            auto(server, stable, Payoff::Unknown),
-            Ok(vec![Supply::SharedImage])
-        );
-        assert_eq!(
-            auto(server, stable, Payoff::Pays),
-            Ok(vec![Supply::SharedImage, Supply::Thp])
-        );
-        // ... random-phase text like any private copy...
-        assert!(auto(server, random, Payoff::Unknown).is_err());
-        assert_eq!(
-            auto(server, random, Payoff::Pays),
-            Ok(vec![Supply::PrivateImage, Supply::Thp])
-        );
-        // ... and never text that differs from its file.
-        assert_eq!(auto(server, modified, Payoff::Pays), Ok(vec![Supply::Thp]));
-        assert_eq!(
-            auto(server, modified, Payoff::Unknown),
-            Err(NoSupply::NotCacheable(NotCacheable::Modified))
-        );
-        // MDWE: images only.
-        assert_eq!(
-            auto(hardened, stable, Payoff::Pays),
-            Ok(vec![Supply::SharedImage])
-        );
-        assert_eq!(
-            auto(hardened, modified, Payoff::Pays),
-            Err(NoSupply::NotCacheable(NotCacheable::Modified))
-        );
-        assert_eq!(
-            supplies(Backend::Thp, hardened, stable, Payoff::Pays),
-            Err(NoSupply::Mdwe)
-        );
-        // Explicit backends do as told.
-        assert_eq!(
-            supplies(Backend::Hugetlb, server, stable, Payoff::Unknown),
-            Ok(vec![Supply::Pool])
-        );
-        assert_eq!(
-            supplies(Backend::Hugetlb, laptop, stable, Payoff::Pays),
-            Err(NoSupply::PoolEmpty)
-        );
-        assert_eq!(
-            supplies(Backend::Thp, laptop, stable, Payoff::Unknown),
-            Ok(vec![Supply::Thp])
-        );
-        assert_eq!(
-            supplies(Backend::Cache, server, random, Payoff::Unknown),
-            Ok(vec![Supply::PrivateImage])
-        );
-        assert_eq!(
-            supplies(Backend::Cache, laptop, stable, Payoff::Pays),
-            Err(NoSupply::NoCache)
-        );
-        let nothing = Offer {
-            thp_usable: false,
-            ..laptop
-        };
-        assert_eq!(auto(nothing, stable, Payoff::Pays), Err(NoSupply::Nothing));
-        assert_eq!(
-            supplies(Backend::Off, server, stable, Payoff::Pays),
-            Err(NoSupply::Off)
-        );
-    }
-
-    #[test]
-    fn copies_pay_off_for_long_runs_only() {
-        const MIB: u64 = 1 << 20;
-        // 100 MiB: ~100 ms to copy, worth it from 5 s on.
-        assert_eq!(payoff(&[], 100 * MIB, 0), Payoff::Unknown);
-        assert_eq!(
-            payoff(&[66, 70, 64], 100 * MIB, 0),
-            Payoff::TooShort {
-                median_ms: 66,
-                runs: 3,
-                copy_ms: 100
-            }
-        );
-        assert_eq!(payoff(&[60_000, 5_000, 4_000], 100 * MIB, 0), Payoff::Pays);
-        // A process already old enough (a library loaded late) pays off.
-        assert_eq!(payoff(&[], 100 * MIB, 6_000), Payoff::Pays);
-        // The median, not the mean: one long outlier does not decide.
-        assert!(matches!(
-            payoff(&[10, 10, 1_000_000], 100 * MIB, 0),
-            Payoff::TooShort { .. }
-        ));
+        assert_eq!(kept[0].pieces, [Range::new(2 * M + 0x1000, 3 * M)]);
+        assert_eq!(kept[1].pieces, [Range::new(4 * M, 6 * M)]);
+        assert!(kept[2].in_place && !kept[1].in_place);
+        assert_eq!(cold, [Range::new(3 * M, 4 * M), Range::new(6 * M, 7 * M)]);
+        // All hot: the same ranges.
+        let (all, none) = keep_hot(swaps.clone(), M, |_| true);
+        assert_eq!(all, swaps);
+        assert!(none.is_empty());
     }
 
     #[test]

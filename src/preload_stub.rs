@@ -13,12 +13,14 @@
 //!    of 2 MiB or more (the full library's own first test), or environment
 //!    to prepare for children (`--dlopen`'s restore, `--no-children`);
 //!    the full library's constructor then does everything. Except where
-//!    the library would only find that no copy pays off: `auto`, no image
-//!    cache mounted, nobody asking for a log or a report, and the program's
-//!    full run history (the same file and rule, `history.rs`, compiled in
-//!    here) too short for even one 2 MiB page's copy. One such process in
-//!    four still loads it, to record its run (the library records one in
-//!    four too), so that the history follows the program;
+//!    the library would only decide not to copy: `auto`, no image cache
+//!    mounted, nobody asking for a log or a report, and the program's run
+//!    history (the same record and rule, `history.rs`, compiled in here;
+//!    at least half full, no run in it ended unrecorded) says "plain" even
+//!    for one huge page's copy. One such process in four still loads it,
+//!    to record its run, so that the history follows the program. A
+//!    process that a recorded run `exec`ed into (`TIEXEC_RUN` naming this
+//!    PID) always loads it: the library ends that run;
 //! 3. otherwise only turns off AddressSanitizer's link-order check for the
 //!    children, which inherit the preload (see `tiexec::preload_env`).
 //!
@@ -26,6 +28,9 @@
 //! library has registered its handler (text on hugetlb pages that a call
 //! must first put back on 4 KiB pages, see `tiexec::interpose`), that runs
 //! first; then the next `mprotect` (libc's), found once with `RTLD_NEXT`.
+//! And `_exit` and `_Exit` likewise: the full library's handler writes the
+//! run's end line (a program that ends with `_exit` runs no exit handler),
+//! then the next `_exit`, or the system call.
 //!
 //! What it may not do: allocate, panic (it aborts: there is nothing here that
 //! can), or touch anything but the environment and its own statics.
@@ -95,6 +100,8 @@ extern "C" {
     fn readlink(path: *const c_char, buf: *mut c_char, size: usize) -> isize;
     fn statfs(path: *const c_char, buf: *mut c_void) -> c_int;
     fn getpid() -> c_int;
+    fn kill(pid: c_int, sig: c_int) -> c_int;
+    fn __errno_location() -> *mut c_int;
     fn syscall(number: i64, ...) -> i64;
 }
 
@@ -109,6 +116,11 @@ const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
 const SYS_MPROTECT: i64 = 10;
 #[cfg(target_arch = "aarch64")]
 const SYS_MPROTECT: i64 = 226;
+#[cfg(target_arch = "x86_64")]
+const SYS_EXIT_GROUP: i64 = 231;
+#[cfg(target_arch = "aarch64")]
+const SYS_EXIT_GROUP: i64 = 94;
+const ESRCH: c_int = 3;
 const HUGE_PAGE: u64 = 2 << 20;
 const O_RDONLY: c_int = 0;
 #[cfg(target_arch = "x86_64")]
@@ -279,9 +291,12 @@ fn hugetlbfs_at(path: &[u8]) -> bool {
     r == 0 && st.first() == Some(&HUGETLBFS_MAGIC)
 }
 
-/// True when the full library, loaded, would only find that no private
-/// copy pays off here (see the module comment): then it need not load.
-fn copies_cannot_pay() -> bool {
+/// Runs a history must hold before the stub decides for the library.
+const RUNS_TO_SKIP: usize = history::RUNS_KEPT / 2;
+
+/// True when the full library, loaded, would only decide not to copy here
+/// (see the module comment): then it need not load.
+fn library_would_not_copy() -> bool {
     if !matches!(env(c"TIEXEC_BACKEND"), None | Some(b"" | b"auto")) {
         return false;
     }
@@ -299,9 +314,12 @@ fn copies_cannot_pay() -> bool {
         return false;
     }
     // SAFETY: getpid has no preconditions.
-    if unsafe { getpid() } % 4 == 0 {
+    let pid = unsafe { getpid() };
+    if pid % 4 == 0 {
         return false;
     }
+    let mut digits = [0u8; 12];
+    let pid_text = decimal(pid as u32, &mut digits);
     // The program's path, as the library names it (/proc/self/exe).
     let mut exe = [0u8; 4096];
     // SAFETY: a NUL-terminated path and a buffer of the given size.
@@ -318,7 +336,7 @@ fn copies_cannot_pay() -> bool {
     if exe.len() >= 4096 - 1 {
         return false;
     }
-    // The history file: $XDG_CACHE_HOME/tiexec/runs/NAME, else
+    // The record: $XDG_CACHE_HOME/tiexec/runs/NAME, else
     // $HOME/.cache/tiexec/runs/NAME (both absolute), as `tiexec::state`.
     let name = history::file_name(exe);
     let mut path = [0u8; 4096];
@@ -347,13 +365,106 @@ fn copies_cannot_pay() -> bool {
     let Some(text) = usize::try_from(got).ok().and_then(|n| text.get(..n)) else {
         return false;
     };
-    let mut runs = [0u32; history::RUNS_KEPT];
-    let n = history::parse(text, exe, &mut runs);
-    if n < history::RUNS_KEPT {
+    let h = history::parse(text, exe);
+    if h.runs().len() < RUNS_TO_SKIP || h.runs().iter().any(|r| r.ms.is_none()) {
         return false; // the history fills first
     }
-    // At start-up the process is young: its age adds nothing.
-    history::weigh(&runs, HUGE_PAGE, 0) != history::Verdict::Pays
+    // A run that ended unrecorded (its process is gone): the library folds
+    // it in as a long run, which may change the decision.
+    let gone = |s: &history::Start| {
+        // SAFETY: signal 0 only checks the process exists.
+        let r = unsafe { kill(s.pid as c_int, 0) };
+        // SAFETY: errno of this thread.
+        r != 0 && unsafe { *__errno_location() } == ESRCH
+    };
+    if h.starts().iter().any(gone) {
+        return false;
+    }
+    let named = match env(c"TIEXEC_NAMED_PID") {
+        None | Some(b"") => true,
+        Some(v) => v == pid_text,
+    };
+    let asking = history::Asking {
+        named,
+        copy_bytes: HUGE_PAGE,
+        age_ms: 0,
+    };
+    history::decide(&h, asking).arm == history::Arm::Plain
+}
+
+/// True when a run tiexec recorded `exec`ed into this process (`TIEXEC_RUN`
+/// names this PID): the library writes that run's end line.
+fn predecessor_run_ends_here() -> bool {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { getpid() };
+    let mut digits = [0u8; 12];
+    let pid_text = decimal(pid as u32, &mut digits);
+    env(c"TIEXEC_RUN")
+        .is_some_and(|v| v.starts_with(pid_text) && v.get(pid_text.len()) == Some(&b' '))
+}
+
+/// `v` in decimal, in `buf`.
+fn decimal(mut v: u32, buf: &mut [u8; 12]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        if let Some(d) = buf.get_mut(i) {
+            *d = b'0' + (v % 10) as u8;
+        }
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    buf.get(i..).unwrap_or(&[])
+}
+
+/// The full library's handler for `_exit`, and the next `_exit`s.
+static EXIT_HANDLER: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static NEXT_EXIT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static NEXT_EXIT_C99: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+type ExitHandlerFn = extern "C" fn();
+type ExitFn = unsafe extern "C" fn(c_int) -> !;
+
+/// Called by the full library once loaded: `handler` runs before the
+/// program ends with `_exit` or `_Exit`.
+#[no_mangle]
+pub extern "C" fn tiexec_stub_set_exit_handler(handler: ExitHandlerFn) {
+    EXIT_HANDLER.store(handler as *mut c_void, Ordering::Release);
+}
+
+fn exit_with(next: &AtomicPtr<c_void>, status: c_int) -> ! {
+    let h = EXIT_HANDLER.load(Ordering::Acquire);
+    if !h.is_null() {
+        // SAFETY: the full library registered a function of this type,
+        // which stays loaded.
+        let h: ExitHandlerFn = unsafe { core::mem::transmute::<*mut c_void, ExitHandlerFn>(h) };
+        h();
+    }
+    let f = next.load(Ordering::Acquire);
+    if !f.is_null() {
+        // SAFETY: dlsym's address of the next `_exit`, of this type.
+        let f: ExitFn = unsafe { core::mem::transmute::<*mut c_void, ExitFn>(f) };
+        // SAFETY: the caller's status.
+        unsafe { f(status) }
+    }
+    loop {
+        // SAFETY: ends the process; never returns.
+        unsafe { syscall(SYS_EXIT_GROUP, status) };
+    }
+}
+
+/// `_exit(2)`, after the full library's handler if any.
+#[no_mangle]
+pub extern "C" fn _exit(status: c_int) -> ! {
+    exit_with(&NEXT_EXIT, status)
+}
+
+/// `_Exit`, likewise.
+#[no_mangle]
+pub extern "C" fn _Exit(status: c_int) -> ! {
+    exit_with(&NEXT_EXIT_C99, status)
 }
 
 extern "C" fn constructor() {
@@ -366,12 +477,24 @@ extern "C" fn constructor() {
     if !next.is_null() && next != mprotect as MprotectFn as *mut c_void {
         NEXT.store(next, Ordering::Release);
     }
+    for (name, slot, own) in [
+        (c"_exit", &NEXT_EXIT, _exit as ExitFn as *mut c_void),
+        (c"_Exit", &NEXT_EXIT_C99, _Exit as ExitFn as *mut c_void),
+    ] {
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+        let f = unsafe { dlsym(RTLD_NEXT, name.as_ptr()) };
+        if !f.is_null() && f != own {
+            slot.store(f, Ordering::Release);
+        }
+    }
     if env(c"TIEXEC_BACKEND") == Some(b"off") {
         return;
     }
     let children = env(c"TIEXEC_CHILDREN") != Some(b"0");
     let for_children = env(c"TIEXEC_RESTORE_AUDIT").is_some() || !children;
-    let needed = for_children || (big_text_loaded() && !copies_cannot_pay());
+    let needed = for_children
+        || predecessor_run_ends_here()
+        || (big_text_loaded() && !library_would_not_copy());
     if children {
         asan_options_for_children();
     }

@@ -16,7 +16,8 @@
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
-use crate::plan::{Range, Source};
+use crate::policy::Source;
+use crate::range::Range;
 use crate::sys::Errno;
 
 /// The name shown in /proc/PID/maps for `path`'s swapped text:

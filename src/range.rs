@@ -94,6 +94,19 @@ impl Range {
     pub fn contains(&self, other: Range) -> bool {
         other.start >= self.start && other.end <= self.end
     }
+
+    /// True when every byte lies in one of `ranges` (which may touch: the
+    /// kernel merges neighbouring segments' mappings into one).
+    pub fn covered_by_union(&self, ranges: &[Range]) -> bool {
+        let mut cursor = self.start;
+        while cursor < self.end {
+            match ranges.iter().find(|r| r.start <= cursor && cursor < r.end) {
+                Some(r) => cursor = r.end,
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 /// Rounds down to a multiple of `align` (a power of two).
@@ -124,6 +137,9 @@ mod tests {
         assert!(a.contains(Range::new(0x2000, 0x3000)));
         assert!(!a.contains(Range::new(0x2000, 0x6000)));
         assert!(Range::new(9, 3).is_empty());
+        let parts = [Range::new(0x1000, 0x3000), Range::new(0x3000, 0x6000)];
+        assert!(a.covered_by_union(&parts));
+        assert!(!Range::new(0x1000, 0x7000).covered_by_union(&parts));
         assert_eq!(Range::new(9, 3).start, 9);
     }
 

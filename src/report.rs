@@ -1,7 +1,9 @@
 //! What happened to each object, verified from smaps, and its one-line form.
 
 use crate::log::{Bytes, Level, Millis};
-use crate::plan::{huge_page, page, Range, Skip, Source};
+use crate::plan::Skip;
+use crate::policy::Source;
+use crate::range::{huge_page, page, Range};
 use crate::smaps::Coverage;
 use crate::swap::SwapError;
 
@@ -86,7 +88,7 @@ impl core::fmt::Display for InPlaceNote {
         match self.0 {
             Some(e) => write!(
                 f,
-                " after in-place collapse failed with {} (tiexec prime on this file: no copy next start)",
+                " after in-place collapse failed with {} (tiexec --prime on this file: no copy next start)",
                 e.name()
             ),
             None => Ok(()),
@@ -130,7 +132,9 @@ pub enum NotAttempted {
     /// No whole 2 MiB page is plain r-x private text.
     NoPlainText,
     /// No huge-page source is usable (the reason says which).
-    NoSource(crate::plan::NoSupply),
+    NoSource(crate::policy::NoSupply),
+    /// The program's recent runs touched none of its whole huge pages.
+    AllCold,
     /// /proc/self/smaps could not be read.
     SmapsUnreadable,
 }
@@ -150,6 +154,9 @@ impl NotAttempted {
             }
             NotAttempted::NoPlainText => "no plain r-x text to move".into(),
             NotAttempted::NoSource(why) => why.to_string(),
+            NotAttempted::AllCold => {
+                "the program's recent runs touched none of its huge pages of text".into()
+            }
             NotAttempted::SmapsUnreadable => "cannot read /proc/self/maps".into(),
         }
     }
@@ -185,6 +192,9 @@ pub struct ObjectReport {
     pub explicit_backend: bool,
     /// Coverage of the text segments, read back from smaps afterwards.
     pub after: Coverage,
+    /// Whether the process copies, and why (see `history::decide`), when a
+    /// decision was needed.
+    pub decision: Option<crate::history::Decision>,
     /// Wall time spent on this object, in nanoseconds.
     pub elapsed_ns: u64,
 }
@@ -251,6 +261,10 @@ impl ObjectReport {
             Some(e) => j.str("in_place_error", e.name()),
             None => j.null("in_place_error"),
         };
+        match self.decision {
+            Some(d) => j.str("decision", &d.to_string()),
+            None => j.null("decision"),
+        };
         j.uint("elapsed_ns", self.elapsed_ns).end_object();
     }
 
@@ -282,7 +296,7 @@ impl ObjectReport {
             let level = if e.is_harmful() {
                 Level::Error
             } else if self.explicit_backend
-                && *e != SwapError::NoSupply(crate::plan::NoSupply::NamesProgram)
+                && *e != SwapError::NoSupply(crate::policy::NoSupply::NamesProgram)
             {
                 // What the user named did not serve. (The page that names
                 // the program is left on purpose, whatever the backend.)

@@ -1,9 +1,12 @@
 //! What tiexec remembers for a user between processes, in the user's own
 //! cache directory (`$XDG_CACHE_HOME/tiexec`, else `$HOME/.cache/tiexec`):
 //!
-//! - `runs/<digest of a program's path>`: how long its last processes lived,
-//!   so that copies that cannot pay off are skipped (see
-//!   [`crate::plan::payoff`]);
+//! - `runs/<digest of a program's path>`: its run history: how long its
+//!   last processes lived, with text copied to huge pages or not, and the
+//!   runs under way (see `history`, whose rule decides each process's copy);
+//! - `hot/<digest>`: which parts of its text its runs touched (`hotmap`);
+//! - `calibration`: how fast copies and image builds went on this machine
+//!   (µs per MiB, the last few of each);
 //! - `images/<image name>`: the path of the object a cache image was built
 //!   from, followed by one byte per hit (`tiexec --cache` lists them);
 //! - `prime/<digest>`: the files worth priming for a program (the wrapper's
@@ -22,6 +25,8 @@ use std::path::{Path, PathBuf};
 use crate::sys::{self, Errno};
 
 pub use crate::history::{fnv1a, RUNS_KEPT};
+use crate::history::{History, Start};
+use crate::hotmap::HotMap;
 
 /// Hit bytes appended to an image's record at most (the count saturates).
 const MAX_HIT_BYTES: u64 = 1 << 20;
@@ -116,8 +121,9 @@ impl StateDir {
         own_subdir(Some(self.dir.as_fd()), name)
     }
 
-    /// The record `name` in subdirectory `sub` (at most 64 KiB), if any.
-    pub fn read_record(&self, sub: &std::ffi::CStr, name: &str) -> Option<Vec<u8>> {
+    /// The record `name` in subdirectory `sub` (at most `max` bytes), if
+    /// any.
+    fn read_record_max(&self, sub: &std::ffi::CStr, name: &str, max: usize) -> Option<Vec<u8>> {
         let dir = self.subdir(sub).ok()?;
         let name = CString::new(name).ok()?;
         let fd = sys::open_at(
@@ -127,10 +133,15 @@ impl StateDir {
             0,
         )
         .ok()?;
-        let mut buf = vec![0u8; 64 << 10];
+        let mut buf = vec![0u8; max];
         let n = sys::pread_full(fd.as_fd(), &mut buf, 0).ok()?;
         buf.truncate(n);
         Some(buf)
+    }
+
+    /// The record `name` in subdirectory `sub` (at most 64 KiB), if any.
+    pub fn read_record(&self, sub: &std::ffi::CStr, name: &str) -> Option<Vec<u8>> {
+        self.read_record_max(sub, name, 64 << 10)
     }
 
     /// Replaces the record `name` in subdirectory `sub` with `bytes`:
@@ -163,20 +174,129 @@ impl StateDir {
         renamed
     }
 
-    /// The lifetimes (milliseconds, oldest first) recorded for `program`.
-    pub fn runs(&self, program: &str) -> Vec<u32> {
-        self.read_record(c"runs", &run_file_name(program))
-            .map(|text| parse_runs(&text, program))
+    /// The path of `program`'s run record (for the recorder that appends
+    /// its end line from `_exit`, where nothing may allocate).
+    pub fn runs_path(&self, program: &str) -> PathBuf {
+        self.path.join("runs").join(run_file_name(program))
+    }
+
+    /// `program`'s run history, with what processes appended since folded
+    /// in: end lines become runs, and start lines of processes `alive` says
+    /// are gone become runs that ended unrecorded (killed). When anything
+    /// was folded, the record is rewritten (atomically), with `rate` (the
+    /// calibrated copy rate, 0: none) in its header for the preload stub.
+    pub fn history(&self, program: &str, alive: impl Fn(&Start) -> bool, rate: u32) -> History {
+        let name = run_file_name(program);
+        let Some(text) = self.read_record(c"runs", &name) else {
+            return History::default();
+        };
+        let mut h = crate::history::parse(&text, program.as_bytes());
+        let mut gone = Vec::new();
+        h.drop_starts(|s| {
+            let dead = !alive(s);
+            if dead {
+                gone.push(*s);
+            }
+            dead
+        });
+        for s in &gone {
+            h.push(crate::history::Run {
+                ms: None,
+                arm: s.arm,
+            });
+        }
+        if rate != 0 {
+            h.rate_us_per_mib = rate;
+        }
+        // Lines beyond the starts still under way are folded in now.
+        if appended_lines(&text) > h.starts().len() {
+            let _ = self.write_record(c"runs", &name, format_history(program, &h).as_bytes());
+        }
+        h
+    }
+
+    /// Appends `line` (a start or end line, see `history`) to `program`'s
+    /// run record with one `write` (`O_APPEND`), creating the record with
+    /// its header first when there is none (linked into place, so that no
+    /// reader ever sees a record without its header).
+    pub fn append_run_line(&self, program: &str, line: &[u8], rate: u32) -> Result<(), Errno> {
+        let dir = self.subdir(c"runs")?;
+        let name = CString::new(run_file_name(program)).map_err(|_| Errno(libc::EINVAL))?;
+        let open = || {
+            sys::open_at(
+                Some(dir.as_fd()),
+                &name,
+                libc::O_WRONLY | libc::O_APPEND | libc::O_NOFOLLOW,
+                0,
+            )
+        };
+        let fd = match open() {
+            Ok(fd) => fd,
+            Err(Errno(libc::ENOENT)) => {
+                let mut empty = History::default();
+                empty.rate_us_per_mib = rate;
+                let header = format_history(program, &empty);
+                let tmp = sys::open_at(
+                    Some(dir.as_fd()),
+                    c".",
+                    libc::O_TMPFILE | libc::O_WRONLY,
+                    0o600,
+                )?;
+                sys::write_all(tmp.as_fd(), header.as_bytes())?;
+                match sys::link_tmpfile(tmp.as_fd(), dir.as_fd(), &name) {
+                    Ok(()) | Err(Errno(libc::EEXIST)) => {}
+                    Err(e) => return Err(e),
+                }
+                open()?
+            }
+            Err(e) => return Err(e),
+        };
+        sys::write_all(fd.as_fd(), line)
+    }
+
+    /// Adds a finished run to `program`'s record, as a process's end line
+    /// would (for tests and tools that teach tiexec a program's past).
+    pub fn add_run(&self, program: &str, ms: u32, arm: crate::history::Arm) -> Result<(), Errno> {
+        let nobody = Start {
+            pid: 0,
+            ticks: 0,
+            arm,
+        };
+        let mut buf = [0u8; 64];
+        let n = crate::history::end_line(nobody, ms, arm, &mut buf);
+        self.append_run_line(program, buf.get(..n).unwrap_or(&[]), 0)
+    }
+
+    /// The copy rates measured on this machine.
+    pub fn rates(&self) -> Rates {
+        let text = self
+            .read_record_max(c".", "calibration", 4096)
+            .unwrap_or_default();
+        Rates::parse(&text)
+    }
+
+    /// Adds a measured rate (µs per MiB) of `kind`, keeping the last
+    /// [`RATES_KEPT`] of each kind.
+    pub fn record_rate(&self, kind: RateKind, us_per_mib: u32) {
+        let mut rates = self.rates();
+        rates.push(kind, us_per_mib);
+        let _ = self.write_record(c".", "calibration", rates.format().as_bytes());
+    }
+
+    /// `program`'s hot map (empty when none is kept).
+    pub fn hot_map(&self, program: &str) -> HotMap {
+        self.read_record_max(c"hot", &run_file_name(program), 4 << 20)
+            .map(|text| HotMap::parse(&text, program))
             .unwrap_or_default()
     }
 
-    /// Adds a lifetime for `program`, keeping the last [`RUNS_KEPT`].
-    pub fn record_run(&self, program: &str, lifetime_ms: u32) -> Result<(), Errno> {
-        let mut runs = self.runs(program);
-        runs.push(lifetime_ms);
-        let keep_from = runs.len().saturating_sub(RUNS_KEPT);
-        let text = format_runs(program, runs.get(keep_from..).unwrap_or(&[]));
-        self.write_record(c"runs", &run_file_name(program), text.as_bytes())
+    /// Replaces `program`'s hot map.
+    pub fn write_hot_map(&self, program: &str, map: &HotMap) -> Result<(), Errno> {
+        self.write_record(
+            c"hot",
+            &run_file_name(program),
+            map.format(program).as_bytes(),
+        )
     }
 
     /// Records that the image `name` was built from `object`.
@@ -279,53 +399,244 @@ pub fn run_file_name(program: &str) -> String {
     String::from_utf8_lossy(&crate::history::file_name(program.as_bytes())).into_owned()
 }
 
-/// `program` on the first line (telling apart two paths with one digest),
-/// then the lifetimes in milliseconds, space-separated.
-pub fn format_runs(program: &str, runs: &[u32]) -> String {
-    let mut s = String::with_capacity(program.len() + 1 + runs.len() * 8);
+/// Lines after a run record's first three (start and end lines).
+fn appended_lines(text: &[u8]) -> usize {
+    text.split(|&b| b == b'\n')
+        .skip(3)
+        .filter(|l| !l.is_empty())
+        .count()
+}
+
+/// A run record's text: `program` on the first line (telling apart two
+/// paths with one digest), the header, the runs, and the start lines of
+/// the runs still under way (see `history`).
+pub fn format_history(program: &str, h: &History) -> String {
+    use core::fmt::Write;
+    let mut s = String::with_capacity(program.len() + 32 + h.runs().len() * 8);
     s.push_str(program);
-    s.push('\n');
-    for (i, r) in runs.iter().enumerate() {
+    let under_way = h.starts().len() as u32;
+    let _ = write!(
+        s,
+        "\nv2 {} {}\n",
+        h.started.saturating_sub(under_way),
+        h.rate_us_per_mib
+    );
+    for (i, r) in h.runs().iter().enumerate() {
         if i > 0 {
             s.push(' ');
         }
-        s.push_str(&r.to_string());
+        match r.ms {
+            Some(ms) => {
+                let _ = write!(s, "{ms}");
+            }
+            None => s.push('k'),
+        }
+        s.push(char::from(r.arm.letter()));
     }
     s.push('\n');
+    for start in h.starts() {
+        let mut buf = [0u8; 64];
+        let n = crate::history::start_line(*start, &mut buf);
+        s.push_str(&String::from_utf8_lossy(buf.get(..n).unwrap_or(&[])));
+    }
     s
 }
 
-/// The lifetimes in a record, if it is `program`'s.
-pub fn parse_runs(text: &[u8], program: &str) -> Vec<u32> {
-    let mut runs = [0; RUNS_KEPT];
-    let n = crate::history::parse(text, program.as_bytes(), &mut runs);
-    runs.get(..n).unwrap_or(&[]).to_vec()
+/// Measured copy rates kept at most, per kind.
+pub const RATES_KEPT: usize = 8;
+/// Measurements after which the assumed rate no longer counts.
+pub const PRIOR_UNTIL: usize = 3;
+
+/// What a rate measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateKind {
+    /// A private copy of text (THP or pool pages): populate and copy.
+    Copy,
+    /// A cache image built from the file: populate and read.
+    Image,
+}
+
+/// The rates (µs per MiB) measured on this machine, newest last.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rates {
+    copy: Vec<u32>,
+    image: Vec<u32>,
+}
+
+impl Rates {
+    fn list(&self, kind: RateKind) -> &Vec<u32> {
+        match kind {
+            RateKind::Copy => &self.copy,
+            RateKind::Image => &self.image,
+        }
+    }
+
+    fn parse(text: &[u8]) -> Rates {
+        let mut r = Rates::default();
+        for line in String::from_utf8_lossy(text).lines() {
+            let mut words = line.split(' ');
+            let kind = match words.next() {
+                Some("copy") => RateKind::Copy,
+                Some("image") => RateKind::Image,
+                _ => continue,
+            };
+            for w in words.filter_map(|w| w.parse().ok()) {
+                r.push(kind, w);
+            }
+        }
+        r
+    }
+
+    fn format(&self) -> String {
+        use core::fmt::Write;
+        let mut s = String::new();
+        for (kind, word) in [(RateKind::Copy, "copy"), (RateKind::Image, "image")] {
+            s.push_str(word);
+            for v in self.list(kind) {
+                let _ = write!(s, " {v}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Adds one measurement, keeping the last [`RATES_KEPT`].
+    pub fn push(&mut self, kind: RateKind, us_per_mib: u32) {
+        let list = match kind {
+            RateKind::Copy => &mut self.copy,
+            RateKind::Image => &mut self.image,
+        };
+        list.push(us_per_mib.max(1));
+        if list.len() > RATES_KEPT {
+            list.remove(0);
+        }
+    }
+
+    /// The lowest of the recent measurements of `kind` (µs per MiB), if
+    /// any: what a copy costs here when nothing slows it down. Until
+    /// [`PRIOR_UNTIL`] were made, `prior` counts as one of them. (In a VM
+    /// whose host takes freed memory back, the first copy after a pause
+    /// touches memory the host must give again and costs several times as
+    /// much: one such copy must not stop all others. Whether copies pay is
+    /// told by the run history's comparison of lifetimes, copies included.)
+    pub fn best(&self, kind: RateKind, prior: u32) -> Option<u32> {
+        let list = self.list(kind);
+        let prior = (list.len() < PRIOR_UNTIL && prior > 0).then_some(prior);
+        list.iter().copied().chain(prior).min()
+    }
+
+    /// The median of the measurements of `kind` (µs per MiB), if any.
+    pub fn median(&self, kind: RateKind) -> Option<u32> {
+        let mut v = self.list(kind).clone();
+        v.sort_unstable();
+        let n = v.len();
+        match n {
+            0 => None,
+            n if n % 2 == 1 => v.get(n / 2).copied(),
+            n => Some((v.get(n / 2 - 1)? / 2) + (v.get(n / 2)? / 2)),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::history::{Arm, Run};
+
     #[test]
-    fn run_records_round_trip_and_name_their_program() {
-        let text = format_runs("/usr/bin/rustc", &[66, 70, 1200]);
+    fn run_records_fold_appended_lines_and_dead_starts() {
+        let root = std::env::temp_dir().join(format!("tiexec-state-runs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = StateDir::open(&root.join("tiexec")).expect("open");
+        let p = "/usr/bin/prog";
+        let mut buf = [0u8; 64];
+        let a = Start {
+            pid: 10,
+            ticks: 1,
+            arm: Arm::Copy,
+        };
+        let b = Start {
+            pid: 11,
+            ticks: 2,
+            arm: Arm::Plain,
+        };
+        let c = Start {
+            pid: 12,
+            ticks: 3,
+            arm: Arm::Copy,
+        };
+        for s in [a, b, c] {
+            let n = crate::history::start_line(s, &mut buf);
+            dir.append_run_line(p, &buf[..n], 412).expect("start");
+        }
+        let n = crate::history::end_line(a, 600, Arm::Copy, &mut buf);
+        dir.append_run_line(p, &buf[..n], 412).expect("end");
+        // b is gone (killed), c still runs.
+        let h = dir.history(p, |s| s.pid == 12, 0);
+        assert_eq!(h.started, 3);
+        assert_eq!(h.rate_us_per_mib, 412);
         assert_eq!(
-            parse_runs(text.as_bytes(), "/usr/bin/rustc"),
-            [66, 70, 1200]
+            h.runs(),
+            [
+                Run {
+                    ms: Some(600),
+                    arm: Arm::Copy
+                },
+                Run {
+                    ms: None,
+                    arm: Arm::Plain
+                }
+            ]
         );
-        assert!(parse_runs(text.as_bytes(), "/usr/bin/other").is_empty());
-        assert!(parse_runs(b"", "x").is_empty());
-        assert!(parse_runs(b"x\n1 zz 3\n", "x") == [1, 3]);
+        assert_eq!(h.starts(), [c]);
+        // Folded: read again, the same, and c's start line is still there.
+        let again = dir.history(p, |s| s.pid == 12, 0);
+        assert_eq!(again, h);
+        let text = std::fs::read_to_string(dir.runs_path(p)).expect("record");
+        assert_eq!(text, "/usr/bin/prog\nv2 2 412\n600c kp\ns 12 3 c\n");
+        // Another program's record is not read as this one's.
+        assert_eq!(dir.history("/other", |_| true, 0), History::default());
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
-    fn a_state_dir_remembers_runs_and_images() {
+    fn rates_keep_the_last_measurements_and_give_their_median() {
+        let root = std::env::temp_dir().join(format!("tiexec-state-rates-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = StateDir::open(&root.join("tiexec")).expect("open");
+        assert_eq!(dir.rates().median(RateKind::Copy), None);
+        for v in [900, 400, 410, 390, 420, 380, 400, 405, 395, 410] {
+            dir.record_rate(RateKind::Copy, v);
+        }
+        dir.record_rate(RateKind::Image, 800);
+        let r = dir.rates();
+        // The last eight: 380 390 395 400 405 410 410 420 (the 900 has gone).
+        assert_eq!(r.median(RateKind::Copy), Some(402));
+        assert_eq!(r.best(RateKind::Copy, 500), Some(380));
+        assert_eq!(r.best(RateKind::Image, 0), Some(800));
+        // One slow measurement does not outweigh what is assumed.
+        assert_eq!(r.best(RateKind::Image, 500), Some(500));
+        assert_eq!(r.median(RateKind::Image), Some(800));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_state_dir_remembers_images_and_hot_maps() {
         let root = std::env::temp_dir().join(format!("tiexec-state-test-{}", std::process::id()));
         let dir = StateDir::open(&root.join("tiexec")).expect("open");
-        for ms in 1..=10 {
-            dir.record_run("/bin/prog", ms).expect("record");
-        }
-        assert_eq!(dir.runs("/bin/prog"), (3..=10).collect::<Vec<u32>>());
+        let mut map = HotMap::default();
+        let text = [crate::range::Range::new(0, 4 << 20)];
+        map.merge(&crate::hotmap::Measurement {
+            path: "/lib/libx.so",
+            identity: 5,
+            text: &text,
+            measured: &text,
+            present: &[crate::range::Range::new(0, 4096)],
+        });
+        dir.write_hot_map("/bin/prog", &map).expect("hot map");
+        assert_eq!(dir.hot_map("/bin/prog"), map);
+        assert_eq!(dir.hot_map("/bin/other"), HotMap::default());
         dir.image_built("img@v1", "/lib/libx.so");
         dir.image_hit("img@v1", "/lib/libx.so");
         dir.image_hit("img@v1", "/lib/libx.so");

@@ -26,7 +26,9 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::fault::{self, Step};
-use crate::plan::{align_down, huge_page, page, NoSupply, Range, Source, SwapRange};
+use crate::plan::SwapRange;
+use crate::policy::{NoSupply, Source};
+use crate::range::{align_down, huge_page, page, Range};
 use crate::sys::{self, Errno, Mapping, Prot};
 use crate::trampoline::{Fail, Outcome, SwapOp, Trampoline, TrampolineError};
 
@@ -160,6 +162,8 @@ pub struct Staged {
     pub mapping: Mapping,
     /// A read-only descriptor of the file behind `mapping`, if any.
     pub fd: Option<OwnedFd>,
+    /// Where in that file `mapping` starts.
+    pub fd_offset: u64,
     /// Where its pages come from.
     pub source: Source,
 }
@@ -167,16 +171,20 @@ pub struct Staged {
 /// Copies the bytes of `req`'s pieces from the live text into `dst` (the
 /// replacement's bytes, as long as the range); the rest stays as it is
 /// (zeros).
-pub fn copy_text_into(dst: &mut [u8], req: &SwapRange) {
+///
+/// # Safety
+/// Every piece of `req` must be mapped and readable, and not written while
+/// this runs.
+unsafe fn copy_text_into(dst: &mut [u8], req: &SwapRange) {
     for piece in req.pieces.iter().filter_map(|p| p.intersect(req.range)) {
         let at = (piece.start - req.range.start) as usize;
         let len = piece.len() as usize;
         let Some(to) = dst.get_mut(at..at.saturating_add(len)) else {
             continue;
         };
-        // SAFETY: the caller of `swap_ranges` guarantees that every piece is
-        // mapped, readable and not written meanwhile; `to` is a distinct
-        // writable mapping of exactly `len` bytes.
+        // SAFETY: the caller guarantees that every piece is mapped,
+        // readable and not written meanwhile; `to` is a distinct writable
+        // mapping of exactly `len` bytes.
         let from = unsafe { core::slice::from_raw_parts(piece.start as *const u8, len) };
         to.copy_from_slice(from);
     }
@@ -201,7 +209,11 @@ pub fn check_address_space(len: u64) -> Result<(), SwapError> {
 /// hugetlb file (memfd), filled through a writable mapping that is then
 /// dropped, and mapped r-x from a read-only descriptor. Never writable and
 /// executable, so it works under memory-deny-write-execute too.
-pub fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
+///
+/// # Safety
+/// `req`'s pieces must be mapped, readable, and not written meanwhile (a
+/// planned range of loaded text).
+pub unsafe fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
     let len = req.range.len() as usize;
     check_address_space(req.range.len() * 2)?;
     if fault::at(Step::StagingMap) {
@@ -222,7 +234,8 @@ pub fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
         let bytes = fill
             .bytes_mut()
             .ok_or(SwapError::StagingMap(Errno(libc::EFAULT)))?;
-        copy_text_into(bytes, req);
+        // SAFETY: the caller's promise about `req`'s pieces.
+        unsafe { copy_text_into(bytes, req) };
         fill.sync_icache();
     }
     let fd = sys::reopen_read_only(file.as_fd()).map_err(SwapError::StagingMap)?;
@@ -232,6 +245,7 @@ pub fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
     Ok(Staged {
         mapping,
         fd: Some(fd),
+        fd_offset: 0,
         source: Source::Hugetlb,
     })
 }
@@ -246,10 +260,14 @@ fn huge_bytes_in(range: Range) -> u64 {
 /// Room kept free in a limited memory cgroup, beyond the copy itself.
 const CGROUP_MARGIN: u64 = 64 << 20;
 
-/// A private copy of `req` on anonymous THP: 2 MiB-aligned memory advised
-/// `MADV_HUGEPAGE`, populated, checked huge, filled, r-w (the routine makes
-/// it r-x).
-pub fn thp_copy(req: &SwapRange) -> Result<Staged, SwapError> {
+/// A private copy of `req` on anonymous THP: huge-page-aligned memory
+/// advised `MADV_HUGEPAGE`, populated, checked huge, filled, r-w (the
+/// routine makes it r-x).
+///
+/// # Safety
+/// `req`'s pieces must be mapped, readable, and not written meanwhile (a
+/// planned range of loaded text).
+pub unsafe fn thp_copy(req: &SwapRange) -> Result<Staged, SwapError> {
     let len = req.range.len() as usize;
     check_address_space(req.range.len())?;
     if let Some(headroom) = crate::discover::memory_cgroup_headroom() {
@@ -290,11 +308,13 @@ pub fn thp_copy(req: &SwapRange) -> Result<Staged, SwapError> {
     let bytes = staging
         .bytes_mut()
         .ok_or(SwapError::StagingMap(Errno(libc::EFAULT)))?;
-    copy_text_into(bytes, req);
+    // SAFETY: the caller's promise about `req`'s pieces.
+    unsafe { copy_text_into(bytes, req) };
     staging.sync_icache();
     Ok(Staged {
         mapping: staging,
         fd: None,
+        fd_offset: 0,
         source: Source::Thp,
     })
 }
@@ -440,6 +460,7 @@ pub unsafe fn swap_ranges(
                     text: r.range.start,
                     len: r.range.len(),
                     fd: s.fd.as_ref().map_or(-1, |fd| i64::from(fd.as_raw_fd())),
+                    fd_offset: s.fd_offset,
                     fail,
                     probe,
                     ..SwapOp::default()

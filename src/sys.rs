@@ -347,6 +347,32 @@ impl Mapping {
     }
 }
 
+/// Moves `mapping` over `[to, to + its length)` with one
+/// `mremap(MREMAP_MAYMOVE|MREMAP_FIXED)`: whatever was mapped there is
+/// replaced, in one step. On failure the mapping is dropped (unmapped) and
+/// the target left as it was.
+///
+/// # Safety
+/// `to` must be page aligned, and the range there must be the caller's to
+/// replace (with the same bytes, when it holds code that may run).
+pub unsafe fn move_over(mapping: Mapping, to: u64) -> Result<(), Errno> {
+    // SAFETY: `mapping` owns its range; the target is the caller's.
+    let moved = unsafe {
+        libc::mremap(
+            mapping.as_ptr().cast(),
+            mapping.len(),
+            mapping.len(),
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to as *mut libc::c_void,
+        )
+    };
+    if moved == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    mapping.release();
+    Ok(())
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         if self.len > 0 {
@@ -465,6 +491,75 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// Sleeps `us` microseconds (interrupted early by a signal: callers loop).
+pub fn sleep_us(us: u64) {
+    let ts = libc::timespec {
+        tv_sec: (us / 1_000_000) as libc::time_t,
+        tv_nsec: ((us % 1_000_000) * 1000) as libc::c_long,
+    };
+    // SAFETY: a valid timespec; no remainder asked for.
+    unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
+}
+
+/// When process `pid` started (clock ticks since boot: `/proc/PID/stat`
+/// field 22), if it exists: together with the PID, it names one process
+/// (a PID is reused, the pair is not).
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let mut path = [0u8; 32];
+    let mut n = 0;
+    for part in [
+        &b"/proc/"[..],
+        decimal(u64::from(pid), &mut [0u8; 20]),
+        b"/stat",
+    ] {
+        for &b in part {
+            *path.get_mut(n)? = b;
+            n += 1;
+        }
+    }
+    let path = CStr::from_bytes_until_nul(path.get(..=n)?).ok()?;
+    let mut buf = [0u8; 1024];
+    let len = read_small_file(path, &mut buf).ok()?;
+    stat_start_ticks(buf.get(..len)?)
+}
+
+/// Field 22 (starttime) of a `/proc/PID/stat` line. The command name (field
+/// 2) may hold spaces and parentheses: the fields after it are counted from
+/// its last `)`.
+pub fn stat_start_ticks(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = stat.get(close + 1..)?;
+    // After ") ": field 3 (state) is the first word; 22 is the 20th.
+    let word = rest
+        .split(|&b| b == b' ')
+        .filter(|w| !w.is_empty())
+        .nth(19)?;
+    let mut v: u64 = 0;
+    for &d in word {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some(v)
+}
+
+/// `v` in decimal, in `buf`.
+fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        if let Some(d) = buf.get_mut(i) {
+            *d = b'0' + (v % 10) as u8;
+        }
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    buf.get(i..).unwrap_or(&[])
+}
+
 /// True when the process runs in secure-execution mode (setuid, setgid, file
 /// capabilities): the loader set `AT_SECURE`.
 pub fn secure_execution() -> bool {
@@ -570,6 +665,33 @@ pub fn write_all_to_fd_number(fd: i32, mut bytes: &[u8]) -> Result<(), Errno> {
             return Err(Errno(libc::EIO));
         }
         bytes = bytes.get(n as usize..).unwrap_or(&[]);
+    }
+    Ok(())
+}
+
+/// Appends `bytes` to the regular file at `path` that this user owns, with
+/// one `write` (`O_APPEND`: whole, between other appenders' lines), never
+/// following a symlink. Allocates nothing and takes no lock: callable from
+/// `_exit`.
+pub fn append_to_path(path: &CStr, bytes: &[u8]) -> Result<(), Errno> {
+    // SAFETY: a NUL-terminated path; plain flags.
+    let fd = check_fd(unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_APPEND | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    })?;
+    let st = fstat(fd.as_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != effective_uid() {
+        return Err(Errno(libc::EPERM));
+    }
+    // SAFETY: a valid buffer of `bytes.len()` bytes and our descriptor.
+    let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if n < 0 {
+        return Err(Errno::last());
+    }
+    if n as usize != bytes.len() {
+        return Err(Errno(libc::EIO));
     }
     Ok(())
 }
@@ -897,6 +1019,21 @@ fn pagemap_scan(
     end: u64,
     want: Categories,
 ) -> Result<Vec<(u64, u64)>, Errno> {
+    Ok(pagemap_scan_categories(pagemap, start, end, want, 0)?
+        .into_iter()
+        .map(|(s, e, _)| (s, e))
+        .collect())
+}
+
+/// As [`pagemap_scan`], each region with its categories among `want`'s and
+/// `also` (regions differing in them come apart).
+fn pagemap_scan_categories(
+    pagemap: &CStr,
+    start: u64,
+    end: u64,
+    want: Categories,
+    also: u64,
+) -> Result<Vec<(u64, u64, u64)>, Errno> {
     // SAFETY: the path is NUL-terminated.
     let fd = check_fd(unsafe { libc::open(pagemap.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
     let mut found = Vec::new();
@@ -915,7 +1052,7 @@ fn pagemap_scan(
             category_inverted: want.inverted,
             category_mask: want.all,
             category_anyof_mask: want.any,
-            return_mask: want.all | want.any,
+            return_mask: want.all | want.any | also,
         };
         // SAFETY: `arg` and `regions` are valid for the duration of the
         // call; the kernel writes at most `vec_len` regions and `walk_end`.
@@ -924,7 +1061,7 @@ fn pagemap_scan(
             return Err(Errno::last());
         }
         for r in regions.iter().take(n as usize) {
-            found.push((r.start, r.end));
+            found.push((r.start, r.end, r.categories));
         }
         if arg.walk_end <= cursor {
             break;
@@ -932,6 +1069,42 @@ fn pagemap_scan(
         cursor = arg.walk_end;
     }
     Ok(found)
+}
+
+/// Which pages of `[start, end)` are present in this process's page tables:
+/// `(present on small pages, mapped huge)`, as `(start, end)` ranges in
+/// ascending order. Reads page tables only. With `PAGEMAP_SCAN` (Linux
+/// 6.7); before it, from /proc/self/pagemap's entries, which cannot tell
+/// huge pages (the second list is then empty: they count as present).
+pub fn present_small_pages(start: u64, end: u64) -> Result<(Vec<Range>, Vec<Range>), Errno> {
+    let present = Categories {
+        inverted: 0,
+        all: PAGE_IS_PRESENT,
+        any: 0,
+    };
+    match pagemap_scan_categories(c"/proc/self/pagemap", start, end, present, PAGE_IS_HUGE) {
+        Ok(regions) => {
+            let mut small = Vec::new();
+            let mut huge = Vec::new();
+            for (s, e, cat) in regions {
+                if cat & PAGE_IS_HUGE != 0 {
+                    huge.push(Range::new(s, e));
+                } else {
+                    small.push(Range::new(s, e));
+                }
+            }
+            Ok((small, huge))
+        }
+        Err(Errno(libc::ENOTTY | libc::EINVAL | libc::ENOSYS)) => {
+            const PRESENT: u64 = 1 << 63;
+            let found = pagemap_entries(start, end, |e| e & PRESENT != 0)?;
+            Ok((
+                found.into_iter().map(|(s, e)| Range::new(s, e)).collect(),
+                Vec::new(),
+            ))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The parts of `[start, end)` that are mapped with huge pages (PMD-mapped
@@ -985,9 +1158,21 @@ pub fn modified_file_pages_by_entries(start: u64, end: u64) -> Result<Vec<(u64, 
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     const FILE_OR_SHARED: u64 = 1 << 61;
+    pagemap_entries(start, end, |e| {
+        (e & PRESENT != 0 && e & FILE_OR_SHARED == 0) || e & SWAPPED != 0
+    })
+}
+
+/// The pages of `[start, end)` whose /proc/self/pagemap entry `pick` takes,
+/// merged into ranges. Reads 512 entries at a time into a stack buffer.
+fn pagemap_entries(
+    start: u64,
+    end: u64,
+    pick: impl Fn(u64) -> bool,
+) -> Result<Vec<(u64, u64)>, Errno> {
     const BATCH: u64 = 512;
     let page = match base_page_size() {
-        0 => crate::range::page(),
+        0 => 4096,
         n => n,
     };
     // SAFETY: a NUL-terminated path.
@@ -1010,8 +1195,7 @@ pub fn modified_file_pages_by_entries(start: u64, end: u64) -> Result<Vec<(u64, 
         for (i, entry) in want.chunks_exact(8).enumerate() {
             let mut bytes = [0u8; 8];
             bytes.copy_from_slice(entry);
-            let e = u64::from_ne_bytes(bytes);
-            if (e & PRESENT != 0 && e & FILE_OR_SHARED == 0) || e & SWAPPED != 0 {
+            if pick(u64::from_ne_bytes(bytes)) {
                 let at = (index + i as u64) * page;
                 match found.last_mut() {
                     Some(last) if last.1 == at => last.1 = at + page,
@@ -1053,6 +1237,16 @@ mod tests {
         assert_eq!(modified_file_pages(r.start, r.end), Ok(written));
         drop(m);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_process_is_named_by_its_pid_and_start_time() {
+        let me = process_start_ticks(std::process::id()).expect("our own stat");
+        assert!(me > 0);
+        assert_eq!(process_start_ticks(std::process::id()), Some(me));
+        assert_eq!(process_start_ticks(u32::MAX), None);
+        let odd = b"42 (a) b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 19";
+        assert_eq!(stat_start_ticks(odd), Some(777));
     }
 
     #[test]

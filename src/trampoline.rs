@@ -33,9 +33,12 @@ pub struct SwapOp {
     pub text: u64,
     /// Length of both, a multiple of 2 MiB.
     pub len: u64,
-    /// -1, or a read-only descriptor of the file `staging` maps from offset
-    /// 0: the routine maps it back if the text is lost.
+    /// -1, or a read-only descriptor of the file `staging` maps (from
+    /// `fd_offset`): the routine maps it back if the text is lost.
     pub fd: i64,
+    /// Where in `fd`'s file the staging mapping starts (a multiple of the
+    /// huge page: an image serving part of an object's text).
+    pub fd_offset: u64,
     /// A page of the text range that was mapped before the swap (the range
     /// may hold unmapped holes).
     pub probe: u64,
@@ -54,6 +57,7 @@ impl Default for SwapOp {
             text: 0,
             len: 0,
             fd: -1,
+            fd_offset: 0,
             probe: 0,
             fail: 0,
             status: 0,
@@ -153,6 +157,7 @@ macro_rules! assemble_swap_routine {
             OP_TEXT = const offset_of!(SwapOp, text),
             OP_LEN = const offset_of!(SwapOp, len),
             OP_FD = const offset_of!(SwapOp, fd),
+            OP_FD_OFFSET = const offset_of!(SwapOp, fd_offset),
             OP_PROBE = const offset_of!(SwapOp, probe),
             OP_FAIL = const offset_of!(SwapOp, fail),
             OP_STATUS = const offset_of!(SwapOp, status),
@@ -364,8 +369,8 @@ mod tests {
 
     #[test]
     fn the_record_is_what_the_routine_expects() {
-        assert_eq!(core::mem::size_of::<SwapOp>(), 64);
-        assert_eq!(offset_of!(SwapOp, outcome), 56);
+        assert_eq!(core::mem::size_of::<SwapOp>(), 72);
+        assert_eq!(offset_of!(SwapOp, outcome), 64);
     }
 
     #[test]

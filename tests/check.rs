@@ -182,7 +182,12 @@ fn forecast_is_the_next_run(test: &str, cache: Option<&CacheMount>, history_ms: 
                 tiexec::internal::state::StateDir::open(&state.join("tiexec")).expect("state dir");
             let program = std::fs::canonicalize(&exe).unwrap();
             for _ in 0..10 {
-                dir.record_run(program.to_str().unwrap(), ms).unwrap();
+                dir.add_run(
+                    program.to_str().unwrap(),
+                    ms,
+                    tiexec::internal::history::Arm::Plain,
+                )
+                .unwrap();
             }
         }
         let report = scratch.join("report.json");

@@ -223,16 +223,26 @@ pub fn preloaded(exe: &Path, env: &[(&str, &str)]) -> Command {
     cmd
 }
 
-/// Records `lifetimes_ms` as the past runs of `program` in the state
-/// directory of `cmd` (made with `isolate`), the way the library does.
+/// Records `lifetimes_ms` as past runs of `program` on 4 KiB pages in the
+/// state directory of `cmd` (made with `isolate`), as the library's end
+/// lines would.
 pub fn remember_runs(cmd: &Command, program: &Path, lifetimes_ms: &[u32]) {
+    let runs: Vec<(u32, Arm)> = lifetimes_ms.iter().map(|&ms| (ms, Arm::Plain)).collect();
+    remember(cmd, program, &runs);
+}
+
+/// Records past runs of `program`, each with its lifetime and arm, in the
+/// state directory of `cmd` (made with `isolate`).
+pub fn remember(cmd: &Command, program: &Path, runs: &[(u32, Arm)]) {
     let program = std::fs::canonicalize(program).unwrap();
     let program = program.to_str().unwrap();
     let dir = tiexec::internal::state::StateDir::open(&state_dir_of(cmd)).expect("state dir");
-    for &ms in lifetimes_ms {
-        dir.record_run(program, ms).expect("record");
+    for &(ms, arm) in runs {
+        dir.add_run(program, ms, arm).expect("record");
     }
 }
+
+pub use tiexec::internal::history::Arm;
 
 /// The freshly built `libtiexec.so`: the release build that build.rs makes
 /// and the CLI embeds (`cargo test` does not emit the cdylib itself).
