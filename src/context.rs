@@ -4,9 +4,10 @@
 //! copy decision (made once, from an estimate taken before any planning, so
 //! that a forecast decides as the run will).
 
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
+use std::rc::Rc;
 
-use crate::cache::{self, Cache};
+use crate::cache::{self, Cache, Image};
 use crate::config::{Backend, Strategy};
 use crate::discover::{self, LoadedObject};
 use crate::history::{self, Arm, Decision, History, Start};
@@ -101,6 +102,9 @@ pub struct Context {
     /// info logging, a JSON report). Otherwise the report's coverage is what
     /// the swap did, as the routine reported it.
     pub verify: bool,
+    /// Shared images opened in this pass, by name (one serves every range
+    /// of its region).
+    images: RefCell<Vec<Rc<Image>>>,
 }
 
 /// Whether the process of `start` is still the one that wrote it.
@@ -133,9 +137,25 @@ impl Context {
                 program,
                 decision: OnceCell::new(),
                 verify,
+                images: RefCell::new(Vec::new()),
             },
             why,
         )
+    }
+
+    /// The shared image `name`, if this pass opened it already.
+    pub fn opened_image(&self, name: &str) -> Option<Rc<Image>> {
+        self.images
+            .borrow()
+            .iter()
+            .find(|i| i.name == name)
+            .cloned()
+    }
+
+    /// Keeps a shared image opened in this pass, for its region's other
+    /// ranges.
+    pub fn keep_image(&self, image: Rc<Image>) {
+        self.images.borrow_mut().push(image);
     }
 
     /// The user's state directory, if usable.

@@ -301,8 +301,9 @@ fn shift_out_first<T: Copy>(items: &mut [T]) {
 /// `program`'s, and the format the current one; anything else (another
 /// program with the same digest, the older format) is an empty history.
 /// End lines become runs (taking their start line's place); unknown words
-/// are skipped. `started` counts the folded runs and every start line: the
-/// number of this run, for the exploration schedule.
+/// are skipped. `started` counts the folded runs, every start line and
+/// every end line without one: the number of this run, for the exploration
+/// schedule.
 pub fn parse(text: &[u8], program: &[u8]) -> History {
     let mut h = History::default();
     let mut lines = text.split(|&b| b == b'\n');
@@ -363,7 +364,11 @@ pub fn parse(text: &[u8], program: &[u8]) -> History {
                     continue;
                 };
                 let ended = Start { pid, ticks, arm };
-                h.drop_starts(|s| s.same_process(&ended));
+                if h.drop_starts(|s| s.same_process(&ended)) == 0 {
+                    // Its start line is not here (lost in a concurrent
+                    // rewrite, or a tool wrote the run): it started too.
+                    h.started = h.started.saturating_add(1);
+                }
                 h.push(Run { ms: Some(ms), arm });
             }
             _ => {}

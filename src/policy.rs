@@ -108,6 +108,18 @@ pub enum Supply {
     Thp,
 }
 
+impl Supply {
+    /// Its name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Supply::SharedImage => "the shared image",
+            Supply::PrivateImage => "a private image",
+            Supply::Pool => "a copy on pool pages",
+            Supply::Thp => "a THP copy",
+        }
+    }
+}
+
 /// What is known about one range's bytes, for the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RangeFacts {

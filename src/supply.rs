@@ -254,13 +254,20 @@ pub fn supply_range<T>(
         match attempt(way) {
             Ok(got) => return Ok(got),
             Err(e) => {
+                // What the cache refused or lacked is worth knowing when a
+                // copy serves instead; the rest is detail.
+                let level = if matches!(e, SwapError::Cache(_)) {
+                    crate::log::Level::Info
+                } else {
+                    crate::log::Level::Debug
+                };
                 crate::tlog!(
-                    crate::log::Level::Debug,
-                    "{}: {:#x}-{:#x}: {:?} did not serve: {e}",
+                    level,
+                    "{}: {:#x}-{:#x}: {} did not serve: {e}",
                     object.path,
                     req.range.start,
                     req.range.end,
-                    way
+                    way.name()
                 );
                 last = e;
             }
@@ -333,9 +340,22 @@ pub fn image_for(
         )
     };
     swap::check_address_space(content.len + if shared { 0 } else { req.range.len() })?;
-    let image = cache
-        .get_or_build(&name, &content, shared, wait, ctx.state(), &object.path)
-        .map_err(SwapError::Cache)?;
+    // A region's image serves all of its ranges: found or built once per
+    // pass (a range after the first is no new hit).
+    let found = shared.then(|| ctx.opened_image(&name)).flatten();
+    let image = match found {
+        Some(image) => image,
+        None => {
+            let image = cache
+                .get_or_build(&name, &content, shared, wait, ctx.state(), &object.path)
+                .map_err(SwapError::Cache)?;
+            let image = std::rc::Rc::new(image);
+            if shared {
+                ctx.keep_image(std::rc::Rc::clone(&image));
+            }
+            image
+        }
+    };
     let mapping = image
         .map(offset, req.range.len())
         .map_err(SwapError::ImageMap)?;

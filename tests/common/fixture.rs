@@ -93,19 +93,30 @@ extern const unsigned long fixture_rodata_len;
 static const char rodata_message[] = "tiexec-fixture-rodata";
 static unsigned long writable_counter = 7;
 
-/* usage: fixture [CALLS [wait|run|fork|patch|hog [EXIT_CODE|PAGES]]]
+/* usage: fixture [CALLS [wait|run|fork|patch|hog|_exit [EXIT_CODE|PAGES]]]
  * Calls CALLS functions chosen by xorshift, prints the checksum; with "wait",
  * prints "ready" and its pid (stderr), then blocks until stdin closes; with
  * "fork", a child calls every function once and the parent reports how the
- * child ended. */
+ * child ended; with "_exit", ends with _exit(EXIT_CODE) (no exit handlers).
+ * FIXTURE_REGION=FIRST:COUNT in the environment makes the calls go to the
+ * functions FIRST..FIRST+COUNT only (one contiguous part of the text). */
 int main(int argc, char **argv) {
     unsigned long calls = argc > 1 ? strtoul(argv[1], 0, 10) : 1000000;
     int wait = argc > 2 && strcmp(argv[2], "wait") == 0;
     int code = argc > 3 ? atoi(argv[3]) : 0;
+    unsigned long first = 0, count = fixture_count;
+    const char *region = getenv("FIXTURE_REGION");
+    if (region) {
+        char *colon;
+        first = strtoul(region, &colon, 10);
+        if (*colon == ':') count = strtoul(colon + 1, 0, 10);
+        if (first >= fixture_count) first = 0;
+        if (count == 0 || first + count > fixture_count) count = fixture_count - first;
+    }
     unsigned long x = 88172645463325252UL, acc = 0;
     for (unsigned long i = 0; i < calls; i++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        acc = fixture_table[x % fixture_count](acc + i);
+        acc = fixture_table[first + x % count](acc + i);
     }
     writable_counter += acc & 0xff;
     unsigned long rodata_sum = 1469598103934665603UL;
@@ -137,6 +148,10 @@ int main(int argc, char **argv) {
         printf("patched %016lx\n", fixture_table[fixture_count / 2](12345));
         fflush(stdout);
     }
+    if (argc > 2 && strcmp(argv[2], "_exit") == 0) {
+        fflush(stdout);
+        _exit(code);
+    }
     if (argc > 2 && strcmp(argv[2], "fork") == 0) {
         fflush(stdout);
         pid_t child = fork();
@@ -155,8 +170,8 @@ int main(int argc, char **argv) {
         fflush(stdout);
         char buf[64];
         while (read(0, buf, sizeof buf) > 0) {}
-        /* after the parent looked: run everything once more */
-        for (unsigned long i = 0; i < fixture_count; i++) acc = fixture_table[i](acc);
+        /* after the parent looked: run everything (of the region) once more */
+        for (unsigned long i = first; i < first + count; i++) acc = fixture_table[i](acc);
         printf("after %016lx\n", acc);
     }
     return code;

@@ -13,7 +13,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tiexec::internal::plan::{self, Range};
+use tiexec::internal::plan;
+pub use tiexec::internal::range::Range;
 
 pub use fixture::Spec;
 pub use proc_maps::Coverage;
@@ -384,10 +385,53 @@ pub struct Waiting {
     stderr_thread: Option<std::thread::JoinHandle<Vec<u8>>>,
 }
 
+/// A fixture started, not yet seen ready.
+struct Starting {
+    command: String,
+    child: Child,
+    rx: std::sync::mpsc::Receiver<(BufReader<std::process::ChildStdout>, String, String)>,
+    stderr_thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Starting {
+    fn ready(mut self, timeout: Duration) -> Waiting {
+        let (stdout, first_line, ready) = match self.rx.recv_timeout(timeout) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = self.child.kill();
+                panic!("no 'ready' within {timeout:?}: {}", self.command);
+            }
+        };
+        let w = Waiting {
+            command: self.command,
+            child: self.child,
+            first_line,
+            stdout,
+            stderr_thread: self.stderr_thread,
+        };
+        if ready.trim() != "ready" {
+            let o = w.finish(Duration::from_secs(10));
+            panic!("fixture did not get ready (got {ready:?})\n{o}");
+        }
+        w
+    }
+}
+
 impl Waiting {
     /// Starts `cmd` (whose program is a fixture run with `CALLS wait`) and
     /// waits for "ready".
     pub fn start(cmd: &mut Command, timeout: Duration) -> Waiting {
+        Waiting::spawned(cmd).ready(timeout)
+    }
+
+    /// Starts every one of `cmds` at once, then waits for each to be ready:
+    /// concurrent starts.
+    pub fn start_all(cmds: &mut [Command], timeout: Duration) -> Vec<Waiting> {
+        let started: Vec<Starting> = cmds.iter_mut().map(Waiting::spawned).collect();
+        started.into_iter().map(|s| s.ready(timeout)).collect()
+    }
+
+    fn spawned(cmd: &mut Command) -> Starting {
         let command = describe(cmd);
         let mut child = spawn(
             cmd.stdin(Stdio::piped())
@@ -411,25 +455,12 @@ impl Waiting {
             let _ = r.read_line(&mut ready);
             let _ = tx.send((r, first, ready));
         });
-        let (stdout, first_line, ready) = match rx.recv_timeout(timeout) {
-            Ok(v) => v,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no 'ready' within {timeout:?}: {command}");
-            }
-        };
-        let w = Waiting {
+        Starting {
             command,
             child,
-            first_line,
-            stdout,
+            rx,
             stderr_thread,
-        };
-        if ready.trim() != "ready" {
-            let o = w.finish(Duration::from_secs(10));
-            panic!("fixture did not get ready (got {ready:?})\n{o}");
         }
-        w
     }
 
     pub fn pid(&self) -> u32 {
@@ -567,6 +598,43 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
         stdout_first,
         outcome,
     }
+}
+
+/// As [`observe`], but the process is killed (SIGKILL) instead of let
+/// finish: a server stopped the hard way.
+pub fn observe_killed(cmd: &mut Command, object: &Path) -> Seen {
+    let t = Duration::from_secs(120);
+    let w = Waiting::start(cmd, t);
+    let pid = w.pid();
+    let segments = text_segments(pid, object);
+    let cov = coverage(pid, &segments);
+    let reachable = reachable_text(pid, &segments, object, false);
+    let near = maps_near(pid, &segments);
+    let stdout_first = w.first_line.clone();
+    // SAFETY: kill has no memory preconditions; `pid` is our child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let outcome = w.finish(t);
+    outcome.check(
+        outcome.status.code().is_none(),
+        "killed by the signal, as asked",
+    );
+    Seen {
+        pid,
+        interior: planned_interior(&segments),
+        text: segments.iter().map(|s| s.len()).sum(),
+        reachable,
+        near,
+        cov,
+        stdout_first,
+        outcome,
+    }
+}
+
+/// Bytes of anonymous transparent huge pages process `pid` holds: its
+/// private copies (hugetlb pages, of a cache image or private to it, are
+/// counted by the cache's mount).
+pub fn private_huge_bytes(pid: u32) -> u64 {
+    proc_maps::read(pid).iter().map(|m| m.anon_huge).sum()
 }
 
 /// The 2 MiB-aligned interior of the segments: what must end up huge.
@@ -815,7 +883,7 @@ impl CacheMount {
                 .flatten()
             {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.contains("@v1-") && !name.ends_with(".lock") {
+                if tiexec::internal::cache::parse_name(&name).is_some() {
                     out.push(e.path());
                 }
             }

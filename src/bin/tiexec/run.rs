@@ -199,6 +199,13 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     for (var, value) in &args.settings {
         cmd.env(var, value);
     }
+    // PROGRAM is what the user named: exec keeps this PID, so the library
+    // in it knows it was asked for (its first run gets huge text), and the
+    // programs it starts know they were not (see `context::Origin`).
+    cmd.env(
+        tiexec::internal::context::NAMED_PID_VAR,
+        std::process::id().to_string(),
+    );
 
     // exec replaces this process: on success it does not return.
     let err = cmd.exec();
