@@ -71,7 +71,7 @@ fn percent(seen: &Seen) -> u64 {
 
 fn at_least_90(seen: &Seen, what: &str) {
     seen.outcome.check(
-        percent(&seen) >= 90,
+        percent(seen) >= 90,
         &format!(
             "{what}: {} % of {} reachable bytes on 2 MiB pages ({:?})\n{}",
             percent(seen),
