@@ -44,6 +44,8 @@ struct Outcome {
     swapped: Vec<(u64, u64, String)>,
     failed: usize,
     not_attempted: Option<String>,
+    /// Whether the process copies, by which rule, with what figures.
+    decision: Option<String>,
 }
 
 fn outcomes(objects: &serde_json::Value) -> Vec<Outcome> {
@@ -87,6 +89,7 @@ fn outcomes(objects: &serde_json::Value) -> Vec<Outcome> {
                     .collect(),
                 failed: o["failed"].as_array().map_or(0, Vec::len),
                 not_attempted: o["not_attempted"].as_str().map(str::to_string),
+                decision: o["decision"].as_str().map(str::to_string),
             }
         })
         .collect();
@@ -163,12 +166,31 @@ fn fixtures(test: &str) -> Vec<PathBuf> {
     out
 }
 
+/// What a program's state holds before the forecast.
+#[derive(Clone, Copy)]
+enum Past {
+    /// Nothing: its first run (the forecast comes first).
+    Nothing,
+    /// Ten runs of this lifetime on 4 KiB pages.
+    Plain(u32),
+    /// Runs that measured a gain from huge text.
+    Gain,
+    /// Long runs, and a hot map: its runs touch only its first 4 MiB
+    /// (`FIXTURE_REGION`), measured by a run of the program as a child.
+    Hot,
+}
+
 /// For each fixture: a run (the page cache and the cache settle), the
 /// forecast, another run; the forecast must be what the second run did.
-fn forecast_is_the_next_run(test: &str, cache: Option<&CacheMount>, history_ms: Option<u32>) {
+/// With no past, the forecast comes first and must be what the first run
+/// does.
+fn forecast_is_the_next_run(test: &str, cache: Option<&CacheMount>, past: Past) {
+    use tiexec::internal::history::Arm;
     let scratch = common::scratch_dir().join(format!("check-{test}-{}", std::process::id()));
-    // Fixtures whose ranges went to the policy (not all already huge).
+    // Fixtures whose ranges went to the policy (not all already huge), and
+    // those whose cold text stayed.
     let mut supplied = 0;
+    let mut with_cold = 0;
     for exe in fixtures(test) {
         let state = scratch.join(format!(
             "state-{}",
@@ -176,24 +198,62 @@ fn forecast_is_the_next_run(test: &str, cache: Option<&CacheMount>, history_ms: 
         ));
         let _ = std::fs::remove_dir_all(&state);
         std::fs::create_dir_all(&state).unwrap();
-        let env = shared_env(&state, cache);
-        if let Some(ms) = history_ms {
-            let dir =
-                tiexec::internal::state::StateDir::open(&state.join("tiexec")).expect("state dir");
-            let program = std::fs::canonicalize(&exe).unwrap();
-            for _ in 0..10 {
-                dir.add_run(
-                    program.to_str().unwrap(),
-                    ms,
-                    tiexec::internal::history::Arm::Plain,
-                )
-                .unwrap();
+        let mut env = shared_env(&state, cache);
+        let dir = tiexec::internal::state::StateDir::open(&state.join("tiexec")).expect("state dir");
+        let program = std::fs::canonicalize(&exe).unwrap();
+        let program = program.to_str().unwrap();
+        let runs: Vec<(u32, Arm)> = match past {
+            Past::Nothing => Vec::new(),
+            Past::Plain(ms) => vec![(ms, Arm::Plain); 10],
+            Past::Gain => vec![
+                (560, Arm::Copy),
+                (630, Arm::Plain),
+                (550, Arm::Copy),
+                (620, Arm::Plain),
+                (540, Arm::Copy),
+            ],
+            Past::Hot => vec![(60_000, Arm::Plain); 3],
+        };
+        if let Past::Hot = past {
+            // The first 1024 functions: 4 MiB of text (the host's library
+            // is called through its own table, untouched by the region).
+            // Measured by a first run of the program as a child: on 4 KiB
+            // pages, and recorded.
+            env.push(("FIXTURE_REGION".into(), "0:1024".into()));
+            let mut child = Command::new(&exe);
+            common::isolate(&mut child);
+            no_aslr(&mut child);
+            for (k, v) in &env {
+                child.env(k, v);
             }
+            let o = common::run(
+                child
+                    .env("LD_PRELOAD", common::preload_lib())
+                    .env("TIEXEC_NAMED_PID", "1")
+                    .args([CALLS, "run"]),
+                T,
+            );
+            o.check(o.status.success(), "the measuring run");
+        }
+        for (ms, arm) in runs {
+            dir.add_run(program, ms, arm).unwrap();
         }
         let report = scratch.join("report.json");
-        let first = real_run(&exe, &env, &report);
-        let (foreseen, check) = forecast(&exe, &env);
-        let second = real_run(&exe, &env, &report);
+        let (first, (foreseen, check), second) = if let Past::Nothing = past {
+            // The wrapper primes the page cache before a run; so must the
+            // forecast's machine be (the run then finds the same pages
+            // already huge).
+            // (Its status says whether the file could be primed: not every
+            // fixture's text can.)
+            common::run(common::tiexec_cmd().arg("--prime").arg(&exe), T);
+            let f = forecast(&exe, &env);
+            let run = real_run(&exe, &env, &report);
+            (Vec::new(), f, run)
+        } else {
+            let first = real_run(&exe, &env, &report);
+            let f = forecast(&exe, &env);
+            (first, f, real_run(&exe, &env, &report))
+        };
         assert!(!second.is_empty(), "{}: no report", exe.display());
         if second.iter().any(|o| o.planned_bytes > 0) {
             supplied += 1;
@@ -204,11 +264,27 @@ fn forecast_is_the_next_run(test: &str, cache: Option<&CacheMount>, history_ms: 
             "{}: the forecast is not what the run did\n(first run: {first:#?})\n{check}",
             exe.display()
         );
+        let cold: u64 = second
+            .iter()
+            .flat_map(|o| &o.kept)
+            .filter(|(why, _)| why.contains("not touched"))
+            .map(|(_, n)| n)
+            .sum();
+        if cold > 0 {
+            with_cold += 1;
+        }
     }
     assert!(
         supplied >= 4,
         "only {supplied} fixtures had ranges to supply"
     );
+    if let Past::Hot = past {
+        // The fixtures the page cache does not map huge by itself.
+        assert!(
+            with_cold >= 4,
+            "only {with_cold} fixtures kept cold text on 4 KiB pages"
+        );
+    }
     let _ = std::fs::remove_dir_all(&scratch);
 }
 
@@ -217,19 +293,36 @@ fn the_forecast_is_what_a_run_does_with_the_cache() {
     let Some(cache) = CacheMount::new("check", 160, 170) else {
         return;
     };
-    forecast_is_the_next_run("cache", Some(&cache), None);
+    forecast_is_the_next_run("cache", Some(&cache), Past::Nothing);
 }
 
 #[test]
 fn the_forecast_is_what_a_run_does_with_private_copies() {
-    // Long past runs: private THP copies pay off.
-    forecast_is_the_next_run("thp", None, Some(60_000));
+    // Long past runs: a private THP copy is negligible.
+    forecast_is_the_next_run("thp", None, Past::Plain(60_000));
 }
 
 #[test]
 fn the_forecast_is_what_a_run_does_when_copies_would_not_pay() {
     // Short past runs: nothing is copied, and the forecast says so.
-    forecast_is_the_next_run("short", None, Some(5));
+    forecast_is_the_next_run("short", None, Past::Plain(5));
+}
+
+#[test]
+fn the_forecast_is_what_a_first_run_does() {
+    // The program named to tiexec, never run before: copied.
+    forecast_is_the_next_run("first", None, Past::Nothing);
+}
+
+#[test]
+fn the_forecast_is_what_a_run_does_when_gains_were_measured() {
+    forecast_is_the_next_run("gain", None, Past::Gain);
+}
+
+#[test]
+fn the_forecast_is_what_a_run_does_with_a_hot_map() {
+    // Only the huge pages its runs touch are copied; the rest stays.
+    forecast_is_the_next_run("hot", None, Past::Hot);
 }
 
 /// The program never runs: a fixture that would write a file when it

@@ -311,7 +311,17 @@ pub fn tiexec_link_args(archive: &Path, static_link: bool) -> Vec<std::ffi::OsSt
 pub fn build_linking(spec: Spec, dir: &Path, archive: Option<&Path>) -> PathBuf {
     std::fs::create_dir_all(dir).expect("fixture dir");
     let exe = dir.join(spec.name);
-    if exe.exists() {
+    // What the program is built from: an edited driver, generator, spec or
+    // archive is never served by an old build.
+    let stamp = dir.join(format!("{}.digest", spec.name));
+    let mut source = format!("{DRIVER_C}{spec:?}{:?}{:?}", archive, target());
+    source.push_str(&assembly(2, spec.two_text_segments, 0));
+    if let Some(a) = archive {
+        let m = std::fs::metadata(a).expect("archive");
+        source.push_str(&format!("{}{:?}", m.len(), m.modified().ok()));
+    }
+    let digest = format!("{:016x}", digest(source.as_bytes()));
+    if exe.exists() && std::fs::read_to_string(&stamp).is_ok_and(|d| d == digest) {
         return exe;
     }
     let asm = dir.join(format!("{}.S", spec.name));
@@ -356,7 +366,15 @@ pub fn build_linking(spec: Spec, dir: &Path, archive: Option<&Path>) -> PathBuf 
     );
     rewrite_in_small_pages(&tmp);
     std::fs::rename(&tmp, &exe).expect("rename fixture");
+    std::fs::write(&stamp, &digest).expect("write the fixture's digest");
     exe
+}
+
+/// FNV-1a, 64 bits (the tests' own: a digest of sources, not security).
+fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 const HOST_C: &str = r#"
