@@ -108,15 +108,17 @@ fn fault_in_congruent_text(vmas: &[Vma], object: &LoadedObject, wanted: &dyn Fn(
     }
 }
 
-/// The address whose huge page must keep the name of its mapping: the main
-/// program's ELF header, when it is loaded at a base of its own (PIE). See
-/// [`SwapRange::names_program`].
+/// The address whose huge page must keep the name of its mapping: where
+/// the object's ELF header is loaded (its lowest `PT_LOAD` segment, which
+/// maps file offset 0). See [`SwapRange::names_program`].
 fn pinned(object: &LoadedObject) -> Vec<u64> {
-    if object.is_main && object.bias != 0 {
-        vec![object.bias]
-    } else {
-        Vec::new()
-    }
+    object
+        .load_segments
+        .iter()
+        .map(|s| s.start)
+        .min()
+        .into_iter()
+        .collect()
 }
 
 /// Plans every executable segment of `object` against the current mappings

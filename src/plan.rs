@@ -105,6 +105,11 @@ pub enum Skip {
     /// The program's recent runs did not touch it (see `hotmap`): a private
     /// copy under `auto` leaves it on 4 KiB pages.
     Cold,
+    /// It holds the object's ELF header (file offset 0), whose mapping
+    /// names the object to debuggers, profilers and crash tools that read
+    /// /proc/PID/maps: it stays the file's, unless the page cache maps it
+    /// huge in place (file-backed still).
+    ElfHeader,
 }
 
 impl Skip {
@@ -116,6 +121,9 @@ impl Skip {
             Skip::AlreadyHuge => "already on 2 MiB pages",
             Skip::NotPlainText => "not plain r-x private text",
             Skip::Cold => "not touched by the program's recent runs",
+            Skip::ElfHeader => {
+                "holds the ELF header that names the object to symbolizers (kept file-backed)"
+            }
         })
     }
 }
@@ -165,11 +173,12 @@ pub struct SwapRange {
     /// All of it is file-backed text congruent with its file: try to get the
     /// huge pages from the page cache in place before copying.
     pub in_place: bool,
-    /// It holds the main program's ELF header, at its load address:
-    /// symbolizers (Rust's backtraces among them) find the program's file by
-    /// the name of the mapping there. Only the page cache (the file's name
-    /// kept) or anonymous memory (no name: they look elsewhere) may replace
-    /// it; never a hugetlb mapping or an image, whose names would mislead.
+    /// It holds an object's ELF header, at its load address: symbolizers
+    /// (Rust's backtraces, libdwfl's `eu-stack`, profilers reading
+    /// /proc/PID/maps) find the object's file, and where it is loaded, by
+    /// the mapping there. Only the page cache, in place, may replace it
+    /// (the mapping stays the file's); the planner keeps it otherwise
+    /// ([`Skip::ElfHeader`]).
     pub names_program: bool,
 }
 
@@ -270,7 +279,7 @@ fn decide_chunk(
 /// - `huge`: ranges the kernel already maps with 2 MiB pages; a 2 MiB page
 ///   counts as already huge only when it lies entirely inside one of them.
 /// - `pinned`: addresses whose 2 MiB page must keep the name of its mapping
-///   (the main program's ELF header: see [`SwapRange::names_program`]).
+///   (the object's ELF header: see [`SwapRange::names_program`]).
 pub fn plan_object(
     segments: &[Range],
     mappings: &[MappingView],
@@ -325,6 +334,12 @@ pub fn plan_object_in(
                 let chunk = Range::new(start, start + g.huge);
                 let in_place = covered_by(chunk, mappings, |m| m.plain_text() && m.file_congruent);
                 let names_program = pinned.iter().any(|&a| chunk.start <= a && a < chunk.end);
+                if names_program && !in_place {
+                    for inside in insides {
+                        push_merged(&mut keep, *inside, Skip::ElfHeader);
+                    }
+                    continue;
+                }
                 push_merged(&mut swap, chunk, (in_place, names_program));
             }
             Some(reason) => {
@@ -815,7 +830,7 @@ mod tests {
     }
 
     #[test]
-    fn the_chunk_naming_the_program_is_a_range_of_its_own() {
+    fn the_chunk_holding_the_elf_header_stays_the_files() {
         // A PIE's first chunk holds its headers (read-only, same object) and
         // the start of its text: aggressive would take it, unless pinned.
         let base = 4 * M + 0x1000;
@@ -828,11 +843,27 @@ mod tests {
         assert_eq!(ranges(&p), vec![Range::new(4 * M, 9 * M)]);
         assert!(p.swap.iter().all(|s| !s.names_program));
         let p = plan_object(&[seg], &mappings, &[], &[base], Strategy::Aggressive);
+        assert_eq!(ranges(&p), vec![Range::new(5 * M, 9 * M)]);
+        assert_eq!(p.kept_bytes(Skip::ElfHeader), 5 * M - seg.start);
+        // Congruent with its file, the page cache may map it huge in place
+        // (still the file's mapping): planned, and marked.
+        let congruent = [
+            MappingView {
+                file_congruent: true,
+                ..view(4 * M, 4 * M + 0x3000, "r-xp", true)
+            },
+            MappingView {
+                file_congruent: true,
+                ..text(4 * M + 0x3000, 9 * M)
+            },
+        ];
+        let seg = Range::new(4 * M, 9 * M);
+        let p = plan_object(&[seg], &congruent, &[], &[4 * M], Strategy::Aggressive);
         assert_eq!(
             ranges(&p),
             vec![Range::new(4 * M, 5 * M), Range::new(5 * M, 9 * M)]
         );
-        assert!(p.swap[0].names_program && !p.swap[1].names_program);
+        assert!(p.swap[0].names_program && p.swap[0].in_place);
     }
 
     #[test]

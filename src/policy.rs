@@ -178,8 +178,8 @@ pub enum NoSupply {
     /// This process makes no private copy: the decision says why (see
     /// `history::decide`).
     NoCopy(Decision),
-    /// It names the program (see [`SwapRange::names_program`]) and no
-    /// anonymous copy is allowed.
+    /// It holds an object's ELF header (see `plan::SwapRange::names_program`)
+    /// and the page cache could not map it huge in place.
     NamesProgram,
     /// The cache could serve, but not this range's bytes.
     NotCacheable(NotCacheable),
@@ -204,7 +204,7 @@ impl core::fmt::Display for NoSupply {
             NoSupply::NotCacheable(why) => write!(f, "not cacheable: {}", why.describe()),
             NoSupply::NamesProgram => write!(
                 f,
-                "holds the program's ELF header, by whose mapping symbolizers name the program: only the page cache or THP may replace it"
+                "holds the object's ELF header, by whose mapping symbolizers name the object: only the page cache, in place, may replace it"
             ),
         }
     }
@@ -255,7 +255,12 @@ pub fn supplies(
             let pays = matches!(copy, Copying::Yes);
             let thp = supplies_thp(offer);
             let mut out = Vec::with_capacity(2);
-            if cache_serves && (facts.phase_stable || pays) {
+            // A shared image whenever it serves; a private one (a PIE's text
+            // at a random base) only where no THP copy can be made (memory-
+            // deny-write-execute): anonymous memory leaves the object's
+            // mappings grouped for symbolizers, a hugetlbfs file's mapping
+            // does not.
+            if cache_serves && (facts.phase_stable || (pays && !thp)) {
                 out.push(image);
             }
             if thp && pays {
@@ -346,9 +351,15 @@ mod tests {
         );
         // ... random-phase text like any private copy...
         assert!(auto(server, random, no()).is_err());
+        assert_eq!(auto(server, random, Copying::Yes), Ok(vec![Supply::Thp]));
+        // (a private image only where THP cannot serve)
+        let no_thp = Offer {
+            thp_usable: false,
+            ..server
+        };
         assert_eq!(
-            auto(server, random, Copying::Yes),
-            Ok(vec![Supply::PrivateImage, Supply::Thp])
+            auto(no_thp, random, Copying::Yes),
+            Ok(vec![Supply::PrivateImage])
         );
         // ... and never text that differs from its file.
         assert_eq!(auto(server, modified, Copying::Yes), Ok(vec![Supply::Thp]));

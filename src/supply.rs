@@ -235,10 +235,8 @@ pub fn supply_range<T>(
         ways.push(Supply::Thp);
     }
     if req.names_program {
-        ways.retain(|w| *w == Supply::Thp);
-        if ways.is_empty() {
-            return Err(SwapError::NoSupply(NoSupply::NamesProgram));
-        }
+        // Only the page cache, in place, keeps the mapping the file's.
+        return Err(SwapError::NoSupply(NoSupply::NamesProgram));
     }
     let mut last = SwapError::NoSupply(NoSupply::Nothing);
     for way in ways {

@@ -342,6 +342,17 @@ unsafe fn collapse_in_place(range: Range) -> Result<(), Errno> {
     }
 }
 
+/// Leaves the text just put at `op.text` out of core dumps: its bytes are
+/// the file's (a debugger reads them there), and a core of a program with
+/// moved text stays the size it was (the kernel dumps anonymous and
+/// private hugetlb memory, which the file's own mapping was not). A failure
+/// only means a bigger core.
+fn leave_out_of_core_dumps(op: &SwapOp) {
+    // SAFETY: advice on the range the routine just made our text; it
+    // changes what a core dump holds, nothing else.
+    let _ = unsafe { sys::madvise(op.text as *mut u8, op.len as usize, libc::MADV_DONTDUMP) };
+}
+
 /// The parts of `range` that none of `pieces` covers.
 fn holes(range: Range, pieces: &[Range]) -> Vec<Range> {
     let mut out = Vec::new();
@@ -516,6 +527,7 @@ pub unsafe fn swap_ranges(
                 for h in reserved.get_mut(i).map(std::mem::take).unwrap_or_default() {
                     h.release();
                 }
+                leave_out_of_core_dumps(op);
                 Ok(())
             }
             Outcome::ProtectFailed(e) => Err(SwapError::StagingProtect(e)),
@@ -524,6 +536,7 @@ pub unsafe fn swap_ranges(
             // The image mapped at the text address is what the swap would
             // have left there: the same bytes, on the image's pages.
             Outcome::RestoredByMap(e) => {
+                leave_out_of_core_dumps(op);
                 // Never expected of the kernel: worth a warning.
                 crate::tlog!(
                     crate::log::Level::Warn,

@@ -607,6 +607,21 @@ pub fn can_execute(path: &CStr) -> bool {
     unsafe { libc::access(path.as_ptr(), libc::X_OK) == 0 }
 }
 
+/// Replaces this process with `path`, run with `argv` and the environment
+/// `envp` (`execve(2)`): the PID, signal dispositions and mask, resource
+/// limits and open descriptors stay as they are. Returns only when that
+/// failed, with why.
+pub fn execve(path: &CStr, argv: &[std::ffi::CString], envp: &[std::ffi::CString]) -> Errno {
+    let mut args: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    args.push(core::ptr::null());
+    let mut env: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    env.push(core::ptr::null());
+    // SAFETY: NUL-terminated strings in NULL-terminated arrays, which
+    // outlive the call (on success nothing of this process remains).
+    unsafe { libc::execve(path.as_ptr(), args.as_ptr(), env.as_ptr()) };
+    Errno::last()
+}
+
 /// Mounts a hugetlbfs at `target` with mount options `data`, `nosuid` and
 /// `nodev` (root only).
 pub fn mount_hugetlbfs(target: &CStr, data: &CStr) -> Result<(), Errno> {

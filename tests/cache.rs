@@ -249,9 +249,12 @@ fn a_program_rebuilt_in_place_never_gets_its_old_text() {
         !second.outcome.stderr.contains("cache (hit)"),
         "the old image is never used",
     );
+    // Its new text: from a new image, or mapped huge by the kernel from
+    // the page cache the rewrite filled.
     second.outcome.check(
-        second.outcome.stderr.contains("cache (built)"),
-        "a new image is built",
+        second.outcome.stderr.contains("cache (built)")
+            || second.outcome.stderr.contains("already on 2 MiB pages"),
+        "a new image is built, or none is needed",
     );
 }
 

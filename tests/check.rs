@@ -199,7 +199,8 @@ fn forecast_is_the_next_run(test: &str, cache: Option<&CacheMount>, past: Past) 
         let _ = std::fs::remove_dir_all(&state);
         std::fs::create_dir_all(&state).unwrap();
         let mut env = shared_env(&state, cache);
-        let dir = tiexec::internal::state::StateDir::open(&state.join("tiexec")).expect("state dir");
+        let dir =
+            tiexec::internal::state::StateDir::open(&state.join("tiexec")).expect("state dir");
         let program = std::fs::canonicalize(&exe).unwrap();
         let program = program.to_str().unwrap();
         let runs: Vec<(u32, Arm)> = match past {

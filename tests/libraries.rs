@@ -16,6 +16,9 @@ fn a_library_linked_at_start_up_is_covered() {
     let (host, lib) = common::linked_library_fixture();
     let plain = common::run(Command::new(&host).args([CALLS, "run"]), T);
     for backend in ["thp", "hugetlb"] {
+        // Small page-cache folios (a new inode): the kernel cannot map the
+        // library's text huge by itself, and the backend is what shows.
+        common::fixture::rewrite_in_small_pages(&lib);
         // Pool pages for the library's text and then some.
         let pages = (32 << 20) / tiexec::internal::plan::huge_page() + 2;
         let Some(_pool) = common::PoolGuard::set(pages) else {
@@ -31,10 +34,10 @@ fn a_library_linked_at_start_up_is_covered() {
         seen.outcome
             .check(seen.stdout_first == plain.stdout, "same output");
         seen.outcome.check(
-            seen.cov.huge() >= seen.interior && seen.interior >= 20 << 20,
+            seen.cov.huge() >= seen.reachable && seen.reachable >= 20 << 20,
             &format!(
-                "{backend}: library text not covered: {:?}, interior {}",
-                seen.cov, seen.interior
+                "{backend}: library text not covered: {:?}, reachable {}",
+                seen.cov, seen.reachable
             ),
         );
         let moved = format!("new via {backend}");
@@ -80,10 +83,10 @@ fn a_library_dlopened_while_another_thread_runs_is_covered() {
     seen.outcome
         .check(seen.stdout_first == plain.stdout, "same output");
     seen.outcome.check(
-        seen.cov.anon_thp + seen.cov.file_thp >= seen.interior && seen.interior >= 20 << 20,
+        seen.cov.anon_thp + seen.cov.file_thp >= seen.reachable && seen.reachable >= 20 << 20,
         &format!(
-            "dlopened text not covered: {:?}, interior {}",
-            seen.cov, seen.interior
+            "dlopened text not covered: {:?}, reachable {}",
+            seen.cov, seen.reachable
         ),
     );
     seen.outcome.check(
@@ -150,9 +153,15 @@ fn aggressive_covers_all_text_when_its_neighbours_are_read_only() {
     aggressive
         .outcome
         .check(aggressive.stdout_first == plain.stdout, "same output");
+    // All of it but the huge page holding its ELF header (which names it
+    // to symbolizers, and stays the file's).
     aggressive.outcome.check(
-        aggressive.cov.anon_thp + aggressive.cov.file_thp == aggressive.text,
-        &format!("not 100 %: {:?} of {}", aggressive.cov, aggressive.text),
+        aggressive.cov.anon_thp + aggressive.cov.file_thp >= aggressive.reachable
+            && aggressive.reachable + (2 << 20) >= aggressive.text,
+        &format!(
+            "not all reachable text: {:?} of {} ({} reachable)",
+            aggressive.cov, aggressive.text, aggressive.reachable
+        ),
     );
 
     let conservative = common::observe(

@@ -217,7 +217,7 @@ fn stat_shows_coverage_pages_and_a_picture_matching_smaps() {
     text.check(text.status.success(), "stat runs");
     text.check(text.stdout.contains("fixture-pie-32m"), "names the object");
     text.check(
-        text.stdout.contains("% on 2 MiB pages") && text.stdout.contains("[#"),
+        text.stdout.contains("% on 2 MiB pages") && text.stdout.contains("#"),
         "figures and picture",
     );
     let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("valid JSON");

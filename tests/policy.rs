@@ -361,7 +361,7 @@ fn concurrent_first_starts_wait_for_the_image_being_built() {
     let mut covered = Vec::new();
     for w in &waiting {
         let segments = common::text_segments(w.pid(), &exe);
-        let reachable = common::reachable_text(w.pid(), &segments, &exe, false);
+        let reachable = common::reachable_text(w.pid(), &segments, &exe);
         let cov = common::coverage(w.pid(), &segments);
         covered.push((cov.huge().min(reachable) * 100) / reachable.max(1));
     }

@@ -48,15 +48,25 @@ fn run_prepared_and_check(
     let pid = w.pid();
     let segments = common::text_segments(pid, &exe);
     let interior = common::planned_interior(&segments);
-    // With hugetlb the huge page holding a PIE's ELF header stays as it is
-    // (its mapping names the program for symbolizers). Where the text
-    // starts at the header (arm64's layout) and the base is huge-page
-    // aligned, that page is part of the interior.
-    let header_page = if spec.pie && expect == Expect::Hugetlb {
+    // The huge page holding the program's ELF header stays as it is (its
+    // mapping names the program for symbolizers). Where the text starts in
+    // it (a merged r-x segment, arm64's layout) and it is whole, it is part
+    // of the interior.
+    let header_page = {
         let bytes = std::fs::read(&exe).expect("read fixture");
         let elf = goblin::elf::Elf::parse(&bytes).expect("parse fixture");
         let huge = tiexec::internal::plan::huge_page();
-        let page = tiexec::internal::plan::align_down(common::load_bias(pid, &exe, &elf), huge);
+        let first_load = elf
+            .program_headers
+            .iter()
+            .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
+            .map(|p| p.p_vaddr)
+            .min()
+            .unwrap_or(0);
+        let page = tiexec::internal::plan::align_down(
+            common::load_bias(pid, &exe, &elf) + first_load,
+            huge,
+        );
         let in_interior = segments.iter().any(|s| {
             tiexec::internal::plan::split(*s)
                 .body
@@ -67,15 +77,13 @@ fn run_prepared_and_check(
         } else {
             0
         }
-    } else {
-        0
     };
     let cov = common::coverage(pid, &segments);
     let text_check = common::read_only_segments_match_file(pid, &exe);
     let wx = common::writable_executable_mappings(pid);
     let stray = common::stray_executable_anon(pid, &segments);
     let huge_elsewhere = common::huge_memory_outside(pid, &segments);
-    let reachable = common::reachable_text(pid, &segments, &exe, expect == Expect::Hugetlb);
+    let reachable = common::reachable_text(pid, &segments, &exe);
     let first_line = w.first_line.clone();
     let o = w.finish(T);
     let context = format!("{o}\nsegments {segments:x?}\ninterior {interior}\ncoverage {cov:?}");
@@ -133,7 +141,7 @@ fn run_prepared_and_check(
             &format!("interior not on hugetlb pages\n{context}"),
         ),
         Expect::Thp => o.check(
-            cov.anon_thp + cov.file_thp >= interior,
+            cov.anon_thp + cov.file_thp >= interior - header_page,
             &format!("interior not on THP\n{context}"),
         ),
         Expect::Untouched => o.check(
@@ -314,7 +322,7 @@ fn text_moves_to_the_kernels_own_huge_pages() {
             let pid = w.pid();
             let segments = common::text_segments(pid, &exe);
             let cov = common::coverage(pid, &segments);
-            let reachable = common::reachable_text(pid, &segments, &exe, backend == "hugetlb");
+            let reachable = common::reachable_text(pid, &segments, &exe);
             let bytes = common::read_only_segments_match_file(pid, &exe);
             let wx = common::writable_executable_mappings(pid);
             let first = w.first_line.clone();

@@ -575,7 +575,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
     let pid = w.pid();
     let segments = text_segments(pid, object);
     let cov = coverage(pid, &segments);
-    let reachable = reachable_text(pid, &segments, object, false);
+    let reachable = reachable_text(pid, &segments, object);
     let near = maps_near(pid, &segments);
     let bytes = read_only_segments_match_file(pid, object);
     let wx = writable_executable_mappings(pid);
@@ -608,7 +608,7 @@ pub fn observe_killed(cmd: &mut Command, object: &Path) -> Seen {
     let pid = w.pid();
     let segments = text_segments(pid, object);
     let cov = coverage(pid, &segments);
-    let reachable = reachable_text(pid, &segments, object, false);
+    let reachable = reachable_text(pid, &segments, object);
     let near = maps_near(pid, &segments);
     let stdout_first = w.first_line.clone();
     // SAFETY: kill has no memory preconditions; `pid` is our child.
@@ -655,12 +655,12 @@ pub fn coverage(pid: u32, segments: &[Range]) -> Coverage {
 /// The text bytes that can go on 2 MiB pages without changing anything
 /// else: all of `segments` but the parts in a 2 MiB page that also holds
 /// writable data (`object`'s writable segments, RELRO included, from its
-/// ELF file), another object's pages or anonymous memory, or, for hugetlb
-/// (`header_stays`), `object`'s ELF header (which keeps the program's name
-/// for symbolizers). Unmapped gaps do not count: a huge page may cover them.
-/// Read from `pid`'s maps after the swap and the ELF file, independently of
-/// the product's planner.
-pub fn reachable_text(pid: u32, segments: &[Range], object: &Path, header_stays: bool) -> u64 {
+/// ELF file), another object's pages or anonymous memory, or `object`'s ELF
+/// header (whose mapping names the object to symbolizers: it stays the
+/// file's, unless the page cache maps it huge). Unmapped gaps do not count:
+/// a huge page may cover them. Read from `pid`'s maps after the swap and the
+/// ELF file, independently of the product's planner.
+pub fn reachable_text(pid: u32, segments: &[Range], object: &Path) -> u64 {
     use goblin::elf::program_header::{PF_W, PT_LOAD};
     use std::os::unix::fs::MetadataExt;
     let inode = std::fs::metadata(object).map(|m| m.ino()).unwrap_or(0);
@@ -707,8 +707,7 @@ pub fn reachable_text(pid: u32, segments: &[Range], object: &Path, header_stays:
             if huge_now {
                 continue;
             }
-            let holds_header =
-                header_stays && header.is_some_and(|h| page.start <= h && h < page.end);
+            let holds_header = header.is_some_and(|h| page.start <= h && h < page.end);
             if holds_header
                 || blocked(Range::new(page.start, text_part.start))
                 || blocked(Range::new(text_part.end, page.end))

@@ -62,7 +62,10 @@ pub fn find(program: &OsStr) -> Lookup {
         if is_executable_file(&candidate) {
             return Lookup::Found(candidate);
         }
-        if not_executable.is_none() && candidate.is_file() {
+        // As execvp: an entry that exists but cannot be executed (a file
+        // without permission, a directory) is EACCES, remembered while the
+        // search goes on; what does not exist is skipped.
+        if not_executable.is_none() && std::fs::symlink_metadata(&candidate).is_ok() {
             not_executable = Some(candidate);
         }
     }

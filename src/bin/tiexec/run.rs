@@ -9,12 +9,10 @@
 //! program: same PID, same exit status, same signals. It runs no other
 //! process and reads only headers.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 
 use crate::ExitCode;
 
@@ -127,8 +125,7 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         crate::prime::before_exec(&files, verbose);
     }
 
-    let mut cmd = Command::new(&path);
-    cmd.arg0(&args.program).args(&args.program_args);
+    let mut cmd = Exec::new(&path, &args.program, &args.program_args);
 
     // LD_PRELOAD cannot reach a static program: do not offer it one.
     let preload = linked != Linkage::Static && !off;
@@ -209,10 +206,85 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
 
     // exec replaces this process: on success it does not return.
     let err = cmd.exec();
-    eprintln!("tiexec: {}: {err}", path.display());
-    ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound {
-        127
-    } else {
-        126
-    })
+    eprintln!(
+        "tiexec: {}: {}",
+        path.display(),
+        std::io::Error::from_raw_os_error(err.0)
+    );
+    ExitCode::from(if err.0 == libc::ENOENT { 127 } else { 126 })
+}
+
+/// What to exec: the program, its argument vector, and the environment as
+/// it is with the wrapper's changes. Built by hand rather than with
+/// `std::process::Command`, whose exec resets the signal mask and
+/// `SIGPIPE`'s disposition: the program must inherit everything the wrapper
+/// inherited (dispositions, mask, limits, descriptors), as under `env`.
+struct Exec {
+    path: PathBuf,
+    argv: Vec<OsString>,
+    changes: Vec<(OsString, OsString)>,
+}
+
+impl Exec {
+    fn new(path: &Path, argv0: &OsStr, args: &[OsString]) -> Exec {
+        let mut argv = vec![argv0.to_os_string()];
+        argv.extend(args.iter().cloned());
+        Exec {
+            path: path.to_path_buf(),
+            argv,
+            changes: Vec::new(),
+        }
+    }
+
+    /// Sets `var` in the program's environment.
+    fn env(&mut self, var: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Exec {
+        let var = var.as_ref().to_os_string();
+        self.changes.retain(|(k, _)| *k != var);
+        self.changes.push((var, value.as_ref().to_os_string()));
+        self
+    }
+
+    /// The environment: this process's, in its order, with the changes
+    /// (replaced in place, or added at the end).
+    fn environment(&self) -> Vec<CString> {
+        let mut out: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+        for (k, v) in &self.changes {
+            match out.iter_mut().find(|(key, _)| key == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => out.push((k.clone(), v.clone())),
+            }
+        }
+        out.into_iter()
+            .filter_map(|(k, v)| {
+                let mut entry = k.into_vec();
+                entry.push(b'=');
+                entry.extend_from_slice(v.as_bytes());
+                CString::new(entry).ok()
+            })
+            .collect()
+    }
+
+    /// Execs the program; returns only on failure. A file the kernel cannot
+    /// execute for its format (a script without `#!`) runs with `/bin/sh`,
+    /// as `execvp` (and so `env`, and shells) do.
+    fn exec(&self) -> tiexec::internal::sys::Errno {
+        let to_c = |s: &OsStr| CString::new(s.as_bytes()).ok();
+        let (Some(path), Some(argv)) = (
+            to_c(self.path.as_os_str()),
+            self.argv
+                .iter()
+                .map(|a| to_c(a))
+                .collect::<Option<Vec<_>>>(),
+        ) else {
+            return tiexec::internal::sys::Errno(libc::EINVAL);
+        };
+        let envp = self.environment();
+        let err = tiexec::internal::sys::execve(&path, &argv, &envp);
+        if err.0 != libc::ENOEXEC {
+            return err;
+        }
+        let mut with_sh = vec![c"/bin/sh".to_owned(), path];
+        with_sh.extend(argv.into_iter().skip(1));
+        tiexec::internal::sys::execve(c"/bin/sh", &with_sh, &envp)
+    }
 }
