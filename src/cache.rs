@@ -60,6 +60,29 @@ const NAME_BYTES: usize = 40;
 /// Bytes of a build ID kept in an image's name (a SHA-1 ID is 20).
 const BUILD_ID_BYTES: usize = 20;
 
+/// How long after a file's last change (modification or status change) an
+/// image of it may be shared: longer than any filesystem's timestamp tick
+/// (1 s on filesystems without sub-second times, 2 s on FAT; a few ms even
+/// on ext4, whose clock is coarse). Within it, a second change in the same
+/// tick would leave the key (device, inode, size, times, build ID) as it
+/// was, and the image would serve old text.
+pub const SETTLE_NS: u64 = 2_000_000_000;
+
+/// Whether a file with `identity` changed long enough ago (see
+/// [`SETTLE_NS`]) for its key to tell every later version apart, at
+/// `now_ns` (realtime); `Err` with its age otherwise.
+pub fn settled(identity: &FileIdentity, now_ns: u64) -> Result<(), Failure> {
+    let changed = identity.mtime_ns.max(identity.ctime_ns);
+    let age = now_ns.saturating_sub(changed);
+    if now_ns >= changed && age >= SETTLE_NS {
+        Ok(())
+    } else {
+        Err(Failure::TooRecent {
+            age_ms: age / 1_000_000,
+        })
+    }
+}
+
 /// Identity and version of a file: a different value means different bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileIdentity {
@@ -241,6 +264,9 @@ pub enum Unusable {
     OpenDir,
     /// The user's directory, or the mount's path, is a symlink.
     SymlinkedDir,
+    /// This process's user is the overflow ID (a user namespace that does
+    /// not map it): any unmapped user's files look like its own.
+    UnmappedUser,
 }
 
 impl core::fmt::Display for Unusable {
@@ -267,6 +293,11 @@ impl core::fmt::Display for Unusable {
             Unusable::SymlinkedDir => {
                 write!(f, "cache directory (or its mount) is a symlink: not used")
             }
+            Unusable::UnmappedUser => write!(
+                f,
+                "this process's user is not mapped in its user namespace (uid {}): ownership proves nothing, the cache is not used",
+                sys::overflow_uid()
+            ),
         }
     }
 }
@@ -303,6 +334,13 @@ pub enum Failure {
     Link(Errno),
     /// Opening the finished image read-only failed.
     Reopen(Errno),
+    /// The object's file changed too recently for its timestamps to tell
+    /// a later change in the same tick: an image of it is not shared yet.
+    TooRecent {
+        /// How long ago it changed (ms; 0 when its times are ahead of the
+        /// clock).
+        age_ms: u64,
+    },
 }
 
 impl core::fmt::Display for Failure {
@@ -324,6 +362,10 @@ impl core::fmt::Display for Failure {
             Failure::Changed => write!(f, "the file changed while its image was built"),
             Failure::Link(e) => write!(f, "publishing the image failed: {e}"),
             Failure::Reopen(e) => write!(f, "reopening the image failed: {e}"),
+            Failure::TooRecent { age_ms } => write!(
+                f,
+                "its file changed {age_ms} ms ago: too recent for its timestamps to tell a change in the same tick, so no image is shared yet"
+            ),
         }
     }
 }
@@ -444,6 +486,9 @@ impl Cache {
     /// hugetlbfs mount with a size limit, and creates or checks the user's
     /// directory.
     pub fn open(root: &Path) -> Result<Cache, Unusable> {
+        if sys::identity_unmapped() {
+            return Err(Unusable::UnmappedUser);
+        }
         // The path processes' maps will show for the images: its parents
         // resolved (/var/run -> /run), the mount point itself never followed.
         let (Some(parent), Some(name)) = (root.parent(), root.file_name()) else {
@@ -584,7 +629,16 @@ impl Cache {
     /// `Ok(false)` a build that fits (counting what eviction could free),
     /// `Err` why it would fail. A published image is found by name; a
     /// private one (`shared` false) is always built.
-    pub fn foresee(&self, name: &str, len: u64, shared: bool) -> Result<bool, Failure> {
+    pub fn foresee(
+        &self,
+        name: &str,
+        len: u64,
+        shared: bool,
+        identity: Option<&FileIdentity>,
+    ) -> Result<bool, Failure> {
+        if let (true, Some(identity)) = (shared, identity) {
+            settled(identity, sys::realtime_ns())?;
+        }
         if shared {
             let name_c = c(name).map_err(|_| Failure::Untrusted("bad name"))?;
             if let Ok(fd) = sys::open_at(
@@ -636,6 +690,11 @@ impl Cache {
         state: Option<&StateDir>,
         object: &str,
     ) -> Result<Image, Failure> {
+        if publish {
+            // Neither used nor made while the file's times cannot tell a
+            // change in the same tick (see `SETTLE_NS`).
+            settled(&content.identity, sys::realtime_ns())?;
+        }
         let _lock = if publish {
             if let Some(image) = self.lookup(name, content.len)? {
                 if let Some(s) = state {
@@ -1037,6 +1096,28 @@ mod tests {
             len: 0x1000,
         }];
         assert_ne!(layout_digest(&a), layout_digest(&b));
+    }
+
+    #[test]
+    fn files_changed_within_a_timestamp_tick_are_not_shared_yet() {
+        let now = 1_800_000_000_000_000_000;
+        let at = |mtime_ns, ctime_ns| FileIdentity {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns,
+            ctime_ns,
+        };
+        assert_eq!(
+            settled(&at(now - 10 * SETTLE_NS, now - SETTLE_NS), now),
+            Ok(())
+        );
+        assert_eq!(
+            settled(&at(now - 10 * SETTLE_NS, now - 1_500_000_000), now),
+            Err(Failure::TooRecent { age_ms: 1500 })
+        );
+        // Times ahead of the clock (another machine's, over NFS): not yet.
+        assert!(settled(&at(now + 1, now + 1), now).is_err());
     }
 
     #[test]

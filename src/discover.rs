@@ -339,6 +339,21 @@ pub fn thp_mode() -> ThpMode {
     }
 }
 
+/// The soft `RLIMIT_AS` (bytes), or `None` without a limit.
+pub fn address_space_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `limit`, a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(limit.rlim_cur)
+}
+
 /// Bytes of address space this process can still map under `RLIMIT_AS`
 /// (the limit less `VmSize`), or `None` without a limit. Reads without
 /// allocating, so it can run before anything else.

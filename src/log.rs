@@ -135,6 +135,31 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// A name from somewhere else (a file name another user chose, a path in
+/// another process), shown so that it cannot drive a terminal: control
+/// characters, and the Unicode ones that reorder text, become escapes
+/// (`\x1b`, `\u{202e}`); everything else is shown as it is.
+#[derive(Clone, Copy, Debug)]
+pub struct Shown<'a>(pub &'a str);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            let reorders = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || reorders {
+                if (c as u32) < 0x100 {
+                    write!(f, "\\x{:02x}", c as u32)?;
+                } else {
+                    write!(f, "\\u{{{:x}}}", c as u32)?;
+                }
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A duration in nanoseconds shown as milliseconds with two decimals.
 #[derive(Clone, Copy, Debug)]
 pub struct Millis(pub u64);
@@ -158,6 +183,15 @@ mod tests {
             let _ = write!(line, "0123456789");
         }
         assert_eq!(line.as_bytes().len(), 1024);
+    }
+
+    #[test]
+    fn names_from_elsewhere_cannot_drive_a_terminal() {
+        assert_eq!(
+            Shown("lib\x1b[2Jx\nforged line\u{202e}.so").to_string(),
+            "lib\\x1b[2Jx\\x0aforged line\\u{202e}.so"
+        );
+        assert_eq!(Shown("/usr/lib/libé.so").to_string(), "/usr/lib/libé.so");
     }
 
     #[test]

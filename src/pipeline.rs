@@ -331,7 +331,7 @@ pub fn forecast_objects(
         let Prepared {
             mut report,
             swaps,
-            file: _,
+            file,
             regions,
         } = match prepare(object, vmas, ctx, started) {
             Ok(p) => p,
@@ -345,7 +345,9 @@ pub fn forecast_objects(
                 report.swapped.push((req.range, Source::PageCache));
                 continue;
             }
-            let mut attempt = |way: Supply| supply::foresee(way, req, facts, &regions, ctx);
+            let identity = file.as_ref().map(|f| &f.identity);
+            let mut attempt =
+                |way: Supply| supply::foresee(way, req, facts, &regions, identity, ctx);
             match supply::supply_range(req, object, facts, ctx, &mut attempt) {
                 Ok(source) => report.swapped.push((req.range, source)),
                 Err(e) => report.failed.push((req.range, e)),

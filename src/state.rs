@@ -89,8 +89,14 @@ fn own_subdir(
 }
 
 impl StateDir {
-    /// Opens (creating if needed) the state directory at `path`.
+    /// Opens (creating if needed) the state directory at `path`. Refused
+    /// (`EPERM`) when ownership proves nothing (see
+    /// `sys::identity_unmapped`): a directory "of this user" could be
+    /// anyone's.
     pub fn open(path: &Path) -> Result<StateDir, Errno> {
+        if sys::identity_unmapped() {
+            return Err(Errno(libc::EPERM));
+        }
         use std::os::unix::fs::DirBuilderExt;
         let c = cstring(path).ok_or(Errno(libc::EINVAL))?;
         if let Some(parent) = path.parent() {

@@ -383,6 +383,7 @@ pub fn foresee(
     req: &SwapRange,
     facts: &Facts,
     regions: &[ImageRegion],
+    identity: Option<&FileIdentity>,
     ctx: &Context,
 ) -> Result<Source, SwapError> {
     match way {
@@ -408,7 +409,9 @@ pub fn foresee(
                 }
                 (false, _) => ("", req.range.len()),
             };
-            let hit = cache.foresee(name, len, shared).map_err(SwapError::Cache)?;
+            let hit = cache
+                .foresee(name, len, shared, identity)
+                .map_err(SwapError::Cache)?;
             Ok(match (shared, hit) {
                 (true, true) => Source::CacheHit,
                 (true, false) => Source::CacheBuilt,

@@ -491,6 +491,19 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// The wall clock in nanoseconds since the epoch (what file times are in).
+pub fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 /// Sleeps `us` microseconds (interrupted early by a signal: callers loop).
 pub fn sleep_us(us: u64) {
     let ts = libc::timespec {
@@ -598,6 +611,26 @@ pub fn effective_uid() -> u32 {
 pub fn real_uid() -> u32 {
     // SAFETY: getuid has no preconditions.
     unsafe { libc::getuid() }
+}
+
+/// The user ID the kernel shows for users a user namespace does not map
+/// (`/proc/sys/kernel/overflowuid`, 65534 unless changed).
+pub fn overflow_uid() -> u32 {
+    let mut buf = [0u8; 16];
+    read_small_file(c"/proc/sys/kernel/overflowuid", &mut buf)
+        .ok()
+        .and_then(|n| std::str::from_utf8(buf.get(..n)?).ok()?.trim().parse().ok())
+        .unwrap_or(65534)
+}
+
+/// True when ownership proves nothing here: this process's effective or
+/// real user is the overflow ID (a user namespace that does not map it, or
+/// the `nobody` user), which every unmapped owner also reads as. A file
+/// "owned by this user" may then be anyone's: nothing shared may be
+/// trusted (the image cache, a state directory, a temporary directory).
+pub fn identity_unmapped() -> bool {
+    let overflow = overflow_uid();
+    effective_uid() == overflow || real_uid() == overflow
 }
 
 /// Whether this process may execute `path` (`access(X_OK)`: permission

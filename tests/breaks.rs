@@ -223,6 +223,7 @@ fn code_that_patches_its_own_text_works_on_every_backend() {
         &common::fixture(NON_PIE),
         &common::scratch_dir().join(format!("patch-{}", std::process::id())),
     );
+    common::settle(&shared);
     for (exe, backend) in [
         (&pie, "hugetlb"),
         (&pie, "thp"),

@@ -20,10 +20,13 @@ const CALLS: &str = "200000";
 /// A fresh copy of `spec`'s fixture in a directory of the test's own (small
 /// page-cache folios: the kernel does not map it huge by itself).
 fn fresh(spec: common::Spec, test: &str) -> PathBuf {
-    common::fresh_copy(
+    let exe = common::fresh_copy(
         &common::fixture(spec),
         &common::scratch_dir().join(format!("cache-{test}-{}", std::process::id())),
-    )
+    );
+    // Old enough for its image to be shared (see `common::settle`).
+    common::settle(&exe);
+    exe
 }
 
 /// `exe` under the preload with the cache at `cache`, plus `env`.
@@ -243,6 +246,7 @@ fn a_program_rebuilt_in_place_never_gets_its_old_text() {
     );
     let new_output = plain(&exe);
     assert_ne!(new_output, old_output, "the patch changes the output");
+    common::settle(&exe);
     let second = common::observe(&mut cached(&exe, &cache, &[]), &exe);
     same_output(&second, &new_output);
     second.outcome.check(

@@ -27,10 +27,13 @@ const CALLS: &str = "200000";
 /// A fresh copy of `spec`'s fixture for `test` (a new inode, small page
 /// cache folios: nothing huge by itself, no history anywhere).
 fn fresh(spec: common::Spec, test: &str) -> PathBuf {
-    common::fresh_copy(
+    let exe = common::fresh_copy(
         &common::fixture(spec),
         &common::scratch_dir().join(format!("policy-{test}-{}", std::process::id())),
-    )
+    );
+    // Old enough for its image to be shared (see `common::settle`).
+    common::settle(&exe);
+    exe
 }
 
 /// `tiexec -v --no-prime EXE ARGS` with the state directory at `xdg` (shared

@@ -93,7 +93,7 @@ extern const unsigned long fixture_rodata_len;
 static const char rodata_message[] = "tiexec-fixture-rodata";
 static unsigned long writable_counter = 7;
 
-/* usage: fixture [CALLS [wait|run|fork|patch|hog|_exit [EXIT_CODE|PAGES]]]
+/* usage: fixture [CALLS [wait|run|fork|patch|hog|_exit|abort [EXIT_CODE|PAGES]]]
  * Calls CALLS functions chosen by xorshift, prints the checksum; with "wait",
  * prints "ready" and its pid (stderr), then blocks until stdin closes; with
  * "fork", a child calls every function once and the parent reports how the
@@ -151,6 +151,10 @@ int main(int argc, char **argv) {
     if (argc > 2 && strcmp(argv[2], "_exit") == 0) {
         fflush(stdout);
         _exit(code);
+    }
+    if (argc > 2 && strcmp(argv[2], "abort") == 0) {
+        fflush(stdout);
+        abort();
     }
     if (argc > 2 && strcmp(argv[2], "fork") == 0) {
         fflush(stdout);

@@ -168,6 +168,23 @@ pub fn fresh_copy(exe: &Path, dir: &Path) -> PathBuf {
     copy
 }
 
+/// Waits until `path` last changed more than 2 s ago: the image cache
+/// shares no image of a file its timestamps could not tell from a version
+/// changed in the same tick (`cache::SETTLE_NS`).
+pub fn settle(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).expect("stat");
+    let changed = std::time::UNIX_EPOCH
+        + Duration::new(
+            meta.ctime().max(meta.mtime()) as u64,
+            meta.ctime_nsec() as u32,
+        );
+    let ready = changed + Duration::from_millis(2100);
+    if let Ok(wait) = ready.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(wait);
+    }
+}
+
 /// The `tiexec` binary under test.
 pub fn tiexec_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tiexec"))

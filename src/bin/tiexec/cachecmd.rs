@@ -1,11 +1,12 @@
 //! `tiexec --cache`: what the image cache holds, and eviction.
 //!
-//! Lists the images of this user (root: of every user): the object each was
-//! built from, its size in 2 MiB pages, when it was last used, how many
-//! processes started from it (hits), and how many map it now; then totals
-//! against the mount's size. `--clear` evicts (all, or the images of objects
-//! whose file name matches a glob). Evicting only unlinks: processes that map
-//! an image keep its pages until they exit.
+//! Lists the images of this user (root: with `--all-users`, every user's):
+//! the object each was built from, its size in 2 MiB pages, when it was last
+//! used, how many processes started from it (hits), and how many map it now;
+//! then totals against the mount's size. `--clear` evicts (all, or the
+//! images of objects whose file name matches a glob), `--dry-run` only says
+//! what would go. Evicting only unlinks: processes that map an image keep
+//! its pages until they exit. Names other users chose are shown escaped.
 
 use crate::ExitCode;
 use std::ffi::OsString;
@@ -13,22 +14,24 @@ use std::path::PathBuf;
 
 use tiexec::internal::cache::{self, Entry};
 use tiexec::internal::json::Json;
-use tiexec::internal::log::Bytes;
+use tiexec::internal::log::{Bytes, Shown};
 use tiexec::internal::plan::huge_page;
 use tiexec::internal::state::StateDir;
 
 const USAGE: &str = "\
-Usage: tiexec --cache [--json] [--cache-dir DIR]
-       tiexec --cache --clear [PATTERN] [--cache-dir DIR]
+Usage: tiexec --cache [--json] [--all-users] [--cache-dir DIR]
+       tiexec --cache --clear [PATTERN] [--dry-run] [--all-users] [--cache-dir DIR]
 
-Lists the images in tiexec's cache (this user's; root: every user's): the
-object each holds text of, its 2 MiB pages, its last use, its hits (process
-starts served by it), and the processes mapping it now; then the totals.
-With --clear, evicts every image, or those of objects whose file name
-matches the glob PATTERN (e.g. 'libLLVM*'). Eviction only unlinks: running
-processes keep their pages until they exit.
+Lists this user's images in tiexec's cache: the object each holds text of,
+its 2 MiB pages, its last use, its hits (process starts served by it), and
+the processes mapping it now; then the totals.
+With --clear, evicts this user's images: all, or those of objects whose
+file name matches the glob PATTERN (e.g. 'libLLVM*'). Eviction only
+unlinks: running processes keep their pages until they exit.
 
   --json           one JSON document on stdout
+  --dry-run        with --clear: list what would be evicted, evict nothing
+  --all-users      (root) every user's images, not only root's own
   --cache-dir DIR  the cache's mount (default: TIEXEC_CACHE, else /run/tiexec)
 
 Exit status: 0, 1 when there is no cache, 2 for a usage error.
@@ -71,7 +74,7 @@ fn cache_root(explicit: Option<PathBuf>) -> PathBuf {
 /// Runs `tiexec --cache`.
 pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     use lexopt::Arg::{Long, Short, Value};
-    let (mut json, mut clear) = (false, false);
+    let (mut json, mut clear, mut dry_run, mut all_users) = (false, false, false, false);
     let mut pattern: Option<String> = None;
     let mut dir: Option<PathBuf> = None;
     let mut parser = lexopt::Parser::from_args(argv);
@@ -88,6 +91,8 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             }
             Long("json") => json = true,
             Long("clear") => clear = true,
+            Long("dry-run") => dry_run = true,
+            Long("all-users") => all_users = true,
             Long("cache-dir") => match parser.value() {
                 Ok(v) => dir = Some(v.into()),
                 Err(e) => return usage_error(&e.to_string()),
@@ -98,12 +103,18 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             other => return usage_error(&other.unexpected().to_string()),
         }
     }
+    if dry_run && !clear {
+        return usage_error("--dry-run goes with --clear");
+    }
     let root = cache_root(dir);
     let root = std::fs::canonicalize(&root).unwrap_or(root);
     let uid = tiexec::internal::sys::effective_uid();
+    if all_users && uid != 0 {
+        return usage_error("--all-users needs root (other users' images are theirs)");
+    }
     let dirs: Vec<(u32, PathBuf)> = cache::user_dirs(&root)
         .into_iter()
-        .filter(|(owner, _)| uid == 0 || *owner == uid)
+        .filter(|(owner, _)| all_users || *owner == uid)
         .collect();
     let pages = cache::hugetlbfs_pages(&root);
     if pages.is_none() {
@@ -155,6 +166,22 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
             if !matches {
                 continue;
             }
+            if dry_run {
+                removed += 1;
+                bytes += l.entry.bytes;
+                println!(
+                    "would evict {} ({}, {}){}",
+                    Shown(&l.object),
+                    Bytes(l.entry.bytes),
+                    Shown(&l.entry.name),
+                    if all_users {
+                        format!(" of uid {}", l.entry.uid)
+                    } else {
+                        String::new()
+                    }
+                );
+                continue;
+            }
             match cache::remove_in(&l.dir, &l.entry.name) {
                 Ok(()) => {
                     removed += 1;
@@ -163,8 +190,15 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                         s.image_removed(&l.entry.name);
                     }
                 }
-                Err(e) => eprintln!("tiexec --cache: {}: {e}", l.entry.name),
+                Err(e) => eprintln!("tiexec --cache: {}: {e}", Shown(&l.entry.name)),
             }
+        }
+        if dry_run {
+            println!(
+                "tiexec: {removed} images ({}) would be evicted; nothing was",
+                Bytes(bytes)
+            );
+            return ExitCode::SUCCESS;
         }
         let still_mapped: usize = listed.iter().filter(|l| l.mapped_by > 0).count();
         println!(
@@ -205,18 +239,21 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         println!("{}", j.finish());
         return ExitCode::SUCCESS;
     }
-    println!("image cache {}: {total} pages, {free} free", root.display());
+    println!(
+        "image cache {}: {total} pages, {free} free",
+        Shown(&root.display().to_string())
+    );
     let now = now();
     for l in &listed {
         println!(
             "  {}\n    {} ({} pages), last use {}, {} hits, mapped by {} processes{}",
-            l.object,
+            Shown(&l.object),
             Bytes(l.entry.bytes),
             l.entry.bytes / huge_page(),
             ago(now - l.entry.last_use),
             l.hits.map_or("?".to_string(), |h| h.to_string()),
             l.mapped_by,
-            if uid == 0 {
+            if all_users {
                 format!(" (uid {})", l.entry.uid)
             } else {
                 String::new()
@@ -227,8 +264,10 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     println!(
         "{} images, {used} pages{}",
         listed.len(),
-        if uid == 0 {
-            ""
+        if all_users {
+            " (every user's)"
+        } else if uid == 0 {
+            " (root's own; --all-users for every user's)"
         } else {
             " (this user's; other users' images also count against the mount)"
         }

@@ -47,6 +47,9 @@ pub struct Placed {
 pub enum Unplaced {
     /// This binary was built without its library.
     NotEmbedded,
+    /// This user is the overflow ID (see `sys::identity_unmapped`): no
+    /// directory can be told to be its own.
+    UnmappedUser(u32),
     /// Every candidate directory failed; the reasons, in order.
     Nowhere(Vec<(PathBuf, String)>),
 }
@@ -55,6 +58,10 @@ impl std::fmt::Display for Unplaced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Unplaced::NotEmbedded => write!(f, "this tiexec was built without its library"),
+            Unplaced::UnmappedUser(uid) => write!(
+                f,
+                "this user is not mapped in its user namespace (uid {uid}): no directory can be trusted to hold the library"
+            ),
             Unplaced::Nowhere(tried) => {
                 write!(
                     f,
@@ -186,6 +193,9 @@ fn place_in(dir: &Path) -> Result<Placed, String> {
 pub fn libraries() -> Result<Placed, Unplaced> {
     if FULL.bytes.is_empty() || STUB.bytes.is_empty() {
         return Err(Unplaced::NotEmbedded);
+    }
+    if tiexec::internal::sys::identity_unmapped() {
+        return Err(Unplaced::UnmappedUser(tiexec::internal::sys::overflow_uid()));
     }
     let mut tried = Vec::new();
     for dir in candidates() {

@@ -24,6 +24,11 @@ use crate::ldenv;
 use crate::libs;
 use crate::path::{self, Linkage, Lookup};
 
+/// Under an `RLIMIT_AS` below this, the program runs without the preload:
+/// the library needs its margin (`swap::ADDRESS_SPACE_MARGIN`) beyond the
+/// program and a copy of a huge page, or it refuses anyway.
+const TIGHTEST_LIMIT: u64 = tiexec::internal::swap::ADDRESS_SPACE_MARGIN + (32 << 20);
+
 /// Words that named tiexec's commands before they became options.
 const FORMER_COMMANDS: [&str; 6] = ["run", "stat", "check", "prime", "setup", "cache"];
 
@@ -127,8 +132,19 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
 
     let mut cmd = Exec::new(&path, &args.program, &args.program_args);
 
-    // LD_PRELOAD cannot reach a static program: do not offer it one.
-    let preload = linked != Linkage::Static && !off;
+    // LD_PRELOAD cannot reach a static program: do not offer it one. Under
+    // an address-space limit too tight for the library to work in (it
+    // would refuse), the preload would only take the room the program may
+    // need: none either.
+    let limit = tiexec::internal::discover::address_space_limit();
+    let too_tight = limit.is_some_and(|l| l < TIGHTEST_LIMIT);
+    if too_tight && verbose && !off {
+        eprintln!(
+            "tiexec: address-space limit (ulimit -v) of {}: too little for tiexec to work in; running {shown} without it",
+            tiexec::internal::log::Bytes(limit.unwrap_or(0))
+        );
+    }
+    let preload = linked != Linkage::Static && !off && !too_tight;
     if !quiet {
         if linked == Linkage::Static {
             eprintln!(
@@ -188,8 +204,11 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                 }
             }
             Err(e) => {
-                // Never stop the user's program for our sake.
-                eprintln!("tiexec: {e}; running {shown} without tiexec");
+                // Never stop the user's program for our sake; and never let
+                // another user's files make it noisy: said with -v.
+                if verbose {
+                    eprintln!("tiexec: {e}; running {shown} without tiexec");
+                }
             }
         }
     }
