@@ -6,13 +6,18 @@
 //! drift on a shared machine; ratios measured side by side in one run are
 //! what the report gives.
 //!
-//! Sections: real programs (rustc, cargo, g++, PostgreSQL) with the cache
-//! set up and with THP only; the wrapper's own cost; memory shared by
-//! concurrent processes; memory-deny-write-execute; synthetic iTLB
-//! workloads; start-up cost.
+//! Sections: the default policy (a fresh 0.6 s program against `-b thp`
+//! and intel/iodlr's preload, a 256 MiB program that uses 16 MiB of its
+//! text, a server's first start and restart); real programs (rustc, cargo,
+//! g++, PostgreSQL) with the cache set up and with THP only; the wrapper's
+//! own cost; memory shared by concurrent processes;
+//! memory-deny-write-execute; synthetic iTLB workloads; start-up cost.
 //!
 //! `TIEXEC_BENCH_ROUNDS=N` sets the rounds of the synthetic workloads
-//! (default 5); `TIEXEC_BENCH_QUICK=1` runs a reduced set.
+//! (default 5); `TIEXEC_BENCH_QUICK=1` runs a reduced set;
+//! `TIEXEC_BENCH_IODLR=PATH` names an `liblppreload.so` to compare with
+//! (not built here); `TIEXEC_BENCH_ONLY_DEFAULT=1` prints the default
+//! policy's section alone and leaves the report as it is.
 
 #[path = "../tests/common/fixture.rs"]
 #[allow(dead_code)]
@@ -884,6 +889,274 @@ fn postgres(dir: &Path, tiexec: &Path, cache: &Cache) -> Option<RealRow> {
     Some(row)
 }
 
+/// A fresh copy of `exe` in `dir` (a new inode, small page-cache folios,
+/// no history anywhere): what a user who just installed it has.
+fn fresh_copy(exe: &Path, dir: &Path, name: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let copy = dir.join(name);
+    let _ = std::fs::remove_file(&copy);
+    std::fs::copy(exe, &copy).unwrap();
+    fixture::rewrite_in_small_pages(&copy);
+    copy
+}
+
+/// A state directory (run history) of its own, empty.
+fn fresh_state(dir: &Path, name: &str) -> PathBuf {
+    let s = dir.join(name);
+    let _ = std::fs::remove_dir_all(&s);
+    std::fs::create_dir_all(&s).unwrap();
+    s
+}
+
+/// Wall time of `tiexec FLAGS PROGRAM ARGS` with the state at `state` and
+/// the cache at `cache` (`off` for none).
+fn time_wrapped(
+    tiexec: &Path,
+    flags: &[&str],
+    program: &Path,
+    args: &[String],
+    state: &Path,
+    cache: &str,
+) -> f64 {
+    let mut cmd = Command::new(tiexec);
+    cmd.args(flags)
+        .arg(program)
+        .args(args)
+        .env("XDG_CACHE_HOME", state)
+        .env("TIEXEC_CACHE", cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let out = cmd.output().expect("run");
+    let s = t.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{program:?} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s
+}
+
+/// The arms the program's recorded runs took, oldest first (`c` copied,
+/// `p` plain).
+fn arms(state: &Path, program: &Path) -> String {
+    let Ok(dir) = tiexec::internal::state::StateDir::open(&state.join("tiexec")) else {
+        return "?".into();
+    };
+    let canon = std::fs::canonicalize(program).unwrap();
+    dir.history(canon.to_str().unwrap(), |_| true, 0)
+        .runs()
+        .iter()
+        .map(|r| char::from(r.arm.letter()))
+        .collect()
+}
+
+/// Huge-page coverage (percent) of the biggest object of process `pid`.
+fn coverage_of(pid: u32) -> f64 {
+    tiexec::internal::inspect::process_objects(pid, 2 * MIB)
+        .unwrap_or_default()
+        .into_iter()
+        .max_by_key(|o| o.text_bytes())
+        .map_or(0.0, |o| o.percent_huge())
+}
+
+/// The default policy (`auto`, no options) against `-b thp` and a peer's
+/// preload (intel/iodlr's `liblppreload.so`, when `TIEXEC_BENCH_IODLR`
+/// names one: it is not built here), on what the policy must get right.
+fn default_policy(dir: &Path, tiexec: &Path, cache: &Cache) -> String {
+    let dir = dir.join("default-policy");
+    let iodlr = std::env::var_os("TIEXEC_BENCH_IODLR").map(PathBuf::from);
+    let mut md = String::new();
+
+    // 1. A 64 MiB PIE running ~0.6 s, fresh: 7 rounds, in turn.
+    let (pie, _) = build_synthetic(&dir, 64);
+    let prog = fresh_copy(&pie, &dir, "prog64");
+    let probe = time_run(&prog, &["5000000".into(), "16384".into()], &[]);
+    let calls = ((5_000_000.0 * 0.6 / probe) as u64).max(1_000_000);
+    let args = vec![calls.to_string(), "16384".to_string()];
+    let default_state = fresh_state(&dir, "state-default");
+    let thp_state = fresh_state(&dir, "state-thp");
+    let rounds = 7;
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    for _ in 0..rounds {
+        times[0].push(time_run(&prog, &args, &[]));
+        times[1].push(time_wrapped(
+            tiexec,
+            &[],
+            &prog,
+            &args,
+            &default_state,
+            "off",
+        ));
+        times[2].push(time_wrapped(
+            tiexec,
+            &["-b", "thp"],
+            &prog,
+            &args,
+            &thp_state,
+            "off",
+        ));
+        if let Some(lib) = &iodlr {
+            times[3].push(time_run(
+                &prog,
+                &args,
+                &[("LD_PRELOAD", lib.display().to_string())],
+            ));
+        }
+    }
+    let ratio = |t: &[f64]| -> (f64, f64, f64) {
+        let mut r: Vec<f64> = t.iter().zip(&times[0]).map(|(v, p)| v / p).collect();
+        let lo = r.iter().cloned().fold(f64::MAX, f64::min);
+        let hi = r.iter().cloned().fold(f64::MIN, f64::max);
+        (median(&mut r), lo, hi)
+    };
+    let _ = writeln!(
+        md,
+        "A PIE with 64 MiB of text, all of it in use, running {:.2} s plain; a fresh copy (no history, no setup), {rounds} rounds in turn, the first run of each variant included. Time ratio to plain (below 1: faster), median [min-max]:\n",
+        median(&mut times[0].clone())
+    );
+    let _ = writeln!(md, "| variant | time ratio | what each run did |");
+    let _ = writeln!(md, "|---|---|---|");
+    let (m, lo, hi) = ratio(&times[1]);
+    let _ = writeln!(
+        md,
+        "| `tiexec PROGRAM` (default) | {m:.3} [{lo:.3}-{hi:.3}] | {} (c: copied, p: 4 KiB pages) |",
+        arms(&default_state, &prog)
+    );
+    let (m, lo, hi) = ratio(&times[2]);
+    let _ = writeln!(
+        md,
+        "| `tiexec -b thp PROGRAM` | {m:.3} [{lo:.3}-{hi:.3}] | copied every run |"
+    );
+    if iodlr.is_some() {
+        let (m, lo, hi) = ratio(&times[3]);
+        let _ = writeln!(
+            md,
+            "| iodlr `liblppreload.so` | {m:.3} [{lo:.3}-{hi:.3}] | copied every run |"
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "| iodlr `liblppreload.so` | not measured (set TIEXEC_BENCH_IODLR) | |"
+        );
+    }
+    eprintln!("default policy, 64 MiB: {md}");
+
+    // 2. A 256 MiB program whose runs touch one 16 MiB part of its text.
+    let spec = fixture::Spec::new("fixture-pie-256m", 256, true);
+    let big = fresh_copy(
+        &fixture::build(spec, &dir.join("fixtures")),
+        &dir,
+        "prog256",
+    );
+    let region = [("FIXTURE_REGION", "24576:4096".to_string())];
+    let state = fresh_state(&dir, "state-256");
+    let big_args = vec!["4000000".to_string(), "run".to_string()];
+    let run_big = |wait: bool| {
+        let mut cmd = Command::new(tiexec);
+        cmd.arg(&big)
+            .args(["4000000", if wait { "wait" } else { "run" }])
+            .envs(region.iter().cloned())
+            .env("XDG_CACHE_HOME", &state)
+            .env("TIEXEC_CACHE", "off")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        cmd.spawn().unwrap()
+    };
+    for _ in 0..2 {
+        let _ = run_big(false).wait();
+    }
+    let mut child = run_big(true);
+    {
+        use std::io::BufRead;
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut l = String::new();
+        let _ = out.read_line(&mut l);
+        let _ = out.read_line(&mut l);
+    }
+    let pid = child.id();
+    let objs = tiexec::internal::inspect::process_objects(pid, 2 * MIB).unwrap_or_default();
+    let held: u64 = tiexec::internal::smaps::read(Some(pid))
+        .unwrap_or_default()
+        .iter()
+        .map(|v| v.anon_huge)
+        .sum();
+    let huge: u64 = objs.iter().map(|o| o.coverage.huge()).sum();
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let mut plain_t = Vec::new();
+    let mut ours_t = Vec::new();
+    for _ in 0..5 {
+        let mut c = Command::new(&big);
+        c.args(&big_args).envs(region.iter().cloned());
+        let t = Instant::now();
+        let _ = c.stdout(Stdio::null()).status();
+        plain_t.push(t.elapsed().as_secs_f64());
+        let mut w = Command::new(tiexec);
+        w.arg(&big)
+            .args(&big_args)
+            .envs(region.iter().cloned())
+            .env("XDG_CACHE_HOME", &state)
+            .env("TIEXEC_CACHE", "off");
+        let t = Instant::now();
+        let _ = w.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        ours_t.push(t.elapsed().as_secs_f64());
+    }
+    let mut r: Vec<f64> = ours_t.iter().zip(&plain_t).map(|(o, p)| o / p).collect();
+    let _ = writeln!(
+        md,
+        "\nA PIE with 256 MiB of text whose runs call only 16 MiB of it (one contiguous part), started with the default settings: after two runs (the first copies everything, the second runs on 4 KiB pages and records what it touches), the third holds {} MiB of its text on huge pages, with {} MiB of private huge pages in all; then 5 rounds in turn with plain: time ratio {:.3} (runs: {}).\n",
+        huge >> 20,
+        held >> 20,
+        median(&mut r),
+        arms(&state, &big)
+    );
+
+    // 3. A server's first start, and its restart after kill -9.
+    let server = fresh_copy(&pie, &dir, "server64");
+    let mut rows = String::new();
+    for (label, cache_dir) in [
+        ("no setup", "off".to_string()),
+        ("cache set up", cache.path.display().to_string()),
+    ] {
+        let state = fresh_state(&dir, &format!("state-server-{}", cache_dir.len()));
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let mut c = Command::new(tiexec)
+                .arg(&server)
+                .args(["1000", "16384", "wait"])
+                .env("XDG_CACHE_HOME", &state)
+                .env("TIEXEC_CACHE", &cache_dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            {
+                use std::io::BufRead;
+                let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+                let mut l = String::new();
+                let _ = out.read_line(&mut l);
+                let _ = out.read_line(&mut l);
+            }
+            seen.push(coverage_of(c.id()));
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = writeln!(rows, "| {label} | {:.1} % | {:.1} % |", seen[0], seen[1]);
+    }
+    let _ = writeln!(md, "A 64 MiB server (the same PIE, waiting), started with the default settings, then killed with SIGKILL and started again:\n");
+    let _ = writeln!(
+        md,
+        "| machine | text on 2 MiB pages, first start | after `kill -9`, restart |"
+    );
+    let _ = writeln!(md, "|---|---|---|");
+    md.push_str(&rows);
+    md
+}
+
 /// Huge pages held by six concurrent processes of one 64 MiB program: with
 /// the cache (one image, shared), and with private THP copies.
 fn sharing(dir: &Path, lib: &Path, cache: &Cache) -> String {
@@ -1210,6 +1483,14 @@ fn main() {
     let state = dir.join("wrapper-state");
     std::fs::create_dir_all(&state).unwrap();
 
+    let default_md = default_policy(&dir, &tiexec, &cache);
+    if std::env::var_os("TIEXEC_BENCH_ONLY_DEFAULT").is_some() {
+        // Only the default policy's section, printed; the report stays.
+        println!("{default_md}");
+        drop(cache);
+        let _ = std::fs::write(POOL, old_pool);
+        return;
+    }
     let real = real_workloads(&dir, &tiexec, &cache, quick);
     let pg = if quick {
         None
@@ -1263,7 +1544,10 @@ fn main() {
     let _ = writeln!(md, "Regenerate: `cargo bench --bench report` (as root; it sizes the hugetlb pool, mounts an image cache of its own, and puts both back).\n");
     let _ = writeln!(md, "Machine: {}.\n", machine());
     let _ = writeln!(md, "Every workload runs with each variant in turn, round after round (after one warm-up round), in one run; the ratio is plain time / variant time per round (above 1: faster; for PostgreSQL, throughput / plain throughput), given as median [min-max]. Coverage is the share of the text on 2 MiB pages, read from smaps in each process (its JSON report) or while it runs.\n");
-    let _ = writeln!(md, "## Real programs\n");
+    let _ = writeln!(md, "## The default policy\n");
+    let _ = writeln!(md, "What a user gets with no options: `tiexec PROGRAM` copies on the first run of a program named to it, then its run history decides (see README, *Where the huge pages come from*).\n");
+    md.push_str(&default_md);
+    let _ = writeln!(md, "\n## Real programs\n");
     let _ = writeln!(md, "Under the wrapper (`tiexec COMMAND`), so every process the command starts is covered. *cache set up*: `tiexec --setup` done (here: a hugetlbfs of {cache_pages} pages mounted for the report), images built in the warm-up round. *THP only, no setup*: no cache, no pool (a developer's laptop); private THP copies only where the program's past runs show they pay off (the warm-up round is its first run). Compilers are timed end to end.\n");
     let _ = writeln!(
         md,

@@ -43,7 +43,8 @@
 //!    comparison current (a copy only within the learning limit below);
 //! 5. while learning, copy where the copy costs at most [`CHILD_LIMIT`] of a
 //!    typical run (a named program: [`NAMED_LIMIT`]), and run plain one run
-//!    in four until the plain arm has its samples; else plain.
+//!    in [`LEARN_PLAIN_EVERY`] until the plain arm has its samples; else
+//!    plain.
 
 /// Runs remembered per program.
 pub const RUNS_KEPT: usize = 16;
@@ -54,8 +55,9 @@ pub const MIN_SAMPLES: usize = 2;
 /// Once measured, one run in this many takes the other arm.
 pub const EXPLORE_EVERY: u32 = 8;
 /// While learning, one run in this many runs plain (until the plain arm
-/// has [`MIN_SAMPLES`]).
-pub const LEARN_PLAIN_EVERY: u32 = 4;
+/// has [`MIN_SAMPLES`]): the second, the tenth. (Each costs that run its
+/// gain; a named program is presumed to gain.)
+pub const LEARN_PLAIN_EVERY: u32 = 8;
 /// A copy under this share of a run (per mille) is always made.
 pub const NEGLIGIBLE: u64 = 10;
 /// While learning, a program started by another copies up to this share of
@@ -990,7 +992,7 @@ mod tests {
     }
 
     #[test]
-    fn a_named_program_copies_while_learning_and_runs_plain_one_run_in_four() {
+    fn a_named_program_copies_while_learning_and_runs_plain_one_run_in_eight() {
         // The 64 MiB, 0.6 s program: the copy is ~4 % of a run.
         let mut h = history(&[(560, C)], 1);
         let d = decide(&h, ask(true, 64));
@@ -1006,17 +1008,17 @@ mod tests {
             ms: Some(630),
             arm: P,
         });
-        for started in 2..5 {
+        for started in 2..9 {
             h.started = started;
             let d = decide(&h, ask(true, 64));
             assert_eq!((d.arm, d.explores), (C, false), "run {}", started + 1);
+            h.push(Run {
+                ms: Some(550),
+                arm: C,
+            });
         }
-        h.push(Run {
-            ms: Some(550),
-            arm: C,
-        });
-        h.started = 5;
-        assert_eq!(decide(&h, ask(true, 64)).arm, P, "run 6 explores plain");
+        h.started = 9;
+        assert_eq!(decide(&h, ask(true, 64)).arm, P, "run 10 explores plain");
         // The same costs for a program started by another: over 2 %.
         let d = decide(&h, ask(false, 64));
         assert_eq!((d.arm, d.explores), (P, false));
