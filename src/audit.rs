@@ -134,7 +134,7 @@ fn object_opened(bias: u64, name: &[u8]) {
             Level::Debug,
             "{path}: text {} holds no whole {} page: nothing to do",
             crate::log::Bytes(object.text_bytes()),
-            crate::range::huge_page_name()
+            crate::pagesize::huge_page_name()
         );
         return;
     }

@@ -12,8 +12,9 @@ use crate::config::{Backend, Strategy};
 use crate::discover::{self, LoadedObject};
 use crate::history::{self, Arm, Decision, History, Start};
 use crate::hotmap::HotMap;
+use crate::pagesize::huge_page;
 use crate::policy::{Copying, Offer};
-use crate::range::{align_down, align_up, huge_page};
+use crate::range::{align_down, align_up};
 use crate::state::{RateKind, StateDir};
 
 /// What to do, beyond which objects.

@@ -304,7 +304,7 @@ pub fn hugetlb_pool() -> Pool {
 
 /// The sysfs directory of that pool.
 pub fn hugetlb_pool_dir() -> crate::pagesize::HugetlbDir {
-    crate::pagesize::HugetlbDir(crate::range::huge_page())
+    crate::pagesize::HugetlbDir(crate::pagesize::huge_page())
 }
 
 /// The system-wide THP mode (`always`, `madvise` or `never`).
@@ -454,10 +454,10 @@ pub fn probe_file_collapse(dir: &std::path::Path) -> Result<(), String> {
     // A 2 MiB page inside the mapping is congruent with the file only when
     // the kernel placed the mapping 2 MiB-aligned (it does for files this
     // big); otherwise the answer is unknown.
-    if map.start() % crate::range::huge_page() != 0 {
+    if map.start() % crate::pagesize::huge_page() != 0 {
         return Err("unknown (could not place a congruent mapping)".into());
     }
-    let huge = crate::range::huge_page() as usize;
+    let huge = crate::pagesize::huge_page() as usize;
     let _ = map.advise_range(0, huge, libc::MADV_HUGEPAGE);
     map.advise_range(0, huge, sys::MADV_COLLAPSE)
         .map_err(|e| format!("{} (kernel without CONFIG_READ_ONLY_THP_FOR_FS?)", e.name()))

@@ -19,9 +19,9 @@
 use crate::config::{self, CachePath};
 use crate::context::{Context, Origin, Program, Request};
 use crate::log::Bytes;
+use crate::pagesize::huge_page;
 use crate::pipeline;
 use crate::policy::Source;
-use crate::range::huge_page;
 use crate::report::ObjectReport;
 use crate::session::Refusal;
 
@@ -138,7 +138,7 @@ impl Forecast {
                     out,
                     "    {} already on {} pages (the page cache maps it so)",
                     Bytes(r.already_huge_bytes),
-                    crate::range::huge_page_name()
+                    crate::pagesize::huge_page_name()
                 );
             }
             for source in Source::ALL {
@@ -176,7 +176,7 @@ impl Forecast {
                 out,
                 "    => {}% of its text on {} pages",
                 (huge * 100).checked_div(r.text_bytes).unwrap_or(0),
-                crate::range::huge_page_name()
+                crate::pagesize::huge_page_name()
             );
         }
         if let Some(with) = &self.with_setup {

@@ -85,6 +85,8 @@ pub(crate) mod select;
 pub(crate) mod session;
 pub(crate) mod smaps;
 pub(crate) mod state;
+#[cfg(test)]
+mod stub_abi;
 pub(crate) mod supply;
 #[allow(unsafe_code)]
 pub(crate) mod swap;

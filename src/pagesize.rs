@@ -249,6 +249,54 @@ fn parse_decimal(text: &[u8]) -> Option<u64> {
     })
 }
 
+/// The kernel's base page: 4 KiB on x86_64; 4, 16 or 64 KiB on arm64 (read
+/// once, see `pagesize`).
+pub fn page() -> u64 {
+    current().page
+}
+
+/// The huge page tiexec puts text on: the kernel's PMD-level page, 2 MiB
+/// with 4 KiB base pages, 32 MiB with 16 KiB, 512 MiB with 64 KiB.
+pub fn huge_page() -> u64 {
+    current().huge
+}
+
+/// The huge page's size in words: "2 MiB", "32 MiB", "512 MiB".
+pub fn huge_page_name() -> SizeName {
+    SizeName(huge_page())
+}
+
+/// A page size in words: "4 KiB", "2 MiB", "1 GiB".
+#[derive(Clone, Copy, Debug)]
+pub struct SizeName(pub u64);
+
+impl core::fmt::Display for SizeName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 >= 1 << 30 && self.0 % (1 << 30) == 0 {
+            write!(f, "{} GiB", self.0 >> 30)
+        } else if self.0 >= 1 << 20 {
+            write!(f, "{} MiB", self.0 >> 20)
+        } else {
+            write!(f, "{} KiB", self.0 >> 10)
+        }
+    }
+}
+
+/// A message written for 2 MiB pages, shown with the kernel's huge page
+/// size (the same text on 4 KiB-page kernels; allocates only elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HugeText(pub &'static str);
+
+impl core::fmt::Display for HugeText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if huge_page() == 2 << 20 {
+            f.write_str(self.0)
+        } else {
+            f.write_str(&self.0.replace("2 MiB", &huge_page_name().to_string()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

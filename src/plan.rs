@@ -25,7 +25,8 @@
 use crate::config::Strategy;
 
 pub use crate::pagesize::Geometry;
-pub use crate::range::{align_down, align_up, huge_page, page, Range};
+pub use crate::pagesize::{huge_page, page};
+pub use crate::range::{align_down, align_up, Range};
 
 /// The page-rounded range the loader maps for a segment at runtime address
 /// `vaddr` with `memsz` bytes.
@@ -114,8 +115,8 @@ pub enum Skip {
 
 impl Skip {
     /// Short words for logs and reports (in the kernel's huge page size).
-    pub fn describe(self) -> crate::range::HugeText {
-        crate::range::HugeText(match self {
+    pub fn describe(self) -> crate::pagesize::HugeText {
+        crate::pagesize::HugeText(match self {
             Skip::PartialHugePage => "head/tail, not a whole 2 MiB page",
             Skip::SharedPage => "shares its 2 MiB page with writable data or another object",
             Skip::AlreadyHuge => "already on 2 MiB pages",

@@ -105,30 +105,15 @@ extern "C" {
     fn syscall(number: i64, ...) -> i64;
 }
 
-const AT_SECURE: u64 = 23;
-const PT_LOAD: u32 = 1;
-const PF_X: u32 = 1;
-const RTLD_NOW: c_int = 2;
-const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
-// The numbers that differ between the architectures (the stub has no libc
-// crate: linux/asm headers' values).
-#[cfg(target_arch = "x86_64")]
-const SYS_MPROTECT: i64 = 10;
-#[cfg(target_arch = "aarch64")]
-const SYS_MPROTECT: i64 = 226;
-#[cfg(target_arch = "x86_64")]
-const SYS_EXIT_GROUP: i64 = 231;
-#[cfg(target_arch = "aarch64")]
-const SYS_EXIT_GROUP: i64 = 94;
-const ESRCH: c_int = 3;
+// The ABI's numbers (this file has no libc crate): one list, checked
+// against the libc crate's by the library's unit tests.
+#[path = "stub_abi.rs"]
+mod abi;
+use abi::*;
+const RTLD_NEXT: *mut c_void = RTLD_NEXT_ADDR as *mut c_void;
+/// The stub's first filter: an executable segment this long (the full
+/// library then decides with the kernel's real huge page size).
 const HUGE_PAGE: u64 = 2 << 20;
-const O_RDONLY: c_int = 0;
-#[cfg(target_arch = "x86_64")]
-const O_NOFOLLOW: c_int = 0o400000;
-#[cfg(target_arch = "aarch64")]
-const O_NOFOLLOW: c_int = 0o100000;
-const O_CLOEXEC: c_int = 0o2000000;
-const HUGETLBFS_MAGIC: i64 = 0x958458f6;
 /// The image cache's default mount (`tiexec::cache::DEFAULT_ROOT`).
 const DEFAULT_CACHE: &[u8] = b"/run/tiexec";
 
@@ -284,8 +269,8 @@ fn hugetlbfs_at(path: &[u8]) -> bool {
     let Some(name) = c_path(&[path], &mut name) else {
         return false;
     };
-    // `struct statfs` is 120 bytes on 64-bit Linux; `f_type` comes first.
-    let mut st = [0i64; 32];
+    // `struct statfs`, with room to spare; `f_type` comes first.
+    let mut st = [0i64; STATFS_BYTES / 8 + 2];
     // SAFETY: a NUL-terminated path and a buffer larger than the struct.
     let r = unsafe { statfs(name, st.as_mut_ptr().cast()) };
     r == 0 && st.first() == Some(&HUGETLBFS_MAGIC)

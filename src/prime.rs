@@ -44,8 +44,8 @@ pub enum State {
 
 impl State {
     /// The state in words (in the kernel's huge page size).
-    pub fn describe(self) -> crate::range::HugeText {
-        crate::range::HugeText(match self {
+    pub fn describe(self) -> crate::pagesize::HugeText {
+        crate::pagesize::HugeText(match self {
             State::NoWholePage => "no whole 2 MiB page",
             State::NotCongruent => "address and file offset differ modulo 2 MiB",
             State::Huge => "cached as 2 MiB folios",

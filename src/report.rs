@@ -1,9 +1,10 @@
 //! What happened to each object, verified from smaps, and its one-line form.
 
 use crate::log::{Bytes, Level, Millis};
+use crate::pagesize::{huge_page, page};
 use crate::plan::Skip;
 use crate::policy::Source;
-use crate::range::{huge_page, page, Range};
+use crate::range::Range;
 use crate::smaps::Coverage;
 use crate::swap::SwapError;
 
@@ -146,11 +147,11 @@ impl NotAttempted {
             NotAttempted::NoWholeHugePage => {
                 format!(
                     "no whole {} page in its text",
-                    crate::range::huge_page_name()
+                    crate::pagesize::huge_page_name()
                 )
             }
             NotAttempted::AlreadyHuge => {
-                format!("already on {} pages", crate::range::huge_page_name())
+                format!("already on {} pages", crate::pagesize::huge_page_name())
             }
             NotAttempted::NoPlainText => "no plain r-x text to move".into(),
             NotAttempted::NoSource(why) => why.to_string(),
@@ -310,7 +311,7 @@ impl ObjectReport {
                 self.path,
                 range.start,
                 range.end,
-                crate::range::SizeName(page())
+                crate::pagesize::SizeName(page())
             );
         }
         if let Some(why) = self.not_attempted {
@@ -328,7 +329,7 @@ impl ObjectReport {
                 self.path,
                 Bytes(self.text_bytes),
                 why.describe(),
-                crate::range::huge_page_name(),
+                crate::pagesize::huge_page_name(),
                 Bytes(self.after.huge())
             );
             return;
@@ -338,7 +339,7 @@ impl ObjectReport {
             "{}: text {}, on {} pages {} ({} pages: {} new via {}{}, {} already), {} x {} left{}, {}",
             self.path,
             Bytes(self.text_bytes),
-            crate::range::huge_page_name(),
+            crate::pagesize::huge_page_name(),
             Bytes(self.after.huge()),
             (self.swapped_bytes() + self.already_huge_bytes) / huge_page(),
             self.swapped_bytes() / huge_page(),
@@ -346,7 +347,7 @@ impl ObjectReport {
             InPlaceNote(self.in_place_error),
             self.already_huge_bytes / huge_page(),
             self.after.small() / page(),
-            crate::range::SizeName(page()),
+            crate::pagesize::SizeName(page()),
             KeptReasons(&self.kept),
             Millis(self.elapsed_ns)
         );

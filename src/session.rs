@@ -148,7 +148,7 @@ pub fn targets(
                 "{}: text {} holds no whole {} page: nothing to do",
                 object.path,
                 log::Bytes(object.text_bytes()),
-                crate::range::huge_page_name()
+                crate::pagesize::huge_page_name()
             ),
             Err(why) => crate::tlog!(
                 Level::Debug,
@@ -578,7 +578,7 @@ mod tests {
 
     #[test]
     fn subtracting_ranges() {
-        let m = crate::range::huge_page();
+        let m = crate::pagesize::huge_page();
         let r = Range::new(0, 4 * m);
         assert_eq!(
             subtract(r, &[Range::new(m, 2 * m)]),

@@ -26,9 +26,10 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::fault::{self, Step};
+use crate::pagesize::{huge_page, page};
 use crate::plan::SwapRange;
 use crate::policy::{NoSupply, Source};
-use crate::range::{align_down, huge_page, page, Range};
+use crate::range::{align_down, Range};
 use crate::sys::{self, Errno, Mapping, Prot};
 use crate::trampoline::{Fail, Outcome, SwapOp, Trampoline, TrampolineError};
 
@@ -110,7 +111,7 @@ impl core::fmt::Display for SwapError {
                 write!(
                     f,
                     "a hole in its {} page could not be reserved: {e}",
-                    crate::range::huge_page_name()
+                    crate::pagesize::huge_page_name()
                 )
             }
             SwapError::AddressSpaceLimit { headroom } => write!(
@@ -127,7 +128,7 @@ impl core::fmt::Display for SwapError {
                 f,
                 "kernel gave only {} of {} pages",
                 crate::log::Bytes(*huge),
-                crate::range::huge_page_name()
+                crate::pagesize::huge_page_name()
             ),
             SwapError::Trampoline(TrampolineError::Unsupported) => {
                 write!(f, "no swap routine for this architecture")
@@ -219,7 +220,7 @@ pub unsafe fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
     if fault::at(Step::StagingMap) {
         return Err(SwapError::StagingMap(Errno(libc::ENOMEM)));
     }
-    let file = sys::memfd(c"tiexec-text", true).map_err(SwapError::StagingMap)?;
+    let file = sys::memfd(c"tiexec-text", Some(huge_page())).map_err(SwapError::StagingMap)?;
     sys::ftruncate(file.as_fd(), req.range.len()).map_err(SwapError::StagingMap)?;
     {
         // A shared hugetlb mapping reserves its pages now (ENOMEM when the

@@ -13,7 +13,7 @@ use core::fmt;
 use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use crate::plan::{align_up, Range};
+use crate::range::{align_up, Range};
 
 /// A raw `errno` value from a failed call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,12 +109,12 @@ impl Prot {
 }
 
 /// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in now, writable, so
-/// that a shortage shows up as ENOMEM here instead of a signal later.
-pub const MADV_POPULATE_WRITE: i32 = 23;
+/// that a shortage is an error now, not a `SIGBUS` later.
+pub const MADV_POPULATE_WRITE: i32 = libc::MADV_POPULATE_WRITE;
 /// `MADV_POPULATE_READ` (Linux 5.14): fault every page in, readable.
-pub const MADV_POPULATE_READ: i32 = 22;
+pub const MADV_POPULATE_READ: i32 = libc::MADV_POPULATE_READ;
 /// `MADV_COLLAPSE` (Linux 6.1): make the range huge now, synchronously.
-pub const MADV_COLLAPSE: i32 = 25;
+pub const MADV_COLLAPSE: i32 = libc::MADV_COLLAPSE;
 
 /// A mapping this process made and owns: unmapped on drop, unless
 /// [`Mapping::release`]d because its pages now live elsewhere (moved over
@@ -587,9 +587,6 @@ pub fn thp_disabled_for_process() -> bool {
     unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
 }
 
-/// `MDWE_REFUSE_EXEC_GAIN` from <linux/prctl.h>.
-const MDWE_REFUSE_EXEC_GAIN: libc::c_int = 1;
-
 /// True when memory-deny-write-execute is on for this process
 /// (`PR_SET_MDWE`, e.g. systemd's `MemoryDenyWriteExecute=yes`): no mapping
 /// may become executable after being writable, or gain `PROT_EXEC` at all.
@@ -598,7 +595,7 @@ pub fn mdwe_refuses_exec_gain() -> bool {
     // SAFETY: PR_GET_MDWE takes no pointers; kernels before 6.3 fail (EINVAL)
     // and have no MDWE.
     let flags = unsafe { libc::prctl(libc::PR_GET_MDWE, 0, 0, 0, 0) };
-    flags > 0 && flags & MDWE_REFUSE_EXEC_GAIN != 0
+    flags > 0 && flags as libc::c_uint & libc::PR_MDWE_REFUSE_EXEC_GAIN != 0
 }
 
 /// The effective user ID (whose files the process creates).
@@ -773,14 +770,12 @@ pub fn rename_at(dir: BorrowedFd<'_>, from: &CStr, to: &CStr) -> Result<(), Errn
 /// Names the anonymous memory of `range` (`PR_SET_VMA_ANON_NAME`, shown in
 /// /proc/PID/maps as `[anon:NAME]`). Needs `CONFIG_ANON_VMA_NAME`.
 pub fn name_anonymous_range(range: Range, name: &CStr) -> Result<(), Errno> {
-    const PR_SET_VMA: libc::c_int = 0x53564d41;
-    const PR_SET_VMA_ANON_NAME: libc::c_ulong = 0;
     // SAFETY: prctl only reads the NUL-terminated name and labels the
     // mappings of the range; contents and protections do not change.
     let r = unsafe {
         libc::prctl(
-            PR_SET_VMA,
-            PR_SET_VMA_ANON_NAME,
+            libc::PR_SET_VMA,
+            libc::PR_SET_VMA_ANON_NAME as libc::c_ulong,
             range.start as libc::c_ulong,
             range.len() as libc::c_ulong,
             name.as_ptr(),
@@ -952,12 +947,10 @@ pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> Result<bool, Errno> {
 /// `/proc/self/fd/N` for `fd`, NUL-terminated.
 fn proc_fd_path(fd: BorrowedFd<'_>) -> [u8; 32] {
     let mut path = [0u8; 32];
-    let mut line = crate::log::LineBuf::new();
-    let _ =
-        core::fmt::Write::write_fmt(&mut line, format_args!("/proc/self/fd/{}", fd.as_raw_fd()));
-    let bytes = line.as_bytes();
-    if let Some(dst) = path.get_mut(..bytes.len().min(31)) {
-        dst.copy_from_slice(bytes.get(..dst.len()).unwrap_or(&[]));
+    let mut digits = [0u8; 20];
+    let number = decimal(u64::try_from(fd.as_raw_fd()).unwrap_or(0), &mut digits);
+    for (slot, &b) in path.iter_mut().zip(b"/proc/self/fd/".iter().chain(number)) {
+        *slot = b;
     }
     path
 }
@@ -988,18 +981,18 @@ pub fn reopen_read_only(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     open_at(None, name, libc::O_RDONLY, 0)
 }
 
-/// `MFD_HUGETLB` from <linux/memfd.h>.
-const MFD_HUGETLB: libc::c_uint = 4;
-
-/// An anonymous file (`memfd_create`), on hugetlb pages when `hugetlb`.
+/// An anonymous file (`memfd_create`), on hugetlb pages of `hugetlb` bytes
+/// when given.
 ///
-/// A hugetlb memfd asks for pages of `range::huge_page` explicitly (the
-/// size's log2 in the flags' top bits), not the kernel's default size, which
-/// a boot option may have set to 1 GiB.
-pub fn memfd(name: &CStr, hugetlb: bool) -> Result<OwnedFd, Errno> {
-    const MFD_HUGE_SHIFT: u32 = 26;
-    let huge_size = crate::range::huge_page().trailing_zeros() << MFD_HUGE_SHIFT;
-    let flags = libc::MFD_CLOEXEC | if hugetlb { MFD_HUGETLB | huge_size } else { 0 };
+/// A hugetlb memfd asks for its page size explicitly (the size's log2 in
+/// the flags' top bits), not the kernel's default size, which a boot option
+/// may have set to 1 GiB.
+pub fn memfd(name: &CStr, hugetlb: Option<u64>) -> Result<OwnedFd, Errno> {
+    let flags = libc::MFD_CLOEXEC
+        | match hugetlb {
+            Some(size) => libc::MFD_HUGETLB | (size.trailing_zeros() << libc::MFD_HUGE_SHIFT),
+            None => 0,
+        };
     // SAFETY: `name` is NUL-terminated.
     check_fd(unsafe { libc::memfd_create(name.as_ptr(), flags) })
 }
@@ -1049,8 +1042,12 @@ const PAGE_IS_FILE: u64 = 1 << 2;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
 const PAGE_IS_HUGE: u64 = 1 << 6;
-// _IOWR('f', 16, struct pm_scan_arg): dir 3 << 30, size 96 << 16, type 'f' << 8, nr 16.
-const PAGEMAP_SCAN: libc::c_ulong = (3 << 30) | (96 << 16) | ((b'f' as libc::c_ulong) << 8) | 16;
+// _IOWR('f', 16, struct pm_scan_arg): dir 3 << 30, the struct's size << 16,
+// type 'f' << 8, nr 16 (<linux/fs.h>; not in the libc crate).
+const PAGEMAP_SCAN: libc::c_ulong = (3 << 30)
+    | ((core::mem::size_of::<PmScanArg>() as libc::c_ulong) << 16)
+    | ((b'f' as libc::c_ulong) << 8)
+    | 16;
 
 /// Which pages to look for, in PAGEMAP_SCAN's terms: every category of
 /// `all` (those in `inverted` must be absent), and at least one of `any`.

@@ -334,7 +334,7 @@ impl Trampoline {
 /// which is then mapped r-x.
 fn copy_through_memfd(code: &[u8], len: usize) -> Result<Mapping, TrampolineError> {
     use std::os::fd::AsFd;
-    let fd = sys::memfd(c"tiexec-swap", false).map_err(TrampolineError::Map)?;
+    let fd = sys::memfd(c"tiexec-swap", None).map_err(TrampolineError::Map)?;
     sys::write_all(fd.as_fd(), code).map_err(TrampolineError::Map)?;
     sys::ftruncate(fd.as_fd(), len as u64).map_err(TrampolineError::Map)?;
     Mapping::file(fd.as_fd(), 0, len, Prot::READ_EXEC, false, true)
@@ -504,7 +504,7 @@ mod tests {
         let t = Trampoline::prepare(&[], false).expect("prepare");
         let (text, bytes) = fake_text();
         let (staging, fd) = if file_backed {
-            let fd = sys::memfd(c"tiexec-test", false).expect("memfd");
+            let fd = sys::memfd(c"tiexec-test", None).expect("memfd");
             sys::write_all(fd.as_fd(), &bytes).expect("write");
             let m = Mapping::file(fd.as_fd(), 0, TEXT_LEN, Prot::READ_EXEC, false, true)
                 .expect("map file");

@@ -52,7 +52,7 @@ fn a_library_linked_at_start_up_is_covered() {
         eprintln!(
             "libbigtext.so on {backend}: {:.1} % of its reachable text on {} pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
             share * 100.0,
-            tiexec::internal::range::huge_page_name(),
+            tiexec::internal::pagesize::huge_page_name(),
             seen.cov.huge() as f64 / 1048576.0,
             seen.reachable as f64 / 1048576.0,
             seen.text as f64 / 1048576.0,

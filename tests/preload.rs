@@ -124,7 +124,7 @@ fn run_prepared_and_check(
         "{}: {:.1} % of its reachable text on {} pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
         spec.name,
         share * 100.0,
-        tiexec::internal::range::huge_page_name(),
+        tiexec::internal::pagesize::huge_page_name(),
         cov.huge() as f64 / 1048576.0,
         reachable as f64 / 1048576.0,
         text as f64 / 1048576.0,
@@ -305,7 +305,7 @@ fn hugetlb_with_a_pool_smaller_than_the_text_covers_part_and_runs() {
 fn text_moves_to_the_kernels_own_huge_pages() {
     use common::{NON_PIE_64, PIE_64};
     let huge = tiexec::internal::plan::huge_page();
-    let name = tiexec::internal::range::huge_page_name();
+    let name = tiexec::internal::pagesize::huge_page_name();
     for spec in [PIE_64, NON_PIE_64, PIE] {
         let exe = common::fixture(spec);
         let plain = common::plain_run(&exe, &[CALLS, "run"]);

@@ -121,7 +121,7 @@ impl SegmentFacts {
                 "{} of {} cached as {} folios (the rest small: in use, or never read huge)",
                 Bytes(huge),
                 Bytes(all),
-                tiexec::internal::range::huge_page_name()
+                tiexec::internal::pagesize::huge_page_name()
             ),
             (Some(state), _) => state.describe().to_string(),
             (None, _) => "unknown".to_string(),
@@ -731,13 +731,13 @@ fn render_program(out: &mut String, p: &ProgramCheck) {
                 if s.congruent {
                     format!(
                         "congruent (the page cache can serve {} pages)",
-                        tiexec::internal::range::huge_page_name()
+                        tiexec::internal::pagesize::huge_page_name()
                     )
                 } else {
                     format!("not congruent (relink with {} for that)", prime::LINK_ADVICE)
                 },
                 s.whole_pages,
-                tiexec::internal::range::huge_page_name(),
+                tiexec::internal::pagesize::huge_page_name(),
                 s.cache_words()
             );
         }

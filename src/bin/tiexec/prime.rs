@@ -81,7 +81,7 @@ pub fn report(path: &Path, prime: bool) -> bool {
             } else {
                 String::new()
             },
-            huge = tiexec::internal::range::huge_page_name()
+            huge = tiexec::internal::pagesize::huge_page_name()
         );
         ok &= matches!(s.state, State::Huge | State::Primed | State::NoWholePage);
     }
@@ -216,7 +216,7 @@ pub fn before_exec(files: &[PathBuf], verbose: bool) {
                     "tiexec: {}: primed {} of text as {} page-cache folios",
                     f.display(),
                     tiexec::internal::log::Bytes(s.body.len()),
-                    tiexec::internal::range::huge_page_name()
+                    tiexec::internal::pagesize::huge_page_name()
                 );
             }
         }

@@ -139,12 +139,12 @@ fn print_process(pid: u32, name: &str, objects: &[ObjectStat]) {
             "    text {}: {:.1} % on {} pages ({} hugetlb, {} anonymous THP, {} file THP), {} on {} pages",
             Bytes(o.text_bytes()),
             o.percent_huge(),
-            tiexec::internal::range::huge_page_name(),
+            tiexec::internal::pagesize::huge_page_name(),
             Bytes(c.hugetlb),
             Bytes(c.anon_thp),
             Bytes(c.file_thp),
             Bytes(c.small()),
-            tiexec::internal::range::SizeName(tiexec::internal::range::page())
+            tiexec::internal::pagesize::SizeName(tiexec::internal::pagesize::page())
         );
         if !o.images.is_empty() {
             let most = o.images.iter().map(|i| i.processes).max().unwrap_or(1);
