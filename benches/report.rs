@@ -29,7 +29,13 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 const MIB: u64 = 1 << 20;
-const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+/// The hugetlb pool of the kernel's huge page size.
+fn pool() -> String {
+    format!(
+        "{}/nr_hugepages",
+        tiexec::internal::discover::hugetlb_pool_dir()
+    )
+}
 
 /// The image cache the report mounts for itself (hugetlbfs, size =
 /// min_size), unmounted on drop.
@@ -347,8 +353,8 @@ fn tiexec_bin() -> PathBuf {
 }
 
 fn set_pool(pages: u64) -> bool {
-    std::fs::write(POOL, format!("{pages}\n")).is_ok()
-        && std::fs::read_to_string(POOL)
+    std::fs::write(pool(), format!("{pages}\n")).is_ok()
+        && std::fs::read_to_string(pool())
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             >= Some(pages)
@@ -1472,7 +1478,7 @@ fn main() {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid open descriptor; flock waits for the tests to finish.
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    let old_pool = std::fs::read_to_string(POOL).unwrap_or_default();
+    let old_pool = std::fs::read_to_string(pool()).unwrap_or_default();
     let sizes: &[u64] = if quick { &[16, 64] } else { &[16, 64, 256] };
     // The pool: the cache's pages (reserved by its mount) plus room for the
     // hugetlb variant's private copies.
@@ -1488,7 +1494,7 @@ fn main() {
         // Only the default policy's section, printed; the report stays.
         println!("{default_md}");
         drop(cache);
-        let _ = std::fs::write(POOL, old_pool);
+        let _ = std::fs::write(pool(), old_pool);
         return;
     }
     let real = real_workloads(&dir, &tiexec, &cache, quick);
@@ -1537,7 +1543,7 @@ fn main() {
         if quick { &[8, 64] } else { &[8, 64, 256] },
     );
     drop(cache);
-    let _ = std::fs::write(POOL, old_pool);
+    let _ = std::fs::write(pool(), old_pool);
 
     let mut md = String::new();
     let _ = writeln!(md, "# tiexec benchmark report\n");

@@ -18,7 +18,7 @@ const CALLS: &str = "200000";
 /// MiB on an arm64 kernel with 16 KiB pages, where the 32 MiB one may hold
 /// none).
 fn fixture() -> std::path::PathBuf {
-    if tiexec::internal::plan::huge_page() > 2 << 20 {
+    if common::witness::huge_page() > 2 << 20 {
         common::fixture(common::PIE_64)
     } else {
         common::fixture(PIE)
@@ -92,7 +92,7 @@ fn every_step_failing_on_thp_leaves_the_program_as_it_was() {
 #[test]
 fn hugetlb_staging_failures_leave_the_program_as_it_was() {
     // Room for the fixture's text and then some, in this kernel's pages.
-    let Some(_pool) = PoolGuard::set((128 << 20) / tiexec::internal::plan::huge_page()) else {
+    let Some(_pool) = PoolGuard::set((128 << 20) / common::witness::huge_page()) else {
         return;
     };
     for step in [Step::StagingMap, Step::StagingPopulate, Step::RemapHole] {

@@ -20,7 +20,7 @@ fn a_library_linked_at_start_up_is_covered() {
         // library's text huge by itself, and the backend is what shows.
         common::fixture::rewrite_in_small_pages(&lib);
         // Pool pages for the library's text and then some.
-        let pages = (32 << 20) / tiexec::internal::plan::huge_page() + 2;
+        let pages = (32 << 20) / common::witness::huge_page() + 2;
         let Some(_pool) = common::PoolGuard::set(pages) else {
             return;
         };
@@ -52,7 +52,7 @@ fn a_library_linked_at_start_up_is_covered() {
         eprintln!(
             "libbigtext.so on {backend}: {:.1} % of its reachable text on {} pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
             share * 100.0,
-            tiexec::internal::pagesize::huge_page_name(),
+            common::witness::huge_page_name(),
             seen.cov.huge() as f64 / 1048576.0,
             seen.reachable as f64 / 1048576.0,
             seen.text as f64 / 1048576.0,

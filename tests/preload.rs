@@ -55,7 +55,7 @@ fn run_prepared_and_check(
     let header_page = {
         let bytes = std::fs::read(&exe).expect("read fixture");
         let elf = goblin::elf::Elf::parse(&bytes).expect("parse fixture");
-        let huge = tiexec::internal::plan::huge_page();
+        let huge = common::witness::huge_page();
         let first_load = elf
             .program_headers
             .iter()
@@ -63,15 +63,11 @@ fn run_prepared_and_check(
             .map(|p| p.p_vaddr)
             .min()
             .unwrap_or(0);
-        let page = tiexec::internal::plan::align_down(
-            common::load_bias(pid, &exe, &elf) + first_load,
-            huge,
-        );
-        let in_interior = segments.iter().any(|s| {
-            tiexec::internal::plan::split(*s)
-                .body
-                .contains(tiexec::internal::plan::Range::new(page, page + huge))
-        });
+        let page =
+            common::witness::align_down(common::load_bias(pid, &exe, &elf) + first_load, huge);
+        let in_interior = segments
+            .iter()
+            .any(|s| common::witness::interior(*s).contains(common::Range::new(page, page + huge)));
         if in_interior {
             huge
         } else {
@@ -124,7 +120,7 @@ fn run_prepared_and_check(
         "{}: {:.1} % of its reachable text on {} pages ({:.1} of {:.1} MiB; all text {:.1} MiB)",
         spec.name,
         share * 100.0,
-        tiexec::internal::pagesize::huge_page_name(),
+        common::witness::huge_page_name(),
         cov.huge() as f64 / 1048576.0,
         reachable as f64 / 1048576.0,
         text as f64 / 1048576.0,
@@ -304,8 +300,8 @@ fn hugetlb_with_a_pool_smaller_than_the_text_covers_part_and_runs() {
 #[test]
 fn text_moves_to_the_kernels_own_huge_pages() {
     use common::{NON_PIE_64, PIE_64};
-    let huge = tiexec::internal::plan::huge_page();
-    let name = tiexec::internal::pagesize::huge_page_name();
+    let huge = common::witness::huge_page();
+    let name = common::witness::huge_page_name();
     for spec in [PIE_64, NON_PIE_64, PIE] {
         let exe = common::fixture(spec);
         let plain = common::plain_run(&exe, &[CALLS, "run"]);

@@ -5,6 +5,7 @@
 
 pub mod fixture;
 pub mod proc_maps;
+pub mod witness;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,8 +14,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tiexec::internal::plan;
-pub use tiexec::internal::range::Range;
+pub use witness::Range;
+use witness::{align_down, align_up, huge_page, segment_pages};
 
 pub use fixture::Spec;
 pub use proc_maps::Coverage;
@@ -506,7 +507,7 @@ impl Waiting {
 
 /// The load bias of `exe` in process `pid` (0 for non-PIE), from its
 /// mappings still backed by the file (swapped ranges are anonymous; the data
-/// segment always stays), by their vote (`inspect::bias_from_mappings`).
+/// segment always stays), by the tests' own reckoning (`witness::load_bias`).
 pub fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
     if elf.header.e_type != goblin::elf::header::ET_DYN {
         return 0;
@@ -517,7 +518,7 @@ pub fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
         .filter(|v| Path::new(&v.path) == canon)
         .map(|v| (v.start, v.offset))
         .collect();
-    tiexec::internal::inspect::bias_from_mappings(&elf.program_headers, &mappings)
+    witness::load_bias(elf, &mappings)
         .unwrap_or_else(|| panic!("{} not mapped in {pid}", exe.display()))
 }
 
@@ -533,7 +534,7 @@ pub fn text_segments(pid: u32, exe: &Path) -> Vec<Range> {
             p.p_type == goblin::elf::program_header::PT_LOAD
                 && p.p_flags & goblin::elf::program_header::PF_X != 0
         })
-        .map(|p| plan::segment_pages(bias + p.p_vaddr, p.p_memsz))
+        .map(|p| segment_pages(bias + p.p_vaddr, p.p_memsz))
         .collect()
 }
 
@@ -656,7 +657,7 @@ pub fn private_huge_bytes(pid: u32) -> u64 {
 
 /// The 2 MiB-aligned interior of the segments: what must end up huge.
 pub fn planned_interior(segments: &[Range]) -> u64 {
-    segments.iter().map(|s| plan::split(*s).body.len()).sum()
+    segments.iter().map(|s| witness::interior(*s).len()).sum()
 }
 
 /// Coverage of the segments in `pid`, read from its smaps.
@@ -687,7 +688,7 @@ pub fn reachable_text(pid: u32, segments: &[Range], object: &Path) -> u64 {
     let loads = || elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD);
     let writable: Vec<Range> = loads()
         .filter(|p| p.p_flags & PF_W != 0)
-        .map(|p| plan::segment_pages(bias + p.p_vaddr, p.p_memsz))
+        .map(|p| segment_pages(bias + p.p_vaddr, p.p_memsz))
         .collect();
     let header = loads().find(|p| p.p_offset == 0).map(|p| bias + p.p_vaddr);
     let maps = proc_maps::read(pid);
@@ -707,10 +708,10 @@ pub fn reachable_text(pid: u32, segments: &[Range], object: &Path) -> u64 {
     let mut reachable = 0;
     for s in segments {
         let mut lost = 0;
-        let first = plan::align_down(s.start, plan::huge_page());
+        let first = align_down(s.start, huge_page());
         let mut page_start = first;
         while page_start < s.end {
-            let page = Range::new(page_start, page_start + plan::huge_page());
+            let page = Range::new(page_start, page_start + huge_page());
             page_start = page.end;
             let Some(text_part) = page.intersect(*s) else {
                 continue;
@@ -741,12 +742,7 @@ pub fn reachable_text(pid: u32, segments: &[Range], object: &Path) -> u64 {
 pub fn maps_near(pid: u32, segments: &[Range]) -> String {
     let around: Vec<Range> = rounded_out(segments)
         .iter()
-        .map(|r| {
-            Range::new(
-                r.start.saturating_sub(plan::huge_page()),
-                r.end + plan::huge_page(),
-            )
-        })
+        .map(|r| Range::new(r.start.saturating_sub(huge_page()), r.end + huge_page()))
         .collect();
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .unwrap_or_default()
@@ -804,8 +800,8 @@ pub fn rounded_out(segments: &[Range]) -> Vec<Range> {
         .iter()
         .map(|s| {
             Range::new(
-                plan::align_down(s.start, plan::huge_page()),
-                plan::align_up(s.end, plan::huge_page()),
+                align_down(s.start, huge_page()),
+                align_up(s.end, huge_page()),
             )
         })
         .collect()
@@ -863,7 +859,7 @@ impl CacheMount {
             .join("caches")
             .join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&path);
-        let huge_mib = plan::huge_page() >> 20;
+        let huge_mib = huge_page() >> 20;
         let opts = format!(
             "pagesize={huge_mib}M,size={mib}M,min_size={mib}M,mode=1777",
             mib = pages * huge_mib
@@ -930,7 +926,7 @@ impl Drop for CacheMount {
 
 /// The sysfs directory of the pool of the kernel's huge page size.
 fn pool_dir() -> String {
-    tiexec::internal::discover::hugetlb_pool_dir().to_string()
+    witness::pool_dir()
 }
 
 /// Holds `pages` hugetlb pages free and unreserved for the life of the

@@ -2,7 +2,7 @@
 //! mapped with, read without the product's parser, so that a bug there
 //! cannot hide in the tests' measurements.
 
-use tiexec::internal::plan::Range;
+use super::witness::Range;
 
 /// One mapping, with the page figures the tests look at (bytes).
 #[derive(Clone, Debug, Default)]
