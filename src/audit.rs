@@ -37,15 +37,7 @@ const LA_ACT_CONSISTENT: libc::c_uint = 0;
 /// Set once the loader reported the start-up objects complete.
 static STARTED: AtomicBool = AtomicBool::new(false);
 
-/// The public head of glibc's `struct link_map`.
-#[repr(C)]
-pub struct LinkMap {
-    l_addr: usize,
-    l_name: *const libc::c_char,
-    l_ld: *mut libc::c_void,
-    l_next: *mut LinkMap,
-    l_prev: *mut LinkMap,
-}
+use crate::discover::LinkMap;
 
 /// The loader asks which audit interface version we speak: 2 (glibc 2.35's
 /// `LAV_CURRENT`), or the loader's own when it is lower. The hooks used here
@@ -73,7 +65,7 @@ pub unsafe extern "C" fn la_objopen(
     _lmid: libc::c_long,
     _cookie: *mut usize,
 ) -> libc::c_uint {
-    if !STARTED.load(Ordering::Acquire) || map.is_null() {
+    if map.is_null() {
         return 0;
     }
     // SAFETY: the loader passes a valid link map that lives at least as long
@@ -83,9 +75,14 @@ pub unsafe extern "C" fn la_objopen(
         return 0;
     }
     // SAFETY: l_name is a NUL-terminated string owned by the loader.
-    let name = unsafe { core::ffi::CStr::from_ptr(name) }
-        .to_bytes()
-        .to_vec();
+    let name = unsafe { core::ffi::CStr::from_ptr(name) };
+    if std::panic::catch_unwind(|| crate::interpose::note_object_loaded(bias, name)).is_err() {
+        return 0;
+    }
+    if !STARTED.load(Ordering::Acquire) {
+        return 0;
+    }
+    let name = name.to_bytes().to_vec();
     if std::panic::catch_unwind(|| object_opened(bias, &name)).is_err() {
         crate::tlog!(Level::Error, "internal error; library left as it was");
     }

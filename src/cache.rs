@@ -386,12 +386,17 @@ impl Image {
     /// page) r-x, shared, populated: nothing left to allocate later, so no
     /// SIGBUS; never writable, through this mapping or any other made from
     /// the read-only descriptor.
+    #[allow(unsafe_code)] // maps a file: see the SAFETY note below
     pub fn map(&self, offset: u64, len: u64) -> Result<Mapping, Errno> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) || offset % huge_page() != 0 {
             return Err(Errno(libc::EINVAL));
         }
         let len = usize::try_from(len).map_err(|_| Errno(libc::EINVAL))?;
-        Mapping::file(self.fd.as_fd(), offset, len, Prot::READ_EXEC, true, true)
+        // SAFETY: `offset + len` lies within the image's length, checked
+        // above; an image is linked read-only (0400/0444) and never opened
+        // for writing again, so only its owner, after changing its mode,
+        // or root could shrink it.
+        unsafe { Mapping::file(self.fd.as_fd(), offset, len, Prot::READ_EXEC, true, true) }
     }
 
     /// The read-only descriptor (for the swap routine's restore path).
@@ -807,6 +812,7 @@ impl Cache {
 
     /// Builds an unnamed image file holding `content`; returns its
     /// read-write descriptor.
+    #[allow(unsafe_code)] // maps its own unnamed file: see the SAFETY note
     fn build(&self, content: &Content<'_>) -> Result<OwnedFd, Failure> {
         let len = usize::try_from(content.len).map_err(|_| Failure::Map(Errno(libc::EINVAL)))?;
         let file = sys::open_at(
@@ -820,8 +826,11 @@ impl Cache {
         {
             // A shared hugetlbfs mapping reserves its pages now: a shortage
             // is ENOMEM here, not SIGBUS later.
-            let mut map = Mapping::file(file.as_fd(), 0, len, Prot::READ_WRITE, true, false)
-                .map_err(Failure::Map)?;
+            // SAFETY: an unnamed file (O_TMPFILE) only this process holds,
+            // sized above.
+            let mut map =
+                unsafe { Mapping::file(file.as_fd(), 0, len, Prot::READ_WRITE, true, false) }
+                    .map_err(Failure::Map)?;
             map.advise(sys::MADV_POPULATE_WRITE)
                 .map_err(Failure::Populate)?;
             let bytes = map.bytes_mut().ok_or(Failure::Map(Errno(libc::EFAULT)))?;

@@ -94,6 +94,53 @@ pub fn in_base_namespace_of(own: u64) -> bool {
     ok != 0 || lmid == libc::LM_ID_BASE
 }
 
+/// The head of glibc's `struct link_map` (public ABI: `<link.h>`).
+#[repr(C)]
+pub struct LinkMap {
+    /// The load bias.
+    pub l_addr: usize,
+    /// The file's name as the loader opened it.
+    pub l_name: *const libc::c_char,
+    l_ld: *mut libc::c_void,
+    l_next: *mut LinkMap,
+    l_prev: *mut LinkMap,
+}
+
+/// This copy of the library: its load bias and file name, from the
+/// loader's link map (`None` without a loader: a static program).
+pub fn own_load() -> Option<(u64, std::ffi::CString)> {
+    let mut info = libc::Dl_info {
+        dli_fname: core::ptr::null(),
+        dli_fbase: core::ptr::null_mut(),
+        dli_sname: core::ptr::null(),
+        dli_saddr: core::ptr::null_mut(),
+    };
+    let mut map: *mut LinkMap = core::ptr::null_mut();
+    let own = own_load as *const () as *const libc::c_void;
+    // SAFETY: dladdr1 with RTLD_DL_LINKMAP stores our link map into `map`;
+    // both out-pointers are valid.
+    let found = unsafe {
+        libc::dladdr1(
+            own,
+            &mut info,
+            (&mut map as *mut *mut LinkMap).cast(),
+            RTLD_DL_LINKMAP,
+        )
+    };
+    if found == 0 || map.is_null() {
+        return None;
+    }
+    // SAFETY: the loader's link map of a loaded object (ours), valid while
+    // we are loaded; `l_name` is NUL-terminated, owned by the loader.
+    let (bias, name) = unsafe { ((*map).l_addr as u64, (*map).l_name) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: as above.
+    let name = unsafe { core::ffi::CStr::from_ptr(name) }.to_owned();
+    Some((bias, name))
+}
+
 /// True when this copy of the library lives in the program's own link-map
 /// namespace.
 pub fn in_base_namespace() -> bool {
@@ -424,6 +471,7 @@ pub fn offer(cache: bool, backend: crate::config::Backend) -> Offer {
         thp_usable: thp_mode() != ThpMode::Never && !sys::thp_disabled_for_process(),
         cache,
         mdwe: sys::mdwe_refuses_exec_gain(),
+        mprotect_guarded: crate::interpose::hugetlb_text_guarded(),
     }
 }
 
@@ -449,8 +497,11 @@ pub fn probe_file_collapse(dir: &std::path::Path) -> Result<(), String> {
     // Read-only, and no longer open for writing: what text is.
     let read_only = sys::reopen_read_only(file.as_fd()).map_err(|e| e.to_string())?;
     drop(file);
-    let mut map = sys::Mapping::file(read_only.as_fd(), 0, LEN, sys::Prot::READ, false, false)
-        .map_err(|e| format!("mmap: {e}"))?;
+    // SAFETY: an unnamed file (O_TMPFILE) only this process holds, `LEN`
+    // bytes long.
+    let mut map =
+        unsafe { sys::Mapping::file(read_only.as_fd(), 0, LEN, sys::Prot::READ, false, false) }
+            .map_err(|e| format!("mmap: {e}"))?;
     // A 2 MiB page inside the mapping is congruent with the file only when
     // the kernel placed the mapping 2 MiB-aligned (it does for files this
     // big); otherwise the answer is unknown.

@@ -15,7 +15,16 @@
 //! The registry of such ranges is filled after each swap, and shared with
 //! the copy of the library that serves as audit module (`--dlopen`), which
 //! lives in a link-map namespace of its own: that copy registers into the
-//! preloaded copy's registry (same file, same layout).
+//! preloaded copy's registry (same file, same layout), which it finds by
+//! watching the loader load that copy (`note_object_loaded`), since a
+//! namespace cannot list another's objects.
+//!
+//! Text goes to hugetlb pages only where this guard is in place
+//! ([`hugetlb_text_guarded`]): the program's `mprotect` calls reach this
+//! library's (preloaded, through the wrapper's stub, or linked into the
+//! program), and for the audit module, the preloaded copy is loaded and
+//! guarding. Elsewhere a partial `mprotect` would fail where it succeeds
+//! without tiexec: such text stays on pages the kernel can split.
 //!
 //! Every other call goes straight to the next `mprotect` (libc's, or another
 //! interposer's), found once with `dlsym(RTLD_NEXT)`; without a loader (a
@@ -149,46 +158,113 @@ impl Registry {
     }
 }
 
-/// The registry of the preloaded copy of this library: ours, unless this
-/// copy is the audit module, whose namespace is not the program's.
-fn shared_registry() -> &'static Registry {
-    if crate::discover::in_base_namespace() {
-        return &REGISTRY;
-    }
-    base_namespace_registry().unwrap_or(&REGISTRY)
+/// True once the program's `mprotect` calls reach this copy's: set by
+/// [`resolve_next`] (this library's `mprotect` is the program's), by
+/// [`attach_to_stub`], or by [`guard_linked_program`].
+static GUARDING: AtomicBool = AtomicBool::new(false);
+
+/// For the audit module: the load bias of the copy of this same file that
+/// the loader loaded into the program's namespace (0: none seen yet).
+static BASE_COPY_BIAS: AtomicU64 = AtomicU64::new(0);
+
+/// This library linked into the program itself (`libtiexec.a`): the
+/// program's own calls to `mprotect` bind to this one when it is linked.
+pub fn guard_linked_program() {
+    GUARDING.store(true, Ordering::Release);
 }
 
-/// Finds the other copy of this very file (same path, another load address)
-/// and the registry inside it: at the same offset from its load address.
-fn base_namespace_registry() -> Option<&'static Registry> {
-    let ours = core::ptr::addr_of!(REGISTRY) as u64;
-    let objects = crate::discover::loaded_objects();
-    let me = objects.iter().find(|o| o.contains(ours))?;
-    let twin = objects.iter().find(|o| {
-        o.path == me.path
-            && o.bias != me.bias
-            && o.build_id == me.build_id
-            && !o.build_id.is_empty()
-    })?;
-    let theirs = ours.wrapping_sub(me.bias).wrapping_add(twin.bias);
-    if !twin.contains(theirs) {
+/// The audit module is told of every object the loader maps, in every
+/// namespace: when it is another copy of this library's own file (same
+/// device and inode) at another address, that is the copy whose registry
+/// the program's `mprotect` reaches.
+pub fn note_object_loaded(bias: u64, path: &core::ffi::CStr) {
+    static OWN: std::sync::OnceLock<Option<(u64, std::ffi::CString, libc::stat)>> =
+        std::sync::OnceLock::new();
+    let own = OWN.get_or_init(|| {
+        let (bias, path) = crate::discover::own_load()?;
+        let st = sys::stat_path(&path).ok()?;
+        Some((bias, path, st))
+    });
+    let Some((own_bias, own_path, own_st)) = own else {
+        return;
+    };
+    let file_name = |p: &[u8]| p.rsplit(|&b| b == b'/').next().map(<[u8]>::to_vec);
+    if bias == *own_bias
+        || bias == 0
+        || file_name(path.to_bytes()) != file_name(own_path.to_bytes())
+    {
+        return;
+    }
+    let same_file = sys::stat_path(path)
+        .is_ok_and(|st| st.st_dev == own_st.st_dev && st.st_ino == own_st.st_ino);
+    if same_file {
+        BASE_COPY_BIAS.store(bias, Ordering::Release);
+    }
+}
+
+/// The statics of the preloaded copy of this library, seen from the audit
+/// module: at the same offsets from its load bias as ours from ours.
+fn base_copy<T>(ours: &'static T) -> Option<&'static T> {
+    let twin = BASE_COPY_BIAS.load(Ordering::Acquire);
+    let (own_bias, _) = crate::discover::own_load()?;
+    if twin == 0 || twin == own_bias {
         return None;
     }
-    // SAFETY: `theirs` is REGISTRY in another mapping of the same file (same
-    // build ID, same path): a `Registry` (atomics only) with static lifetime,
-    // loaded as long as the program runs.
-    Some(unsafe { &*(theirs as *const Registry) })
+    let theirs = (ours as *const T as u64)
+        .wrapping_sub(own_bias)
+        .wrapping_add(twin);
+    // SAFETY: `twin` is the load bias of another mapping of this very file
+    // (same device and inode, see `note_object_loaded`), in the program's
+    // namespace, loaded for the rest of the program's life (it is
+    // preloaded, or loaded by the preloaded stub, and never unloaded): the
+    // same static, of a type made of atomics only, at the same offset.
+    Some(unsafe { &*(theirs as *const T) })
 }
 
-/// Records that `range` now holds text on pages that cannot be split.
-pub fn register(range: Range) {
-    shared_registry().add(range);
+/// The registry the program's `mprotect` consults: ours, unless this copy
+/// is the audit module, whose namespace is not the program's.
+fn shared_registry() -> Option<&'static Registry> {
+    if crate::discover::in_base_namespace() {
+        return Some(&REGISTRY);
+    }
+    base_copy(&REGISTRY)
+}
+
+/// True when text put on hugetlb pages now would be guarded: a later
+/// `mprotect` of part of it reaches tiexec's, which puts it back on small
+/// pages first (see the module doc).
+pub fn hugetlb_text_guarded() -> bool {
+    if crate::discover::in_base_namespace() {
+        return GUARDING.load(Ordering::Acquire);
+    }
+    base_copy(&GUARDING).is_some_and(|g| g.load(Ordering::Acquire))
+}
+
+/// Records that `range` now holds text on pages that cannot be split: the
+/// `mprotect` interposer will copy such a range back to small pages before
+/// a change of protection splits it. Returns false when there is no
+/// registry the program's `mprotect` reaches (see [`hugetlb_text_guarded`]).
+///
+/// # Safety
+/// `range` must be text this process mapped on hugetlb pages, mapped and
+/// readable for as long as it stays registered ([`unregister`] it before
+/// it is unmapped).
+pub unsafe fn register(range: Range) -> bool {
+    match shared_registry() {
+        Some(r) => {
+            r.add(range);
+            true
+        }
+        None => false,
+    }
 }
 
 /// Forgets every registered range that overlaps `range` (its object is being
 /// unloaded: whatever is mapped there next is not ours).
 pub fn unregister(range: Range) {
-    shared_registry().remove_overlapping(range);
+    if let Some(r) = shared_registry() {
+        r.remove_overlapping(range);
+    }
 }
 
 /// The next `mprotect` in the lookup order (libc's, or another interposer's).
@@ -205,6 +281,11 @@ pub fn resolve_next() {
     let own = mprotect as MprotectFn as *mut libc::c_void;
     if !f.is_null() && f != own {
         NEXT.store(f, Ordering::Release);
+    }
+    // SAFETY: as above, with RTLD_DEFAULT: what the program's calls reach.
+    let program_s = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"mprotect".as_ptr()) };
+    if program_s == own {
+        GUARDING.store(true, Ordering::Release);
     }
     for (name, slot, own) in [
         (c"_exit", &NEXT_EXIT, _exit as ExitFn as *mut libc::c_void),
@@ -323,6 +404,7 @@ pub fn attach_to_stub() {
     let set: SetHandlerFn = unsafe { core::mem::transmute::<*mut libc::c_void, SetHandlerFn>(f) };
     // SAFETY: registers a function of this library, which is never unloaded.
     unsafe { set(stub_handler) };
+    GUARDING.store(true, Ordering::Release);
 }
 
 /// The path of the wrapper's stub library, when it is loaded.
@@ -425,7 +507,7 @@ pub extern "C" fn _Exit(status: libc::c_int) -> ! {
 
 /// How many bytes are registered now (for tests and reports).
 pub fn registered_bytes() -> u64 {
-    shared_registry().ranges().map(|(_, r)| r.len()).sum()
+    shared_registry().map_or(0, |r| r.ranges().map(|(_, r)| r.len()).sum())
 }
 
 #[cfg(test)]

@@ -27,7 +27,9 @@
 //! text), `pipeline` (which calls it), `discover` (the loader's callback),
 //! `interpose` (the `mprotect` and `_exit` interposers), `audit` (the
 //! loader's audit hooks), `env` (the environment, changed before `main`),
-//! `session` (which changes it) and the constructor (`preload`). Planning
+//! `session` (which changes it) and the constructor (`preload`); besides,
+//! three functions that map files, each allowed alone (`cache`'s image
+//! `map` and `build`, `profiling`'s reader of a loaded object). Planning
 //! (`plan`, `policy`, `history`, `hotmap`), parsing (`config`, `smaps`),
 //! the cache's bookkeeping and reporting hold none.
 
@@ -375,6 +377,11 @@ pub extern "C" fn tiexec_remap_text() -> libc::c_int {
 pub fn remap_text(options: &Options) -> Result<Vec<ObjectReport>, Error> {
     if let Some(why) = session::Refusal::any(options.backend) {
         return Err(why.into());
+    }
+    if preload::linked_into_main_program() {
+        // The program's own calls to mprotect bound to ours when it was
+        // linked: its text may go to hugetlb pages.
+        interpose::guard_linked_program();
     }
     let objects = discover::loaded_objects();
     let main = objects.get(..1).unwrap_or(&[]);

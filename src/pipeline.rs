@@ -498,7 +498,10 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], ctx: &Context) -> Vec<Obje
                         if source.on_hugetlb() {
                             // hugetlb pages cannot be split: a later
                             // mprotect of part of them needs tiexec's help.
-                            crate::interpose::register(r.range);
+                            // SAFETY: text just swapped onto hugetlb pages,
+                            // mapped r-x; `audit`'s `la_objclose`
+                            // unregisters it before its object is unmapped.
+                            unsafe { crate::interpose::register(r.range) };
                         }
                         report.swapped.push((r.range, source))
                     }

@@ -35,6 +35,12 @@ pub struct Offer {
     /// Memory-deny-write-execute is on: no copy written in place can become
     /// executable; only mappings executable from the start (images) work.
     pub mdwe: bool,
+    /// The program's `mprotect` calls reach tiexec's, which puts text on
+    /// hugetlb pages (pool copies, cache images) back on small pages before
+    /// a call that would split it (`interpose`). Without it no text goes to
+    /// hugetlb pages: such a call would fail where it succeeds without
+    /// tiexec.
+    pub mprotect_guarded: bool,
 }
 
 /// Where the pages for a range came from.
@@ -183,6 +189,10 @@ pub enum NoSupply {
     NamesProgram,
     /// The cache could serve, but not this range's bytes.
     NotCacheable(NotCacheable),
+    /// hugetlb pages (the pool, cache images) would serve, but the
+    /// program's `mprotect` does not reach tiexec's (see
+    /// [`Offer::mprotect_guarded`]).
+    Unguarded,
 }
 
 impl core::fmt::Display for NoSupply {
@@ -202,6 +212,10 @@ impl core::fmt::Display for NoSupply {
             ),
             NoSupply::NoCopy(d) => write!(f, "{d}"),
             NoSupply::NotCacheable(why) => write!(f, "not cacheable: {}", why.describe()),
+            NoSupply::Unguarded => write!(
+                f,
+                "the program's mprotect does not reach tiexec's, which hugetlb text needs"
+            ),
             NoSupply::NamesProgram => write!(
                 f,
                 "holds the object's ELF header, by whose mapping symbolizers name the object: only the page cache, in place, may replace it"
@@ -238,9 +252,10 @@ pub fn supplies(
     } else {
         Supply::PrivateImage
     };
-    let cache_serves = offer.cache && facts.cacheable.is_ok();
+    let cache_serves = offer.cache && facts.cacheable.is_ok() && offer.mprotect_guarded;
     match backend {
         Backend::Off => Err(NoSupply::Off),
+        Backend::Cache | Backend::Hugetlb if !offer.mprotect_guarded => Err(NoSupply::Unguarded),
         Backend::Cache if cache_serves => Ok(vec![image]),
         Backend::Cache => Err(match facts.cacheable {
             Err(why) if offer.cache => NoSupply::NotCacheable(why),
@@ -268,6 +283,8 @@ pub fn supplies(
             }
             if !out.is_empty() {
                 Ok(out)
+            } else if offer.cache && !offer.mprotect_guarded {
+                Err(NoSupply::Unguarded)
             } else if let (true, Err(why)) = (offer.cache, facts.cacheable) {
                 Err(NoSupply::NotCacheable(why))
             } else if !thp && !cache_serves {
@@ -326,6 +343,7 @@ mod tests {
             thp_usable: true,
             cache: false,
             mdwe: false,
+            mprotect_guarded: true,
         };
         let server = Offer {
             pool_available: 64,
@@ -401,6 +419,31 @@ mod tests {
             supplies(Backend::Cache, laptop, stable, Copying::Yes),
             Err(NoSupply::NoCache)
         );
+        // Without tiexec's mprotect in the program's way, nothing on
+        // hugetlb pages: auto falls back to THP, explicit backends say why.
+        let unguarded = Offer {
+            mprotect_guarded: false,
+            ..server
+        };
+        assert_eq!(auto(unguarded, stable, Copying::Yes), Ok(vec![Supply::Thp]));
+        assert_eq!(auto(unguarded, stable, no()), Err(NoSupply::Unguarded));
+        assert_eq!(
+            auto(
+                Offer {
+                    mdwe: true,
+                    ..unguarded
+                },
+                stable,
+                Copying::Yes
+            ),
+            Err(NoSupply::Unguarded)
+        );
+        for backend in [Backend::Hugetlb, Backend::Cache] {
+            assert_eq!(
+                supplies(backend, unguarded, stable, Copying::Yes),
+                Err(NoSupply::Unguarded)
+            );
+        }
         let nothing = Offer {
             thp_usable: false,
             ..laptop

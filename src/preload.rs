@@ -57,6 +57,13 @@ fn run() {
     if !discover::in_base_namespace_of(own_address()) {
         return;
     }
+    // The program's mprotect and _exit calls go through tiexec's (see
+    // `interpose`): find the ones they would have reached, or have the
+    // wrapper's stub (which defines the program's) call ours. (Before the
+    // forecast: whether hugetlb text would be guarded is part of its plan.)
+    crate::interpose::resolve_next();
+    crate::interpose::attach_to_stub();
+
     // `tiexec --check`: the same settings, selection and plan as a run
     // (below), nothing moved; the process ends here, before the program's
     // own initializers and main.
@@ -71,11 +78,11 @@ fn run() {
     if linked_in && !cfg!(feature = "constructor") {
         return;
     }
-    // The program's mprotect and _exit calls go through tiexec's (see
-    // `interpose`): find the ones they would have reached, or have the
-    // wrapper's stub (which defines the program's) call ours.
-    crate::interpose::resolve_next();
-    crate::interpose::attach_to_stub();
+    if linked_in {
+        // The program's own calls to mprotect bound to ours when it was
+        // linked.
+        crate::interpose::guard_linked_program();
+    }
 
     // Step 2: settings.
     let parsed = settings_in_place();
@@ -185,7 +192,7 @@ fn env_in_place(name: &core::ffi::CStr) -> Option<&'static [u8]> {
 /// True when this code is part of the main program itself (statically
 /// linked in), not of a shared object: the object holding our code is the one
 /// holding the program's headers (`AT_PHDR`). Allocates nothing.
-fn linked_into_main_program() -> bool {
+pub(crate) fn linked_into_main_program() -> bool {
     let base_of = |addr: *const libc::c_void| {
         let mut info = libc::Dl_info {
             dli_fname: core::ptr::null(),

@@ -225,8 +225,10 @@ pub unsafe fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
     {
         // A shared hugetlb mapping reserves its pages now (ENOMEM when the
         // pool is short); populating allocates them.
-        let mut fill = Mapping::file(file.as_fd(), 0, len, Prot::READ_WRITE, true, false)
-            .map_err(SwapError::StagingMap)?;
+        // SAFETY: our own memfd, sized above, never truncated.
+        let mut fill =
+            unsafe { Mapping::file(file.as_fd(), 0, len, Prot::READ_WRITE, true, false) }
+                .map_err(SwapError::StagingMap)?;
         if fault::at(Step::StagingPopulate) {
             return Err(SwapError::StagingPopulate(Errno(libc::ENOMEM)));
         }
@@ -241,7 +243,8 @@ pub unsafe fn pool_copy(req: &SwapRange) -> Result<Staged, SwapError> {
     }
     let fd = sys::reopen_read_only(file.as_fd()).map_err(SwapError::StagingMap)?;
     drop(file);
-    let mapping = Mapping::file(fd.as_fd(), 0, len, Prot::READ_EXEC, true, true)
+    // SAFETY: as above; the writable descriptor is closed.
+    let mapping = unsafe { Mapping::file(fd.as_fd(), 0, len, Prot::READ_EXEC, true, true) }
         .map_err(SwapError::StagingMap)?;
     Ok(Staged {
         mapping,

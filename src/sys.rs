@@ -189,7 +189,14 @@ impl Mapping {
     /// Maps `len` bytes of an open file from `offset`, at an address of the
     /// kernel's choosing. `shared`: `MAP_SHARED` (else private);
     /// `populate`: fault every page in now (`MAP_POPULATE`).
-    pub fn file(
+    ///
+    /// # Safety
+    /// While the mapping's bytes are read (or run), the file must not shrink
+    /// below `offset + len`: a page past its end raises SIGBUS. Map only
+    /// files no one else can truncate (this process's memfds and unlinked
+    /// files, read-only images), or files whose truncation would break the
+    /// program anyway (its own loaded objects).
+    pub unsafe fn file(
         fd: BorrowedFd<'_>,
         offset: u64,
         len: usize,
@@ -335,7 +342,10 @@ impl Mapping {
     /// last write, before the mapping (or the pages it is moved onto)
     /// becomes executable.
     pub fn sync_icache(&self) {
-        sync_icache(self.range());
+        if self.prot.bits() & libc::PROT_READ != 0 {
+            // SAFETY: our own mapping, mapped and readable.
+            unsafe { sync_icache(self.range()) };
+        }
     }
 
     /// Stops owning the range without unmapping it: its pages were moved
@@ -401,8 +411,12 @@ pub fn exists(path: &CStr) -> bool {
 /// unification, each instruction cache line invalidated, then both are
 /// synchronised (`__builtin___clear_cache`; line sizes from CTR_EL0, which
 /// Linux lets user space read). x86_64 keeps them coherent: nothing to do.
+///
+/// # Safety
+/// `range` must be mapped and readable: a cache maintenance operation on
+/// an unmapped address faults.
 #[cfg(target_arch = "aarch64")]
-pub fn sync_icache(range: Range) {
+unsafe fn sync_icache(range: Range) {
     use core::arch::asm;
     let ctr: u64;
     // SAFETY: reads a register Linux makes readable at EL0 (or emulates).
@@ -429,8 +443,27 @@ pub fn sync_icache(range: Range) {
 }
 
 /// See the arm64 version: x86_64 keeps the caches coherent.
+///
+/// # Safety
+/// None needed on x86_64; the arm64 version's contract applies to callers.
 #[cfg(not(target_arch = "aarch64"))]
-pub fn sync_icache(_range: Range) {}
+unsafe fn sync_icache(_range: Range) {}
+
+/// Whether the first page of `fd` can be mapped executable (what the loader
+/// will do; `EPERM` on a noexec mount). Maps it and unmaps it again.
+pub fn can_map_executable(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    let flags = libc::MAP_PRIVATE;
+    let got = raw_mmap(
+        core::ptr::null_mut(),
+        4096,
+        Prot::READ_EXEC,
+        flags,
+        fd.as_raw_fd(),
+        0,
+    )?;
+    // SAFETY: the mapping just made, which no byte of this process refers to.
+    unsafe { munmap(got, 4096) }
+}
 
 /// Unmaps `[addr, addr + len)`.
 ///
@@ -889,6 +922,15 @@ pub fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat, Errno> {
     Ok(st)
 }
 
+/// `stat(2)` of `path`, following symlinks.
+pub fn stat_path(path: &CStr) -> Result<libc::stat, Errno> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` a valid out-pointer.
+    check_zero(unsafe { libc::stat(path.as_ptr(), &mut st) })?;
+    Ok(st)
+}
+
 /// `fstatat(2)` without following a symlink at `name`.
 pub fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<libc::stat, Errno> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
@@ -1267,7 +1309,9 @@ mod tests {
             .and_then(|mut f| f.write_all(&[7u8; 8 * 4096]))
             .expect("write file");
         let file = std::fs::File::open(&path).expect("open");
-        let mut m = Mapping::file(file.as_fd(), 0, 8 * 4096, Prot::READ, false, true).expect("map");
+        // SAFETY: the test's own file in its own directory, not truncated.
+        let mut m = unsafe { Mapping::file(file.as_fd(), 0, 8 * 4096, Prot::READ, false, true) }
+            .expect("map");
         let r = m.range();
         assert_eq!(modified_file_pages_by_entries(r.start, r.end), Ok(vec![]));
         m.protect(Prot::READ_WRITE).expect("writable");

@@ -337,7 +337,8 @@ fn copy_through_memfd(code: &[u8], len: usize) -> Result<Mapping, TrampolineErro
     let fd = sys::memfd(c"tiexec-swap", None).map_err(TrampolineError::Map)?;
     sys::write_all(fd.as_fd(), code).map_err(TrampolineError::Map)?;
     sys::ftruncate(fd.as_fd(), len as u64).map_err(TrampolineError::Map)?;
-    Mapping::file(fd.as_fd(), 0, len, Prot::READ_EXEC, false, true)
+    // SAFETY: our own memfd, `len` bytes long, never truncated.
+    unsafe { Mapping::file(fd.as_fd(), 0, len, Prot::READ_EXEC, false, true) }
         .map_err(TrampolineError::Protect)
 }
 
@@ -506,7 +507,8 @@ mod tests {
         let (staging, fd) = if file_backed {
             let fd = sys::memfd(c"tiexec-test", None).expect("memfd");
             sys::write_all(fd.as_fd(), &bytes).expect("write");
-            let m = Mapping::file(fd.as_fd(), 0, TEXT_LEN, Prot::READ_EXEC, false, true)
+            // SAFETY: the test's own memfd, never truncated.
+            let m = unsafe { Mapping::file(fd.as_fd(), 0, TEXT_LEN, Prot::READ_EXEC, false, true) }
                 .expect("map file");
             (m, Some(fd))
         } else {

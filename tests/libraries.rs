@@ -242,3 +242,41 @@ fn congruent_text_is_tried_in_place_and_copied_when_the_kernel_refuses() {
             .check(seen.cov.file_thp == seen.text, "page cache THP");
     }
 }
+
+/// A library whose text tiexec moved to hugetlb pages is unloaded; the
+/// program maps fresh memory where the text was and changes the protection
+/// of one page of it. The `mprotect` interposer, which copies registered
+/// hugetlb text back to small pages before a split, must have forgotten
+/// the range: the new memory is the program's, and behaves as without
+/// tiexec.
+#[test]
+fn memory_mapped_where_unloaded_hugetlb_text_was_is_the_programs() {
+    let (host, lib) = common::dlopen_library_fixture();
+    let plain = common::run(Command::new(&host).args([CALLS, "unload"]).arg(&lib), T);
+    plain.check(
+        plain.status.success() && plain.stdout.contains(" 0 bytes differ"),
+        "plain run",
+    );
+    let pages = (32 << 20) / common::witness::huge_page() + 2;
+    let Some(_pool) = common::PoolGuard::set(pages) else {
+        return;
+    };
+    let o = common::run(
+        common::tiexec_cmd()
+            .args(["-v", "--no-prime", "-b", "hugetlb", "--dlopen"])
+            .arg(&host)
+            .args([CALLS, "unload"])
+            .arg(&lib),
+        T,
+    );
+    o.check(
+        o.stderr
+            .lines()
+            .any(|l| l.contains("libplugin.so: text") && l.contains("via hugetlb")),
+        "the library's text was moved to hugetlb pages",
+    );
+    o.check(
+        o.status.success() && o.stdout == plain.stdout,
+        "same output and status as without tiexec",
+    );
+}

@@ -387,6 +387,7 @@ const HOST_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 typedef unsigned long (*fixture_fn)(unsigned long);
@@ -397,9 +398,12 @@ extern const unsigned long lib_count;
 
 static void *idle(void *p) { (void)p; for (;;) pause(); return 0; }
 
-/* usage: host CALLS run|wait [LIBRARY]
+/* usage: host CALLS run|wait|unload [LIBRARY]
  * Calls functions of a big library: linked at start-up (LINKED) or
- * dlopened from LIBRARY after a second thread has started. */
+ * dlopened from LIBRARY after a second thread has started. `unload`
+ * (dlopened only): then changes the protection of one page of its text,
+ * dlcloses it, maps fresh memory where its text was, fills it, makes one
+ * page of it read-only with mprotect and checks it. */
 int main(int argc, char **argv) {
     unsigned long calls = argc > 1 ? strtoul(argv[1], 0, 10) : 1000000;
     int wait = argc > 2 && strcmp(argv[2], "wait") == 0;
@@ -423,6 +427,36 @@ int main(int argc, char **argv) {
     }
     printf("library functions %lu calls %lu checksum %016lx\n", count, calls, acc);
     fflush(stdout);
+#ifndef LINKED
+    if (argc > 2 && strcmp(argv[2], "unload") == 0) {
+        /* The 4 MiB around the middle of the library's text. */
+        unsigned long mid = (unsigned long)table[count / 2];
+        unsigned long start = (mid & ~((2UL << 20) - 1)) - (2UL << 20);
+        unsigned long len = 4UL << 20;
+        /* One page of the loaded text loses and regains PROT_EXEC: on
+         * hugetlb pages tiexec must put its 2 MiB page back on small pages
+         * first (the kernel cannot split a hugetlb mapping there). */
+        void *page = (void *)(mid & ~4095UL);
+        if (mprotect(page, 4096, PROT_READ) != 0 || mprotect(page, 4096, PROT_READ | PROT_EXEC) != 0) {
+            perror("mprotect of the library's text");
+            return 95;
+        }
+        if (dlclose(h) != 0) { fprintf(stderr, "dlclose: %s\n", dlerror()); return 98; }
+        unsigned char *p = mmap((void *)start, len, PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        if (p == MAP_FAILED || (unsigned long)p != start) {
+            fprintf(stderr, "old text still mapped at %lx\n", start);
+            return 97;
+        }
+        for (unsigned long i = 0; i < len; i++) p[i] = (unsigned char)(i * 7 + 3);
+        if (mprotect(p + (1UL << 20), 4096, PROT_READ) != 0) { perror("mprotect"); return 96; }
+        unsigned long bad = 0;
+        for (unsigned long i = 0; i < len; i++) bad += p[i] != (unsigned char)(i * 7 + 3);
+        p[0] = 1; /* still writable outside the protected page */
+        printf("unloaded; new memory at the old text: %lu bytes differ\n", bad);
+        return bad != 0;
+    }
+#endif
     if (wait) {
         fprintf(stderr, "pid %d\n", (int)getpid());
         puts("ready");
@@ -507,7 +541,7 @@ fn main() {
 /// into `dir` (once), with `rustc`.
 pub fn build_rust_panicker(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).expect("fixture dir");
-    let digest = tiexec::internal::state::fnv1a(PANICKER_RS.as_bytes());
+    let digest = digest(PANICKER_RS.as_bytes());
     let exe = dir.join(format!("panicker-{digest:016x}"));
     if exe.exists() {
         return exe;
@@ -654,7 +688,13 @@ pub fn patched_text(exe: &Path, index: u64) -> Vec<u8> {
 pub fn build_host(name: &str, linked_lib: Option<&Path>, dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).expect("fixture dir");
     let exe = dir.join(name);
-    if exe.exists() {
+    // Rebuilt when the source or the library it links changes.
+    let stamp = dir.join(format!("{name}.digest"));
+    let linked = linked_lib
+        .map(|l| l.display().to_string())
+        .unwrap_or_default();
+    let version = format!("{:016x}", digest(format!("{HOST_C}{linked}").as_bytes()));
+    if exe.exists() && std::fs::read_to_string(&stamp).is_ok_and(|d| d == version) {
         return exe;
     }
     let src = dir.join(format!("{name}.c"));
@@ -681,6 +721,7 @@ pub fn build_host(name: &str, linked_lib: Option<&Path>, dir: &Path) -> PathBuf 
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     gcc(&refs, name);
     std::fs::rename(&tmp, &exe).expect("rename host");
+    std::fs::write(&stamp, version).expect("write the host's digest");
     exe
 }
 
@@ -805,7 +846,7 @@ __attribute__((constructor)) static void install(void) {
 /// library); the file is `name` with the source's digest before its
 /// extension, so an edited source is never served by an old build.
 fn build_c_once(dir: &Path, name: &str, source: &str, shared: bool) -> PathBuf {
-    let digest = tiexec::internal::state::fnv1a(source.as_bytes());
+    let digest = digest(source.as_bytes());
     let (stem, ext) = name.split_once('.').unwrap_or((name, ""));
     let versioned = if ext.is_empty() {
         format!("{stem}-{digest:016x}")

@@ -128,16 +128,8 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 /// True when `file` can be mapped executable (what the loader will do).
 fn mappable_executable(file: &std::fs::File) -> Result<(), String> {
     use std::os::fd::AsFd;
-    tiexec::internal::sys::Mapping::file(
-        file.as_fd(),
-        0,
-        4096,
-        tiexec::internal::sys::Prot::READ_EXEC,
-        false,
-        false,
-    )
-    .map(drop)
-    .map_err(|e| format!("cannot be mapped executable ({e}; a noexec mount?)"))
+    tiexec::internal::sys::can_map_executable(file.as_fd())
+        .map_err(|e| format!("cannot be mapped executable ({e}; a noexec mount?)"))
 }
 
 /// `lib` in `dir`: the existing file when it is ours and whole, else
