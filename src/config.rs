@@ -369,10 +369,6 @@ pub fn variable_names() -> impl Iterator<Item = &'static str> {
 pub const VAR_BACKEND: &str = "TIEXEC_BACKEND";
 /// `TIEXEC_LOG`.
 pub const VAR_LOG: &str = "TIEXEC_LOG";
-/// `TIEXEC_CHILDREN`.
-pub const VAR_CHILDREN: &str = "TIEXEC_CHILDREN";
-/// `TIEXEC_STRATEGY`.
-pub const VAR_STRATEGY: &str = "TIEXEC_STRATEGY";
 
 /// The parsed settings, plus the values that were not understood.
 pub struct Parsed<'a> {

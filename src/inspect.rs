@@ -4,7 +4,7 @@
 //! PAGEMAP_SCAN). For `tiexec stat`; reads only.
 
 use crate::elf;
-use crate::plan::{align_down, align_up, huge_page, page, Range};
+use crate::plan::{align_down, huge_page, page, Range};
 use crate::smaps::{self, Coverage, Vma};
 
 /// The load bias of an object from its file-backed mappings, each given as
@@ -280,18 +280,9 @@ pub fn process_objects(pid: u32, min_text: u64) -> std::io::Result<Vec<ObjectSta
     Ok(out)
 }
 
-/// The number of 2 MiB pages `range` touches.
-pub fn chunks_touched(range: Range) -> u64 {
-    if range.is_empty() {
-        return 0;
-    }
-    (align_up(range.end, huge_page()) - align_down(range.start, huge_page())) / huge_page()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::range::HUGE_PAGE;
 
     #[test]
     fn a_data_mapping_sharing_a_file_page_with_rodata_gets_the_right_bias() {
@@ -343,13 +334,5 @@ mod tests {
         assert!(me.text.iter().any(|r| r.start <= here && here < r.end));
         assert_eq!(me.picture().len(), me.chunks.len());
         assert!(me.pages_if_small() >= me.pages_now() || me.coverage.huge() == 0);
-    }
-
-    #[test]
-    fn chunk_arithmetic() {
-        const M: u64 = HUGE_PAGE;
-        assert_eq!(chunks_touched(Range::new(M + 1, 3 * M)), 2);
-        assert_eq!(chunks_touched(Range::new(M, M)), 0);
-        assert_eq!(chunks_touched(Range::new(0x1000, 0x2000)), 1);
     }
 }

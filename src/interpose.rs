@@ -505,11 +505,6 @@ pub extern "C" fn _Exit(status: libc::c_int) -> ! {
     exit_through(&NEXT_EXIT_C99, status)
 }
 
-/// How many bytes are registered now (for tests and reports).
-pub fn registered_bytes() -> u64 {
-    shared_registry().map_or(0, |r| r.ranges().map(|(_, r)| r.len()).sum())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,130 +97,115 @@ pub(crate) mod sys;
 #[allow(unsafe_code)]
 pub(crate) mod trampoline;
 
-/// Everything else, for the `tiexec` command, the tests and the benchmarks:
-/// not a stable API (its names and types change with the tool). A program
-/// that optimises itself uses [`remap_text`] and [`Options`].
+/// What the `tiexec` command, the tests and the benchmarks use, item by
+/// item (each list is what they call; the rest stays `pub(crate)`): not a
+/// stable API (names and types change with the tool). A program that
+/// optimises itself uses [`remap_text`] and [`Options`]. Functions whose
+/// contract the compiler cannot check are `unsafe fn`.
 #[doc(hidden)]
 pub mod internal {
     #[allow(missing_docs)]
-    pub mod audit {
-        pub use crate::audit::*;
-    }
-    #[allow(missing_docs)]
     pub mod cache {
-        pub use crate::cache::*;
+        pub use crate::cache::{
+            entries_in, hugetlbfs_pages, is_hugetlbfs, is_image_path, mapped_under, parse_name,
+            remove_in, user_dirs, Cache, Entry, DEFAULT_ROOT,
+        };
     }
     #[allow(missing_docs)]
     pub mod config {
-        pub use crate::config::*;
-    }
-    #[allow(missing_docs)]
-    pub mod discover {
-        pub use crate::discover::*;
-    }
-    #[allow(missing_docs)]
-    pub mod elf {
-        pub use crate::elf::*;
-    }
-    #[allow(missing_docs)]
-    pub mod history {
-        pub use crate::history::*;
-    }
-    #[allow(missing_docs)]
-    pub mod fault {
-        pub use crate::fault::*;
-    }
-    #[allow(missing_docs)]
-    pub mod forecast {
-        pub use crate::forecast::*;
-    }
-    #[allow(missing_docs)]
-    pub mod inspect {
-        pub use crate::inspect::*;
-    }
-    #[allow(missing_docs)]
-    pub mod interpose {
-        pub use crate::interpose::*;
-    }
-    #[allow(missing_docs)]
-    pub mod pagesize {
-        pub use crate::pagesize::*;
-    }
-    #[allow(missing_docs)]
-    pub mod json {
-        pub use crate::json::*;
-    }
-    #[allow(missing_docs)]
-    pub mod log {
-        pub use crate::log::*;
-    }
-    #[allow(missing_docs)]
-    pub mod plan {
-        pub use crate::plan::*;
-    }
-    #[allow(missing_docs)]
-    pub mod preload_env {
-        pub use crate::preload_env::*;
-    }
-    #[allow(missing_docs)]
-    pub mod prime {
-        pub use crate::prime::*;
-    }
-    #[allow(missing_docs)]
-    pub mod profiling {
-        pub use crate::profiling::*;
-    }
-    #[allow(missing_docs)]
-    pub mod range {
-        pub use crate::range::*;
-    }
-    #[allow(missing_docs)]
-    pub mod pipeline {
-        pub use crate::pipeline::*;
-    }
-    #[allow(missing_docs)]
-    pub mod policy {
-        pub use crate::policy::*;
+        pub use crate::config::{
+            check_value, parse, parse_level, parse_size, parse_switch, setting_for_flag,
+            variable_names, Backend, CachePath, EnvSnapshot, Strategy, SETTINGS, VAR_BACKEND,
+            VAR_LOG,
+        };
     }
     #[allow(missing_docs)]
     pub mod context {
-        pub use crate::context::*;
+        pub use crate::context::NAMED_PID_VAR;
     }
     #[allow(missing_docs)]
-    pub mod session {
-        pub use crate::session::*;
+    pub mod discover {
+        pub use crate::discover::{
+            address_space_limit, field_value, hugetlb_pool, hugetlb_pool_dir, parse_thp_mode,
+            probe_file_collapse, Pool, ThpMode,
+        };
     }
     #[allow(missing_docs)]
-    pub mod hotmap {
-        pub use crate::hotmap::*;
+    pub mod elf {
+        pub use crate::elf::{
+            has_interpreter, interpreter, load_segments, program_headers, read_program_headers,
+            read_type,
+        };
     }
     #[allow(missing_docs)]
-    pub mod report {
-        pub use crate::report::*;
+    pub mod fault {
+        pub use crate::fault::Step;
+    }
+    #[allow(missing_docs)]
+    pub mod forecast {
+        pub use crate::forecast::{ALL_HUGE, FORMAT_VAR, IN_PLACE_VAR, SOME_LEFT, VAR};
+    }
+    #[allow(missing_docs)]
+    pub mod history {
+        pub use crate::history::{Arm, History};
+    }
+    #[allow(missing_docs)]
+    pub mod inspect {
+        pub use crate::inspect::{process_objects, ObjectStat};
+    }
+    #[allow(missing_docs)]
+    pub mod json {
+        pub use crate::json::Json;
+    }
+    #[allow(missing_docs)]
+    pub mod log {
+        pub use crate::log::{Bytes, Level, Shown};
+    }
+    #[allow(missing_docs)]
+    pub mod pagesize {
+        pub use crate::pagesize::{huge_page_name, page, PageSizes, SizeName};
+    }
+    #[allow(missing_docs)]
+    pub mod plan {
+        pub use crate::plan::{
+            align_up, huge_page, plan_object, segment_pages, split, MappingView, Range, SwapRange,
+        };
+    }
+    #[allow(missing_docs)]
+    pub mod policy {
+        pub use crate::policy::Source;
+    }
+    #[allow(missing_docs)]
+    pub mod preload_env {
+        pub use crate::preload_env::{asan_options_with_link_order, encode_restore, RESTORE_AUDIT};
+    }
+    #[allow(missing_docs)]
+    pub mod prime {
+        pub use crate::prime::{prime_file, text_file_ranges, State, LINK_ADVICE};
     }
     #[allow(missing_docs)]
     pub mod select {
-        pub use crate::select::*;
+        pub use crate::select::{glob, matches_any};
     }
     #[allow(missing_docs)]
     pub mod smaps {
-        pub use crate::smaps::*;
+        pub use crate::smaps::{coverage, parse, read};
     }
     #[allow(missing_docs)]
     pub mod state {
-        pub use crate::state::*;
+        pub use crate::state::{default_path, fnv1a, StateDir};
     }
     #[allow(missing_docs)]
     pub mod swap {
-        pub use crate::swap::*;
+        pub use crate::swap::{pool_copy, swap_ranges, thp_copy, ADDRESS_SPACE_MARGIN};
     }
     #[allow(missing_docs)]
     pub mod sys {
-        pub use crate::sys::*;
-    }
-    #[allow(missing_docs)]
-    pub mod trampoline {
-        pub use crate::trampoline::*;
+        pub use crate::sys::{
+            can_execute, can_map_executable, effective_uid, execve, huge_mapped_ranges,
+            identity_unmapped, monotonic_ns, mount_hugetlbfs, overflow_uid, real_uid, Errno,
+            Mapping, Prot, MADV_POPULATE_WRITE,
+        };
     }
 }
 

@@ -279,7 +279,7 @@ static EXIT_REGISTERED: AtomicBool = AtomicBool::new(false);
 /// The environment variable that tells a program `exec`ed by a recorded
 /// process (same PID) that its predecessor's run ended there: `PID TICKS
 /// START_NS ARM PATH`.
-pub const RUN_VAR: &str = "TIEXEC_RUN";
+const RUN_VAR: &core::ffi::CStr = c"TIEXEC_RUN";
 
 /// Records that this process's run started (a start line in the program's
 /// run record, see `history`), with the arm decided, and arranges for its
@@ -370,7 +370,7 @@ unsafe fn set_run_var(arm: Arm) {
     .into_bytes();
     value.extend_from_slice(r.path.as_bytes());
     // SAFETY: the caller's promise.
-    unsafe { crate::env::set(c"TIEXEC_RUN", Some(&value)) };
+    unsafe { crate::env::set(RUN_VAR, Some(&value)) };
 }
 
 /// Notes what the exit handler should measure for the hot map: the targets'
@@ -546,7 +546,7 @@ pub unsafe fn end_predecessor_run(value: &[u8]) {
     let n = history::end_line(start, u32::try_from(ms).unwrap_or(u32::MAX), arm, &mut buf);
     let _ = sys::append_to_path(&path, buf.get(..n).unwrap_or(&[]));
     // SAFETY: the caller's promise.
-    unsafe { crate::env::set(c"TIEXEC_RUN", None) };
+    unsafe { crate::env::set(RUN_VAR, None) };
 }
 
 /// Marks this process as the one the user named, for its children, when no

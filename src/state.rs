@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::sys::{self, Errno};
 
-pub use crate::history::{fnv1a, RUNS_KEPT};
+pub use crate::history::fnv1a;
 use crate::history::{History, Start};
 use crate::hotmap::HotMap;
 

@@ -124,6 +124,10 @@ pub struct Mapping {
     addr: *mut u8,
     len: usize,
     prot: Prot,
+    /// Part of it maps a file whose length no one promised
+    /// ([`Mapping::map_file_within`]): a read there could raise SIGBUS, so
+    /// [`Mapping::bytes`] gives none.
+    foreign_file: bool,
 }
 
 fn raw_mmap(
@@ -153,7 +157,12 @@ impl Mapping {
     pub fn anonymous(len: usize, prot: Prot, extra_flags: i32) -> Result<Mapping, Errno> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra_flags;
         let addr = raw_mmap(core::ptr::null_mut(), len, prot, flags, -1, 0)?;
-        Ok(Mapping { addr, len, prot })
+        Ok(Mapping {
+            addr,
+            len,
+            prot,
+            foreign_file: false,
+        })
     }
 
     /// Fresh private anonymous memory whose start is a multiple of `align`
@@ -175,6 +184,7 @@ impl Mapping {
             addr: addr.wrapping_add(head),
             len,
             prot,
+            foreign_file: false,
         };
         for (part, part_len) in [(addr, head), (addr.wrapping_add(head + len), tail)] {
             if part_len > 0 {
@@ -220,7 +230,12 @@ impl Mapping {
             fd.as_raw_fd(),
             offset,
         )?;
-        Ok(Mapping { addr, len, prot })
+        Ok(Mapping {
+            addr,
+            len,
+            prot,
+            foreign_file: false,
+        })
     }
 
     /// A `PROT_NONE` placeholder over `range`, which must be unmapped: fails
@@ -234,6 +249,7 @@ impl Mapping {
             addr: got,
             len,
             prot: Prot::NONE,
+            foreign_file: false,
         };
         if got != want {
             // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and may place
@@ -244,7 +260,10 @@ impl Mapping {
     }
 
     /// Maps `len` bytes of `fd` from `file_offset` over this mapping's bytes
-    /// from `at`, replacing them (`MAP_FIXED` inside our own mapping).
+    /// from `at`, replacing them (`MAP_FIXED` inside our own mapping). The
+    /// file may be anyone's: from then on [`Mapping::bytes`] gives nothing
+    /// (the kernel reads it: `MADV_POPULATE_READ` reports a truncated file
+    /// as an error, where a read would raise SIGBUS).
     pub fn map_file_within(
         &mut self,
         at: usize,
@@ -260,6 +279,7 @@ impl Mapping {
         let addr = self.addr.wrapping_add(at);
         let flags = libc::MAP_PRIVATE | libc::MAP_FIXED;
         // MAP_FIXED replaces only pages of `self`, which `&mut self` owns.
+        self.foreign_file = true;
         let got = raw_mmap(addr, len, prot, flags, fd.as_raw_fd(), file_offset)?;
         debug_assert_eq!(got, addr);
         Ok(())
@@ -290,9 +310,10 @@ impl Mapping {
         Range::new(self.start(), self.start() + self.len as u64)
     }
 
-    /// Its bytes, when it is readable.
+    /// Its bytes, when it is readable (and holds no file of unknown
+    /// length, see [`Mapping::map_file_within`]).
     pub fn bytes(&self) -> Option<&[u8]> {
-        if self.prot.bits() & libc::PROT_READ == 0 {
+        if self.prot.bits() & libc::PROT_READ == 0 || self.foreign_file {
             return None;
         }
         // SAFETY: our own readable mapping of `len` bytes, borrowed for as
@@ -302,7 +323,7 @@ impl Mapping {
 
     /// Its bytes, for filling, when it is writable.
     pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
-        if self.prot != Prot::READ_WRITE {
+        if self.prot != Prot::READ_WRITE || self.foreign_file {
             return None;
         }
         // SAFETY: our own readable and writable mapping of `len` bytes,
@@ -342,7 +363,7 @@ impl Mapping {
     /// last write, before the mapping (or the pages it is moved onto)
     /// becomes executable.
     pub fn sync_icache(&self) {
-        if self.prot.bits() & libc::PROT_READ != 0 {
+        if self.prot.bits() & libc::PROT_READ != 0 && !self.foreign_file {
             // SAFETY: our own mapping, mapped and readable.
             unsafe { sync_icache(self.range()) };
         }
