@@ -160,8 +160,8 @@ fn bench(file: &std::fs::File, mib: usize, source: Source) -> Option<Row> {
         // SAFETY (both copies): `req` is the request above: our own
         // mapping, mapped and readable, not written meanwhile.
         let mut supply = |req: &tiexec::internal::plan::SwapRange| match source {
-            Source::Hugetlb => unsafe { tiexec::internal::swap::pool_copy(req) },
-            _ => unsafe { tiexec::internal::swap::thp_copy(req) },
+            Source::Hugetlb => unsafe { tiexec::internal::staging::pool_copy(req) },
+            _ => unsafe { tiexec::internal::staging::thp_copy(req) },
         };
         let results =
             unsafe { tiexec::internal::swap::swap_ranges(&[request], &mut supply, false) };

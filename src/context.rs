@@ -128,7 +128,11 @@ impl Context {
             Some(Ok(c)) => (Some(c), None),
             Some(Err(e)) => (None, Some(e)),
         };
-        let offer = discover::offer(cache.is_some(), request.backend);
+        let offer = discover::offer(
+            cache.is_some(),
+            request.backend,
+            crate::interpose::hugetlb_text_guarded(),
+        );
         (
             Context {
                 request,

@@ -459,9 +459,10 @@ pub fn memory_cgroup_headroom() -> Option<u64> {
 }
 
 /// What the machine offers this process now (`cache`: whether the image
-/// cache opened). The pool is read only for the one backend that takes from
-/// it (three sysfs files every process would otherwise read for nothing).
-pub fn offer(cache: bool, backend: crate::config::Backend) -> Offer {
+/// cache opened; `mprotect_guarded`: see [`Offer::mprotect_guarded`]). The
+/// pool is read only for the one backend that takes from it (three sysfs
+/// files every process would otherwise read for nothing).
+pub fn offer(cache: bool, backend: crate::config::Backend, mprotect_guarded: bool) -> Offer {
     Offer {
         pool_available: if backend == crate::config::Backend::Hugetlb {
             hugetlb_pool().available()
@@ -471,7 +472,7 @@ pub fn offer(cache: bool, backend: crate::config::Backend) -> Offer {
         thp_usable: thp_mode() != ThpMode::Never && !sys::thp_disabled_for_process(),
         cache,
         mdwe: sys::mdwe_refuses_exec_gain(),
-        mprotect_guarded: crate::interpose::hugetlb_text_guarded(),
+        mprotect_guarded,
     }
 }
 

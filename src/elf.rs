@@ -5,7 +5,8 @@ use goblin::container::{Container, Ctx, Endian};
 use goblin::elf::header::{EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2MSB};
 use goblin::elf::program_header::{ProgramHeader, PF_W, PF_X, PT_INTERP, PT_LOAD};
 
-use crate::plan::{segment_pages, Range};
+use crate::pagesize::segment_pages;
+use crate::range::Range;
 
 /// How to read the rest of the file: its class (32 or 64 bits) and byte
 /// order, from its header.

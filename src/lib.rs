@@ -86,6 +86,8 @@ pub(crate) mod select;
 #[allow(unsafe_code)]
 pub(crate) mod session;
 pub(crate) mod smaps;
+#[allow(unsafe_code)]
+pub(crate) mod staging;
 pub(crate) mod state;
 #[cfg(test)]
 mod stub_abi;
@@ -197,7 +199,11 @@ pub mod internal {
     }
     #[allow(missing_docs)]
     pub mod swap {
-        pub use crate::swap::{pool_copy, swap_ranges, thp_copy, ADDRESS_SPACE_MARGIN};
+        pub use crate::swap::swap_ranges;
+    }
+    #[allow(missing_docs)]
+    pub mod staging {
+        pub use crate::staging::{pool_copy, thp_copy, ADDRESS_SPACE_MARGIN};
     }
     #[allow(missing_docs)]
     pub mod sys {

@@ -261,6 +261,15 @@ pub fn huge_page() -> u64 {
     current().huge
 }
 
+/// The page-rounded range the loader maps for a segment at runtime address
+/// `vaddr` with `memsz` bytes.
+pub fn segment_pages(vaddr: u64, memsz: u64) -> crate::range::Range {
+    crate::range::Range::new(
+        crate::range::align_down(vaddr, page()),
+        crate::range::align_up(vaddr.saturating_add(memsz), page()),
+    )
+}
+
 /// The huge page's size in words: "2 MiB", "32 MiB", "512 MiB".
 pub fn huge_page_name() -> SizeName {
     SizeName(huge_page())

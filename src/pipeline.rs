@@ -475,9 +475,13 @@ pub unsafe fn remap_objects(objects: &[LoadedObject], ctx: &Context) -> Vec<Obje
                     // SAFETY: the caller of `remap_objects` keeps the text
                     // mapped and unwritten: `req` is a planned range of it,
                     // its pieces mapped and readable.
-                    Supply::Pool => clock.time(req.range.len(), || unsafe { swap::pool_copy(req) }),
-                    // SAFETY: as above.
-                    Supply::Thp => clock.time(req.range.len(), || unsafe { swap::thp_copy(req) }),
+                    Supply::Pool => clock.time(req.range.len(), || unsafe {
+                        crate::staging::pool_copy(req)
+                    }),
+                    Supply::Thp => clock.time(req.range.len(), || {
+                        // SAFETY: as above.
+                        unsafe { crate::staging::thp_copy(req) }
+                    }),
                 };
                 supply::supply_range(req, object, facts, ctx, &mut attempt)
             };

@@ -25,17 +25,8 @@
 use crate::config::Strategy;
 
 pub use crate::pagesize::Geometry;
-pub use crate::pagesize::{huge_page, page};
+pub use crate::pagesize::{huge_page, page, segment_pages};
 pub use crate::range::{align_down, align_up, Range};
-
-/// The page-rounded range the loader maps for a segment at runtime address
-/// `vaddr` with `memsz` bytes.
-pub fn segment_pages(vaddr: u64, memsz: u64) -> Range {
-    Range::new(
-        align_down(vaddr, page()),
-        align_up(vaddr.saturating_add(memsz), page()),
-    )
-}
 
 /// A segment cut into head, body and tail (see the module drawing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

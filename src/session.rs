@@ -57,7 +57,7 @@ impl Refusal {
             return Some(Refusal::Off);
         }
         if let Some(headroom) = discover::address_space_headroom() {
-            if headroom < crate::swap::ADDRESS_SPACE_MARGIN {
+            if headroom < crate::staging::ADDRESS_SPACE_MARGIN {
                 return Some(Refusal::AddressSpace { headroom });
             }
         }

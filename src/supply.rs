@@ -19,7 +19,7 @@ use crate::plan::SwapRange;
 use crate::policy::{self, Copying, NoSupply, NotCacheable, RangeFacts, Source, Supply};
 use crate::range::{align_down, align_up, Range};
 use crate::smaps::Vma;
-use crate::swap::{Staged, SwapError};
+use crate::staging::{Staged, SwapError};
 use crate::sys;
 
 /// The object's file, opened and checked to be the very file its text maps.
@@ -338,7 +338,7 @@ pub fn image_for(
             0,
         )
     };
-    swap::check_address_space(content.len + if shared { 0 } else { req.range.len() })?;
+    crate::staging::check_address_space(content.len + if shared { 0 } else { req.range.len() })?;
     // A region's image serves all of its ranges: found or built once per
     // pass (a range after the first is no new hit).
     let found = shared.then(|| ctx.opened_image(&name)).flatten();
@@ -371,8 +371,6 @@ pub fn image_for(
         source,
     })
 }
-
-use crate::swap;
 
 /// What an attempt would get for `way`, without getting it: the image found
 /// (a hit) or one that could be built (room in the cache, counting what
