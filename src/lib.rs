@@ -277,19 +277,18 @@ impl From<session::Refusal> for Error {
 }
 
 impl core::fmt::Display for Error {
+    /// The refusal's own words, as a run and the forecast write them.
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Error::ThreadsRunning(n) => write!(f, "{n} threads running"),
-            Error::ThreadCountUnknown => write!(f, "cannot count threads"),
-            Error::SecureExecution => write!(f, "secure-execution process"),
-            Error::Off => write!(f, "backend off"),
-            Error::PageSizes(why) => write!(f, "{why}"),
-            Error::AddressSpaceLimit { headroom } => write!(
-                f,
-                "address-space limit (RLIMIT_AS) leaves only {}",
-                log::Bytes(*headroom)
-            ),
-        }
+        use session::Refusal as R;
+        let refusal = match *self {
+            Error::ThreadsRunning(n) => R::Threads(n),
+            Error::ThreadCountUnknown => R::ThreadsUnknown,
+            Error::SecureExecution => R::SecureExecution,
+            Error::Off => R::Off,
+            Error::PageSizes(why) => R::PageSizes(why),
+            Error::AddressSpaceLimit { headroom } => R::AddressSpace { headroom },
+        };
+        write!(f, "{refusal}")
     }
 }
 

@@ -422,35 +422,11 @@ fn exit_status_and_signals_are_the_programs() {
     );
 }
 
-const THREAD_STARTER_C: &str = r#"
-#include <pthread.h>
-#include <unistd.h>
-static void *idle(void *p) { (void)p; for (;;) pause(); return 0; }
-__attribute__((constructor)) static void start_thread(void) {
-    pthread_t t;
-    pthread_create(&t, 0, idle, 0);
-}
-"#;
-
 #[test]
 fn a_thread_started_before_the_constructor_means_hands_off() {
     // The loader runs preloaded constructors last-listed first, so this
     // library's thread is running when tiexec's constructor looks.
-    let dir = common::scratch_dir().join("thread-starter");
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join("starter.c");
-    let lib = dir.join(format!("libstarter-{}.so", std::process::id()));
-    std::fs::write(&src, THREAD_STARTER_C).unwrap();
-    let cc = common::run(
-        Command::new("gcc")
-            .args(["-shared", "-fPIC", "-O2"])
-            .arg(&src)
-            .arg("-o")
-            .arg(&lib)
-            .arg("-lpthread"),
-        T,
-    );
-    cc.check(cc.status.success(), "build the thread starter");
+    let lib = common::fixture::thread_starter_library();
 
     let exe = common::fixture(PIE);
     let plain = common::plain_run(&exe, &[CALLS, "run"]);
@@ -468,7 +444,6 @@ fn a_thread_started_before_the_constructor_means_hands_off() {
     let cov = common::coverage(pid, &segments);
     let first = w.first_line.clone();
     let o = w.finish(T);
-    let _ = std::fs::remove_file(&lib);
     o.check(
         o.status.success() && first == plain.stdout,
         "runs unchanged",

@@ -884,3 +884,24 @@ pub fn build_hostile(dir: &Path) -> PathBuf {
 pub fn build_signal_handlers(dir: &Path) -> PathBuf {
     build_c_once(dir, "libsignals.so", SIGNALS_C, true)
 }
+
+const THREAD_STARTER_C: &str = r#"
+#include <pthread.h>
+#include <unistd.h>
+static void *idle(void *p) { (void)p; for (;;) pause(); return 0; }
+__attribute__((constructor)) static void start_thread(void) {
+    pthread_t t;
+    pthread_create(&t, 0, idle, 0);
+}
+"#;
+
+/// A library whose constructor starts a thread (preloaded after tiexec,
+/// its constructor runs first: the thread runs when tiexec's looks).
+pub fn thread_starter_library() -> PathBuf {
+    build_c_once(
+        &super::scratch_dir().join("fixtures"),
+        "libstarter.so",
+        THREAD_STARTER_C,
+        true,
+    )
+}
