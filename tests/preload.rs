@@ -426,7 +426,7 @@ fn exit_status_and_signals_are_the_programs() {
 fn a_thread_started_before_the_constructor_means_hands_off() {
     // The loader runs preloaded constructors last-listed first, so this
     // library's thread is running when tiexec's constructor looks.
-    let lib = common::fixture::thread_starter_library();
+    let lib = common::fixture::thread_starter_library(&common::scratch_dir().join("fixtures"));
 
     let exe = common::fixture(PIE);
     let plain = common::plain_run(&exe, &[CALLS, "run"]);

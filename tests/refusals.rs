@@ -116,7 +116,7 @@ fn a_run_the_forecast_and_remap_text_refuse_the_same_cases() {
     }
     let exe = common::fixture(PIE);
     let lib = common::preload_lib();
-    let starter = common::fixture::thread_starter_library();
+    let starter = common::fixture::thread_starter_library(&common::scratch_dir().join("fixtures"));
     // The program's mapped size with the library loaded (doing nothing):
     // the address-space case leaves it 16 MiB more, less than the 64 MiB
     // tiexec keeps free for the program.

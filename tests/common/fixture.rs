@@ -896,12 +896,8 @@ __attribute__((constructor)) static void start_thread(void) {
 "#;
 
 /// A library whose constructor starts a thread (preloaded after tiexec,
-/// its constructor runs first: the thread runs when tiexec's looks).
-pub fn thread_starter_library() -> PathBuf {
-    build_c_once(
-        &super::scratch_dir().join("fixtures"),
-        "libstarter.so",
-        THREAD_STARTER_C,
-        true,
-    )
+/// its constructor runs first: the thread runs when tiexec's looks), built
+/// into `dir`.
+pub fn thread_starter_library(dir: &Path) -> PathBuf {
+    build_c_once(dir, "libstarter.so", THREAD_STARTER_C, true)
 }
