@@ -1042,3 +1042,62 @@ pub fn plain_run(exe: &Path, args: &[&str]) -> Outcome {
     o.check(o.status.success() || !args.is_empty(), "plain fixture run");
     o
 }
+
+/// True when a thread of `pid` is blocked reading its standard input (the
+/// program reached `main` and waits for what a test will write): the
+/// `read(0, ...)` system call in `/proc/PID/task/*/syscall`.
+pub fn blocked_reading_stdin(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|t| {
+        let call = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+        let mut words = call.split_whitespace();
+        words.next() == Some(&libc::SYS_read.to_string()) && words.next() == Some("0x0")
+    })
+}
+
+/// The processes descended from `ancestor` whose executable is `exe`.
+pub fn descendants_running(ancestor: u32, exe: &Path) -> Vec<u32> {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name's closing parenthesis: state, then ppid.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe))
+        .filter(|&pid| {
+            let mut at = pid;
+            for _ in 0..16 {
+                match parent_of(at) {
+                    Some(p) if p == ancestor => return true,
+                    Some(p) if p > 1 => at = p,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+/// Waits (up to `timeout`) until `found()` names a process blocked reading
+/// its standard input; returns it.
+pub fn wait_until_reading_stdin(found: impl Fn() -> Option<u32>, timeout: Duration) -> Option<u32> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(pid) = found().filter(|&p| blocked_reading_stdin(p)) {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
