@@ -84,6 +84,7 @@ const DRIVER: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 typedef unsigned long (*fn)(unsigned long);
 extern const fn fixture_table[];
@@ -94,10 +95,16 @@ int main(int argc, char **argv) {
     if (ws == 0 || ws > fixture_count) ws = fixture_count;
     unsigned long stride = fixture_count / ws;
     unsigned long x = 88172645463325252UL, acc = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (unsigned long i = 0; i < calls; i++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
         acc = fixture_table[(x % ws) * stride](acc + i);
     }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    /* The loop alone, without start-up (where a copy is paid). */
+    fprintf(stderr, "loop_ns %ld\n",
+            (long)((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec)));
     printf("%016lx\n", acc);
     if (argc > 3 && strcmp(argv[3], "wait") == 0) {
         puts("ready");
@@ -120,6 +127,82 @@ fn gcc(args: &[&str], what: &str) {
         "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The synthetic iTLB workloads: each size, each working set, each variant.
+fn synthetic_workloads(
+    dir: &Path,
+    lib: &Path,
+    cache: &Cache,
+    sizes: &[u64],
+    quick: bool,
+) -> Vec<Measured> {
+    let mut synthetic = Vec::new();
+    for &mib in sizes {
+        let (pie, aligned) = build_synthetic(dir, mib);
+        sh(Command::new(tiexec_bin()).arg("--prime").arg(&aligned));
+        let functions = mib * 256;
+        let sets: Vec<u64> = if quick {
+            vec![4, mib]
+        } else {
+            vec![4, 16.min(mib), mib]
+        };
+        let mut seen = Vec::new();
+        for ws_mib in sets {
+            if seen.contains(&ws_mib) {
+                continue;
+            }
+            seen.push(ws_mib);
+            let ws = ws_mib * 256;
+            let calls = 20_000_000u64;
+            let args = vec![calls.to_string(), ws.min(functions).to_string()];
+            synthetic.push(measure(
+                format!("{mib} MiB text, {ws_mib} MiB working set"),
+                mib as f64,
+                &pie,
+                args,
+                &variants(lib, &cache.path, Some(&aligned)),
+            ));
+        }
+    }
+    synthetic
+}
+
+/// The synthetic workloads' table.
+fn synthetic_table(synthetic: &[Measured]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| workload | text | variant | coverage | speedup, exec to exit, median [min-max] | speedup of the loop alone | runs |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for m in synthetic {
+        for i in 0..m.names.len() {
+            let (med, lo, hi) = m.summary(i);
+            let loop_only = m.loop_summary(i).map_or("?".to_string(), |(med, lo, hi)| {
+                format!("{med:.3} [{lo:.3}-{hi:.3}]")
+            });
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} MiB | {} | {} | {med:.3} [{lo:.3}-{hi:.3}] | {loop_only} | {} |",
+                m.workload,
+                m.text_mib,
+                m.names[i],
+                m.coverage[i],
+                m.ratios[i].len()
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n(plain times: {})\n",
+        synthetic
+            .iter()
+            .map(|m| format!("{:.2} s", m.plain_seconds))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    md
 }
 
 /// Builds the synthetic program with `mib` MiB of text: a PIE (4 KiB-aligned
@@ -210,6 +293,16 @@ fn variants(lib: &Path, cache: &Path, aligned: Option<&Path>) -> Vec<Variant> {
 
 /// Wall time of one run, in seconds.
 fn time_run(program: &Path, args: &[String], env: &[(&'static str, String)]) -> f64 {
+    time_run_and_loop(program, args, env).0
+}
+
+/// Wall time of one run and, when the program reports it (`loop_ns N` on
+/// stderr: the synthetic driver), the time of its loop alone, in seconds.
+fn time_run_and_loop(
+    program: &Path,
+    args: &[String],
+    env: &[(&'static str, String)],
+) -> (f64, Option<f64>) {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -226,7 +319,12 @@ fn time_run(program: &Path, args: &[String], env: &[(&'static str, String)]) -> 
         "{program:?} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    s
+    let loop_s = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("loop_ns "))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .map(|ns| ns / 1e9);
+    (s, loop_s)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -247,17 +345,32 @@ struct Measured {
     names: Vec<&'static str>,
     /// Per variant: speedup per round (plain time / variant time).
     ratios: Vec<Vec<f64>>,
+    /// Per variant: the same for the program's loop alone (start-up left
+    /// out), when it reports it.
+    loop_ratios: Vec<Vec<f64>>,
     plain_seconds: f64,
 }
 
 impl Measured {
     fn summary(&self, i: usize) -> (f64, f64, f64) {
-        let mut r = self.ratios[i].clone();
-        let med = median(&mut r);
-        let min = r.iter().cloned().fold(f64::MAX, f64::min);
-        let max = r.iter().cloned().fold(f64::MIN, f64::max);
-        (med, min, max)
+        summarize(&self.ratios[i])
     }
+
+    fn loop_summary(&self, i: usize) -> Option<(f64, f64, f64)> {
+        self.loop_ratios
+            .get(i)
+            .filter(|r| !r.is_empty())
+            .map(|r| summarize(r))
+    }
+}
+
+/// Median, min and max.
+fn summarize(ratios: &[f64]) -> (f64, f64, f64) {
+    let mut r = ratios.to_vec();
+    let med = median(&mut r);
+    let min = r.iter().cloned().fold(f64::MAX, f64::min);
+    let max = r.iter().cloned().fold(f64::MIN, f64::max);
+    (med, min, max)
 }
 
 /// Coverage of `program`'s text when run under `variant`, read from smaps
@@ -302,31 +415,39 @@ fn measure(
 ) -> Measured {
     let coverage: Vec<String> = vs.iter().map(|v| coverage(program, &args, v)).collect();
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); vs.len()];
+    let mut loops: Vec<Vec<f64>> = vec![Vec::new(); vs.len()];
     // One warm-up round, not counted (page cache, pool, THP allocation).
-    for (i, v) in vs.iter().enumerate() {
-        let _ = i;
+    for v in vs {
         time_run(v.program.as_deref().unwrap_or(program), &args, &v.env);
     }
     for _ in 0..rounds() {
         for (i, v) in vs.iter().enumerate() {
-            times[i].push(time_run(
-                v.program.as_deref().unwrap_or(program),
-                &args,
-                &v.env,
-            ));
+            let (wall, loop_s) =
+                time_run_and_loop(v.program.as_deref().unwrap_or(program), &args, &v.env);
+            times[i].push(wall);
+            loops[i].extend(loop_s);
         }
     }
+    let against_plain = |t: &Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+        let plain = t[0].clone();
+        t.iter()
+            .map(|v| v.iter().zip(&plain).map(|(v, p)| p / v).collect())
+            .collect()
+    };
     let plain = times[0].clone();
-    let ratios = times
-        .iter()
-        .map(|t| t.iter().zip(&plain).map(|(v, p)| p / v).collect())
-        .collect();
+    let ratios = against_plain(&times);
+    let loop_ratios = if loops.iter().all(|l| l.len() == times[0].len()) {
+        against_plain(&loops)
+    } else {
+        Vec::new()
+    };
     let m = Measured {
         workload,
         text_mib,
         coverage,
         names: vs.iter().map(|v| v.name).collect(),
         ratios,
+        loop_ratios,
         plain_seconds: median(&mut plain.clone()),
     };
     eprint!("{}:", m.workload);
@@ -1497,6 +1618,14 @@ fn main() {
         let _ = std::fs::write(pool(), old_pool);
         return;
     }
+    if std::env::var_os("TIEXEC_BENCH_ONLY_SYNTHETIC").is_some() {
+        // Only the synthetic workloads' table, printed; the report stays.
+        let synthetic = synthetic_workloads(&dir, &lib, &cache, sizes, quick);
+        println!("{}", synthetic_table(&synthetic));
+        drop(cache);
+        let _ = std::fs::write(pool(), old_pool);
+        return;
+    }
     let real = real_workloads(&dir, &tiexec, &cache, quick);
     let pg = if quick {
         None
@@ -1507,34 +1636,7 @@ fn main() {
     let sharing_md = sharing(&dir, &lib, &cache);
     let mdwe_md = mdwe(&dir, &lib, &cache);
 
-    let mut synthetic = Vec::new();
-    for &mib in sizes {
-        let (pie, aligned) = build_synthetic(&dir, mib);
-        sh(Command::new(&tiexec).arg("--prime").arg(&aligned));
-        let functions = mib * 256;
-        let sets: Vec<u64> = if quick {
-            vec![4, mib]
-        } else {
-            vec![4, 16.min(mib), mib]
-        };
-        let mut seen = Vec::new();
-        for ws_mib in sets {
-            if seen.contains(&ws_mib) {
-                continue;
-            }
-            seen.push(ws_mib);
-            let ws = ws_mib * 256;
-            let calls = 20_000_000u64;
-            let args = vec![calls.to_string(), ws.min(functions).to_string()];
-            synthetic.push(measure(
-                format!("{mib} MiB text, {ws_mib} MiB working set"),
-                mib as f64,
-                &pie,
-                args,
-                &variants(&lib, &cache.path, Some(&aligned)),
-            ));
-        }
-    }
+    let synthetic = synthetic_workloads(&dir, &lib, &cache, sizes, quick);
     let startup_md = startup(
         &dir,
         &lib,
@@ -1597,34 +1699,7 @@ fn main() {
     let _ = writeln!(md, "\n## Synthetic iTLB workloads\n");
     let _ = writeln!(md, "One small function per 4 KiB page, called in pseudo-random order across a working set spread over the whole text (one cache line per page, so caches hold the working set long before the TLB does). The program is a PIE (random load address: its cache image is private, as for a copy); `kernel (page cache)` is the same program linked with 2 MiB alignment and its page cache primed. {} rounds.\n", rounds());
     let _ = writeln!(md, "![speedup](speedup.svg)\n");
-    let _ = writeln!(
-        md,
-        "| workload | text | variant | coverage | speedup median [min-max] | runs |"
-    );
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
-    for m in &synthetic {
-        for i in 0..m.names.len() {
-            let (med, lo, hi) = m.summary(i);
-            let _ = writeln!(
-                md,
-                "| {} | {:.0} MiB | {} | {} | {med:.3} [{lo:.3}-{hi:.3}] | {} |",
-                m.workload,
-                m.text_mib,
-                m.names[i],
-                m.coverage[i],
-                m.ratios[i].len()
-            );
-        }
-    }
-    let _ = writeln!(
-        md,
-        "\n(plain times: {})\n",
-        synthetic
-            .iter()
-            .map(|m| format!("{:.2} s", m.plain_seconds))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    md.push_str(&synthetic_table(&synthetic));
     let _ = writeln!(md, "## Start-up cost and private memory\n");
     let _ = writeln!(md, "Time from exec to exit of the same program making no calls (median), against one memcpy of the text's size in the benchmark's own process. `tiexec cache` maps the program's image, found in the cache (the 2 MiB-aligned build: a stable address); private memory is what smaps shows as private hugetlb or anonymous huge pages while it runs (an image's pages are shared, held once per machine).\n");
     md.push_str(&startup_md);

@@ -1,5 +1,7 @@
-//! The little of ELF that tiexec reads: program headers from the start of a
-//! file or of a mapped object. Pure over bytes.
+//! The little of ELF that tiexec reads: program headers, the interpreter,
+//! build IDs and text relocations. The parsers take bytes (pure); the
+//! `read_*` functions and `interpreter` read what they need of an open
+//! file with `pread`, nothing more.
 
 use goblin::container::{Container, Ctx, Endian};
 use goblin::elf::header::{EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2MSB};

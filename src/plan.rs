@@ -158,7 +158,7 @@ impl MappingView {
 /// (the rest is unmapped and stays zero).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SwapRange {
-    /// 2 MiB aligned, a multiple of 2 MiB long.
+    /// Aligned to the kernel's huge page, a multiple of it long.
     pub range: Range,
     /// Mapped, readable parts of `range`, ascending.
     pub pieces: Vec<Range>,

@@ -7,8 +7,10 @@
 //! as it was, at the same addresses.
 //!
 //! Steps, each of which may end the run with one log line:
-//! 1. In the copy loaded as an audit module, stop (it serves the hooks); in
-//!    a forecast (`tiexec --check`), forecast and end the process. If tiexec
+//! 1. In the copy loaded as an audit module, stop (it serves the hooks).
+//!    Route the program's `mprotect` and `_exit` through tiexec's (see
+//!    `interpose`). In a forecast (`tiexec --check`), forecast and end the
+//!    process. If tiexec
 //!    is linked into the main program itself (libtiexec.a, or a Rust
 //!    dependency), go on only when built with the `constructor` feature.
 //! 2. Read the settings; report bad values, use the defaults.

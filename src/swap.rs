@@ -43,7 +43,7 @@ pub use crate::staging::{Staged, SwapError};
 /// collapse fails with EINVAL and nothing changed but the advice.
 ///
 /// # Safety
-/// `range` must be 2 MiB aligned file-backed text of a loaded object.
+/// `range` must be huge-page aligned file-backed text of a loaded object.
 unsafe fn collapse_in_place(range: Range) -> Result<(), Errno> {
     let addr = range.start as *mut u8;
     let len = range.len() as usize;
@@ -107,7 +107,7 @@ pub struct RangeResult {
 /// rest of the range (unmapped space) becomes zeros.
 ///
 /// # Safety
-/// Each range must be 2 MiB aligned; its pieces must be mapped, readable and
+/// Each range must be huge-page aligned; its pieces must be mapped, readable and
 /// private, and not written while this runs; the rest of it unmapped; no
 /// thread may run code in it meanwhile. Ranges must not overlap. Every
 /// replacement `supply` returns must hold exactly the range's bytes. Any

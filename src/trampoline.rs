@@ -26,7 +26,7 @@ use crate::sys::{self, Errno, Mapping, Prot};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SwapOp {
-    /// The replacement: 2 MiB aligned, populated, holding the text bytes.
+    /// The replacement: huge-page aligned, populated, holding the text bytes.
     /// Anonymous and r-w when `fd < 0`; else a mapping of `fd`'s file, r-x.
     pub staging: u64,
     /// The text range to replace.
@@ -304,9 +304,9 @@ impl Trampoline {
     ///
     /// # Safety
     /// Every record must satisfy the asm contract: `staging` a single mapping
-    /// of `len` bytes, 2 MiB aligned, populated, holding exactly the bytes
+    /// of `len` bytes, huge-page aligned, populated, holding exactly the bytes
     /// now at `text` (r-w and anonymous when `fd < 0`, else r-x from `fd`);
-    /// `text` 2 MiB aligned, mapped r-x private, and not executed by any
+    /// `text` huge-page aligned, mapped r-x private, and not executed by any
     /// other thread meanwhile; no two records overlap, and none overlaps the
     /// routine. On `Outcome::Swapped` the staging range is no longer mapped.
     pub unsafe fn run(&self, ops: &mut [SwapOp]) -> Result<(), Errno> {

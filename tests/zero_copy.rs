@@ -1,5 +1,5 @@
 //! Zero copy: text cached as 2 MiB page-cache folios is mapped huge by the
-//! kernel itself. `tiexec prime`, priming before exec in the wrapper (static
+//! kernel itself. `tiexec --prime`, priming before exec in the wrapper (static
 //! programs included), tiexec leaving such text alone in process, and the
 //! copy fallback where the filesystem gives no large folios.
 //!
