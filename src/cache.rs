@@ -277,10 +277,15 @@ impl core::fmt::Display for Unusable {
             Unusable::Unlimited => {
                 write!(
                     f,
-                    "the cache's hugetlbfs has no size limit (tiexec --setup makes one)"
+                    "the cache's hugetlbfs has no size limit (mount it with size= and min_size=, as tiexec --setup does)"
                 )
             }
-            Unusable::UserDir(e) => write!(f, "cache directory unusable: {e}"),
+            Unusable::UserDir(Errno(libc::EACCES | libc::EPERM | libc::EROFS)) => write!(
+                f,
+                "this user cannot make its directory in the cache: permission denied (the mount \
+                 must let each user make its own: mode 1777, as tiexec --setup mounts it)"
+            ),
+            Unusable::UserDir(e) => write!(f, "this user's directory in the cache: {e}"),
             Unusable::ForeignDir(uid) => {
                 write!(
                     f,

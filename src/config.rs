@@ -246,7 +246,7 @@ const fn switch(long: &'static str, value: &'static str) -> Option<Flag> {
 }
 
 /// Every variable, in the order they are reported.
-pub const SETTINGS: [Setting; 11] = [
+pub const SETTINGS: [Setting; 12] = [
     Setting {
         var: "TIEXEC_BACKEND",
         flag: flag("backend", Some('b'), "NAME"),
@@ -338,6 +338,13 @@ pub const SETTINGS: [Setting; 11] = [
         expected: "an absolute path of a hugetlbfs mount, or off",
         help: "the image cache's hugetlbfs mount (default /run/tiexec), or off",
         apply: |c, v| CachePath::parse(v).map(|p| c.cache = p).is_some(),
+    },
+    Setting {
+        var: "TIEXEC_STATE",
+        flag: flag("state-dir", None, "DIR"),
+        expected: "an absolute path",
+        help: "where run histories live (default: $XDG_CACHE_HOME/tiexec, $CACHE_DIRECTORY/tiexec, ~/.cache/tiexec, /var/tmp/tiexec-UID)",
+        apply: |_, v| v.first() == Some(&b'/'),
     },
 ];
 

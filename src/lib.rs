@@ -89,6 +89,7 @@ pub(crate) mod smaps;
 #[allow(unsafe_code)]
 pub(crate) mod staging;
 pub(crate) mod state;
+pub(crate) mod state_path;
 #[cfg(test)]
 mod stub_abi;
 pub(crate) mod supply;

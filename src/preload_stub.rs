@@ -41,6 +41,9 @@
 #[allow(dead_code)] // the stub uses part of it
 #[path = "history.rs"]
 mod history;
+#[allow(dead_code)]
+#[path = "state_path.rs"]
+mod state_path;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -100,6 +103,8 @@ extern "C" {
     fn readlink(path: *const c_char, buf: *mut c_char, size: usize) -> isize;
     fn statfs(path: *const c_char, buf: *mut c_void) -> c_int;
     fn getpid() -> c_int;
+    fn geteuid() -> u32;
+    fn fstat(fd: c_int, buf: *mut c_void) -> c_int;
     fn kill(pid: c_int, sig: c_int) -> c_int;
     fn __errno_location() -> *mut c_int;
     fn syscall(number: i64, ...) -> i64;
@@ -321,25 +326,65 @@ fn library_would_not_copy() -> bool {
     if exe.len() >= 4096 - 1 {
         return false;
     }
-    // The record: $XDG_CACHE_HOME/tiexec/runs/NAME, else
-    // $HOME/.cache/tiexec/runs/NAME (both absolute), as `tiexec::state`.
+    // The record: `runs/NAME` in the state directory, found by the
+    // library's own rule (`state_path`): where the environment says, else
+    // the shared fallback. Read only if this user owns it (a fallback
+    // directory in /var/tmp is anyone's to create).
     let name = history::file_name(exe);
-    let mut path = [0u8; 4096];
-    let path = match (env(c"XDG_CACHE_HOME"), env(c"HOME")) {
-        (Some(x), _) if x.first() == Some(&b'/') => {
-            c_path(&[x, b"/tiexec/runs/", &name], &mut path)
-        }
-        (_, Some(h)) if h.first() == Some(&b'/') && h != b"/" => {
-            c_path(&[h, b"/.cache/tiexec/runs/", &name], &mut path)
-        }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { geteuid() };
+    let mut uid_digits = [0u8; 10];
+    let uid_text = state_path::decimal(uid, &mut uid_digits);
+    let named = state_path::from_env(|var| match var {
+        "TIEXEC_STATE" => env(c"TIEXEC_STATE"),
+        "XDG_CACHE_HOME" => env(c"XDG_CACHE_HOME"),
+        "CACHE_DIRECTORY" => env(c"CACHE_DIRECTORY"),
+        "HOME" => env(c"HOME"),
         _ => None,
-    };
-    let Some(path) = path else {
-        return false;
-    };
-    // SAFETY: a NUL-terminated path; plain flags.
-    let fd = unsafe { open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) };
+    });
+    let mut path = [0u8; 4096];
+    let mut fd = -1;
+    for candidate in [named, Some((state_path::SHARED_PREFIX, &b""[..]))] {
+        let Some((base, suffix)) = candidate else {
+            continue;
+        };
+        let uid_part: &[u8] = if base == state_path::SHARED_PREFIX {
+            uid_text
+        } else {
+            b""
+        };
+        let Some(p) = c_path(&[base, uid_part, suffix, b"/runs/", &name], &mut path) else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated path; plain flags.
+        fd = unsafe { open(p, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) };
+        if fd >= 0 {
+            break;
+        }
+    }
     if fd < 0 {
+        return false;
+    }
+    // 8-byte words: `struct stat`'s alignment.
+    let mut st = [0u64; STAT_BYTES / 8];
+    // SAFETY: our descriptor and a buffer the size of `struct stat`.
+    let stat_ok = unsafe { fstat(fd, st.as_mut_ptr().cast()) } == 0;
+    let mut uid_bytes = [0u8; 4];
+    for (i, b) in st
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .skip(STAT_UID_OFFSET)
+        .take(4)
+        .enumerate()
+    {
+        if let Some(slot) = uid_bytes.get_mut(i) {
+            *slot = b;
+        }
+    }
+    let owner = Some(u32::from_ne_bytes(uid_bytes));
+    if !stat_ok || owner != Some(uid) {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { close(fd) };
         return false;
     }
     let mut text = [0u8; 4096];

@@ -193,7 +193,11 @@ pub fn open_context(
         Some(crate::cache::Unusable::NotSetUp) if config.cache == config::CachePath::Default => {
             crate::tlog!(Level::Debug, "no image cache set up (tiexec --setup)")
         }
-        Some(why) => crate::tlog!(Level::Info, "image cache not used: {why}"),
+        Some(why) => crate::tlog!(
+            Level::Info,
+            "image cache {} not used: {why}",
+            root.map(|r| r.display().to_string()).unwrap_or_default()
+        ),
     }
     ctx
 }

@@ -19,7 +19,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use crate::sys::{self, Errno};
@@ -41,18 +41,37 @@ fn cstring(path: &Path) -> Option<CString> {
     CString::new(path.as_os_str().as_bytes()).ok()
 }
 
-/// Where the state directory is for this environment (not checked).
+/// The state directories to try, in order (see `state_path`): the one the
+/// environment names, then the shared fallback (not checked).
+pub fn default_paths() -> Vec<PathBuf> {
+    let vars: Vec<(&str, Vec<u8>)> = crate::state_path::SOURCES
+        .iter()
+        .filter_map(|(var, _)| Some((*var, std::env::var_os(var)?.into_vec())))
+        .collect();
+    let named = crate::state_path::from_env(|name| {
+        vars.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_slice())
+    });
+    let mut out = Vec::with_capacity(2);
+    if let Some((base, suffix)) = named {
+        let mut p = base.to_vec();
+        p.extend_from_slice(suffix);
+        out.push(PathBuf::from(std::ffi::OsString::from_vec(p)));
+    }
+    let mut digits = [0u8; 10];
+    let mut shared = crate::state_path::SHARED_PREFIX.to_vec();
+    shared.extend_from_slice(crate::state_path::decimal(
+        sys::effective_uid(),
+        &mut digits,
+    ));
+    out.push(PathBuf::from(std::ffi::OsString::from_vec(shared)));
+    out
+}
+
+/// The state directory the environment names, if any (not checked).
 pub fn default_path() -> Option<PathBuf> {
-    let xdg = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute());
-    let base = xdg.or_else(|| {
-        std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute() && p != Path::new("/"))
-            .map(|h| h.join(".cache"))
-    })?;
-    Some(base.join("tiexec"))
+    default_paths().into_iter().next()
 }
 
 /// Opens `name` under `dir` as a directory this user owns and others cannot
@@ -113,9 +132,10 @@ impl StateDir {
         })
     }
 
-    /// The default state directory, if it can be used.
+    /// The first default state directory that can be used (see
+    /// [`default_paths`]).
     pub fn open_default() -> Option<StateDir> {
-        StateDir::open(&default_path()?).ok()
+        default_paths().iter().find_map(|p| StateDir::open(p).ok())
     }
 
     /// Its path.

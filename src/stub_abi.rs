@@ -47,6 +47,18 @@ pub const O_CLOEXEC: c_int = 0o2000000;
 pub const HUGETLBFS_MAGIC: i64 = 0x958458f6;
 /// Bytes of `struct statfs` on 64-bit Linux; `f_type` comes first.
 pub const STATFS_BYTES: usize = 120;
+/// Bytes of `struct stat`.
+#[cfg(target_arch = "x86_64")]
+pub const STAT_BYTES: usize = 144;
+/// Bytes of `struct stat`.
+#[cfg(target_arch = "aarch64")]
+pub const STAT_BYTES: usize = 128;
+/// Where `st_uid` (a `u32`) lies in `struct stat`.
+#[cfg(target_arch = "x86_64")]
+pub const STAT_UID_OFFSET: usize = 28;
+/// Where `st_uid` (a `u32`) lies in `struct stat`.
+#[cfg(target_arch = "aarch64")]
+pub const STAT_UID_OFFSET: usize = 24;
 
 #[cfg(test)]
 mod tests {
@@ -67,5 +79,7 @@ mod tests {
         assert_eq!(O_CLOEXEC, libc::O_CLOEXEC);
         assert_eq!(HUGETLBFS_MAGIC as u32, libc::HUGETLBFS_MAGIC as u32);
         assert_eq!(STATFS_BYTES, core::mem::size_of::<libc::statfs>());
+        assert_eq!(STAT_BYTES, core::mem::size_of::<libc::stat>());
+        assert_eq!(STAT_UID_OFFSET, core::mem::offset_of!(libc::stat, st_uid));
     }
 }

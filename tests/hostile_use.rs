@@ -28,29 +28,7 @@ fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The uid of a second, unprivileged user (made once, `tiexec-other`).
-fn other_user() -> Option<u32> {
-    let id = |name: &str| {
-        Command::new("id")
-            .args(["-u", name])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-    };
-    if let Some(uid) = id("tiexec-other") {
-        return Some(uid);
-    }
-    let o = common::run(
-        Command::new("useradd").args(["--system", "--no-create-home", "tiexec-other"]),
-        T,
-    );
-    if !o.status.success() {
-        common::skip(format_args!("cannot add a second user\n{o}"));
-        return None;
-    }
-    id("tiexec-other")
-}
+use common::other_user;
 
 fn overflow_uid() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/overflowuid")

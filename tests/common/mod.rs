@@ -1101,3 +1101,28 @@ pub fn wait_until_reading_stdin(found: impl Fn() -> Option<u32>, timeout: Durati
     }
     None
 }
+
+/// The uid of a second, unprivileged user (made once, `tiexec-other`: a
+/// system user without a home directory, as services have), or a skip.
+pub fn other_user() -> Option<u32> {
+    let id = |name: &str| {
+        Command::new("id")
+            .args(["-u", name])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+    };
+    if let Some(uid) = id("tiexec-other") {
+        return Some(uid);
+    }
+    let o = run(
+        Command::new("useradd").args(["--system", "--no-create-home", "tiexec-other"]),
+        Duration::from_secs(60),
+    );
+    if !o.status.success() {
+        skip(format_args!("cannot add a second user\n{o}"));
+        return None;
+    }
+    id("tiexec-other")
+}

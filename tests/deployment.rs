@@ -1,0 +1,228 @@
+//! Deployment as operators do it: services started with a clean
+//! environment, containers with a hugetlbfs of their own, the library for a
+//! hand-written `LD_PRELOAD`, setup that can be undone.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::PIE_64;
+
+const T: Duration = Duration::from_secs(120);
+const CALLS: &str = "20000";
+
+/// A directory under /tmp that every user can enter (the test's fixtures
+/// live under the build directory, which a service user may not reach).
+fn open_dir(name: &str) -> PathBuf {
+    let dir = Path::new("/tmp").join(format!("tiexec-deploy-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// A copy of `exe` in `dir`, readable and executable by everyone.
+fn public_copy(exe: &Path, dir: &Path) -> PathBuf {
+    let copy = dir.join(exe.file_name().unwrap());
+    std::fs::copy(exe, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// The decision line the library logs for `exe` at `-v`.
+fn decision(stderr: &str, exe: &Path) -> Option<String> {
+    let prefix = format!("tiexec: {}: ", exe.display());
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .find(|l| l.starts_with("copy:") || l.starts_with("no copy:"))
+        .map(str::to_owned)
+}
+
+/// A service, as systemd starts one: a clean environment (`env -i`: no
+/// HOME, no XDG variables), as its own user, started twice. The second
+/// start must use what the first one recorded: its history lives where the
+/// environment says (`CACHE_DIRECTORY` from `CacheDirectory=`, or
+/// `TIEXEC_STATE`), else in the shared fallback `/var/tmp/tiexec-UID`.
+#[test]
+fn a_service_with_a_clean_environment_keeps_its_history() {
+    let Some(uid) = common::other_user() else {
+        return;
+    };
+    let dir = open_dir("service");
+    let exe = public_copy(&common::fixture(PIE_64), &dir);
+    let tiexec = public_copy(&common::tiexec_bin(), &dir);
+    let cache_directory = dir.join("var-cache-svc");
+    let state = dir.join("state");
+    for d in [&cache_directory, &state] {
+        std::fs::create_dir_all(d).unwrap();
+        std::os::unix::fs::chown(d, Some(uid), None).unwrap();
+    }
+    let shared = PathBuf::from(format!("/var/tmp/tiexec-{uid}"));
+    let _ = std::fs::remove_dir_all(&shared);
+    let setups: [(&str, Vec<(&str, &Path)>, PathBuf); 3] = [
+        (
+            "CacheDirectory=",
+            vec![("CACHE_DIRECTORY", cache_directory.as_path())],
+            cache_directory.join("tiexec"),
+        ),
+        (
+            "TIEXEC_STATE",
+            vec![("TIEXEC_STATE", state.as_path())],
+            state.clone(),
+        ),
+        ("nothing set", vec![], shared.clone()),
+    ];
+    for (what, vars, where_) in setups {
+        let start = || {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "tiexec-other", "--", "env", "-i"]);
+            for (k, v) in &vars {
+                cmd.arg(format!("{k}={}", v.display()));
+            }
+            cmd.arg("TIEXEC_CACHE=off")
+                .arg(&tiexec)
+                .arg("-v")
+                .arg(&exe)
+                .args([CALLS, "run"]);
+            common::run(&mut cmd, T)
+        };
+        let first = start();
+        first.check(first.status.success(), &format!("{what}: first start"));
+        let first_decision = decision(&first.stderr, &exe);
+        first.check(
+            first_decision
+                .as_deref()
+                .is_some_and(|d| d.contains("first run")),
+            &format!("{what}: the first start is a first run"),
+        );
+        let second = start();
+        let second_decision = decision(&second.stderr, &exe);
+        second.check(
+            second.status.success()
+                && second_decision
+                    .as_deref()
+                    .is_some_and(|d| !d.contains("first run")),
+            &format!("{what}: the second start uses the first one's history"),
+        );
+        let records = std::fs::read_dir(where_.join("runs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        second.check(
+            records == 1,
+            &format!("{what}: one run record in {}", where_.display()),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&shared);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A container's way: a hugetlbfs the operator mounted (here at a path of
+/// the host's choosing) is bind-mounted into a private mount namespace at a
+/// custom path, and a non-root user there runs a program with
+/// `--cache-dir`: the first run builds the image, the second maps it.
+#[test]
+fn a_container_uses_a_bind_mounted_hugetlbfs_through_cache_dir() {
+    let Some(uid) = common::other_user() else {
+        return;
+    };
+    let Some(cache) = common::CacheMount::new("container", 24, 32) else {
+        return;
+    };
+    let dir = open_dir("container");
+    // A new inode in small page-cache folios: the kernel cannot map it huge
+    // by itself, the cache is what shows.
+    let exe = common::fresh_copy(&common::fixture(common::NON_PIE), &dir);
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tiexec = public_copy(&common::tiexec_bin(), &dir);
+    // Images are shared only for files that last changed 2 s ago or more.
+    common::settle(&exe);
+    let inside = dir.join("cache");
+    std::fs::create_dir_all(&inside).unwrap();
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(uid), None).unwrap();
+    let run_as_user = format!(
+        "runuser -u tiexec-other -- env -i TIEXEC_STATE={state} {tiexec} -v --no-prime -b cache --cache-dir {inside} {exe} {CALLS} run",
+        state = state.display(),
+        tiexec = tiexec.display(),
+        inside = inside.display(),
+        exe = exe.display(),
+    );
+    let script = format!(
+        "mount --bind {src} {inside} && {run_as_user} && echo --- >&2 && {run_as_user}",
+        src = cache.path.display(),
+        inside = inside.display(),
+    );
+    let o = common::run(
+        Command::new("unshare").args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]),
+        T,
+    );
+    o.check(o.status.success(), "both runs in the namespace");
+    let (first, second) = o.stderr.split_once("---").unwrap_or((&o.stderr, ""));
+    o.check(
+        first.contains("cache (built)"),
+        "the first run builds the image",
+    );
+    o.check(
+        second.contains("cache (hit)") && !second.contains("cache (built)"),
+        "the second run maps it",
+    );
+    // On the host: the image, in the user's own directory of the mount.
+    let images = cache.images();
+    o.check(
+        !images.is_empty()
+            && images
+                .iter()
+                .all(|i| i.starts_with(cache.path.join(uid.to_string()))),
+        &format!("images in the user's directory: {images:?}"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A hugetlbfs mounted by hand, root's and not writable by others: a
+/// non-root user's run says which cache, what is wrong and what would fix
+/// it, and the program runs.
+#[test]
+fn a_cache_a_user_cannot_write_to_is_named_with_the_fix() {
+    if common::other_user().is_none() {
+        return;
+    }
+    let Some(cache) = common::CacheMount::new("root-only", 8, 16) else {
+        return;
+    };
+    std::fs::set_permissions(&cache.path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = open_dir("root-only");
+    let exe = public_copy(&common::fixture(common::NON_PIE), &dir);
+    let tiexec = public_copy(&common::tiexec_bin(), &dir);
+    let o = common::run(
+        Command::new("runuser")
+            .args(["-u", "tiexec-other", "--", "env", "-i", "TIEXEC_STATE=/tmp"])
+            .arg(&tiexec)
+            .args(["-v", "--no-prime", "-b", "cache", "--cache-dir"])
+            .arg(&cache.path)
+            .arg(&exe)
+            .args([CALLS, "run"]),
+        T,
+    );
+    o.check(o.status.success(), "the program runs");
+    o.check(
+        o.stderr.lines().any(|l| {
+            l.contains(&format!("image cache {} not used", cache.path.display()))
+                && l.contains("mode 1777")
+        }),
+        "the line names the cache and the fix",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
