@@ -63,7 +63,9 @@ fn a_service_with_a_clean_environment_keeps_its_history() {
     }
     let shared = PathBuf::from(format!("/var/tmp/tiexec-{uid}"));
     let _ = std::fs::remove_dir_all(&shared);
-    let setups: [(&str, Vec<(&str, &Path)>, PathBuf); 3] = [
+    // (what a service sets, its variables, where its state must be)
+    type Setup<'a> = (&'a str, Vec<(&'a str, &'a Path)>, PathBuf);
+    let setups: [Setup; 3] = [
         (
             "CacheDirectory=",
             vec![("CACHE_DIRECTORY", cache_directory.as_path())],
