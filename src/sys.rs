@@ -722,6 +722,15 @@ pub fn mount_hugetlbfs(target: &CStr, data: &CStr) -> Result<(), Errno> {
     })
 }
 
+/// Unmounts `target`; `detach`: lazily (`MNT_DETACH`: gone from the tree
+/// now, released when no process uses it).
+pub fn unmount(target: &CStr, detach: bool) -> Result<(), Errno> {
+    let flags = if detach { libc::MNT_DETACH } else { 0 };
+    // SAFETY: a NUL-terminated path; unmounting changes no memory of this
+    // process (a mapping of a file there keeps the file).
+    check_zero(unsafe { libc::umount2(target.as_ptr(), flags) })
+}
+
 /// Reads one variable from the process environment without allocating.
 ///
 /// # Safety

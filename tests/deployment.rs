@@ -228,3 +228,112 @@ fn a_cache_a_user_cannot_write_to_is_named_with_the_fix() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tiexec --setup --persist` twice is the same as once; a reboot-like
+/// sequence (the mount and the pool's growth forgotten, then the unit's
+/// command run) mounts the cache again; `tiexec --setup --remove` leaves
+/// the pool, the mounts and the files as they were before. In a private
+/// mount namespace, with the files under a directory of the test's.
+#[test]
+fn setup_persists_idempotently_and_remove_undoes_it() {
+    // The pool's lock, held throughout (the pool is the machine's); the
+    // guard puts its size back.
+    let Some(_pool) = common::PoolGuard::set(0) else {
+        return;
+    };
+    let root = open_dir("setup-root");
+    let mount = root.join("run-tiexec");
+    let tiexec = common::tiexec_bin();
+    let pool = format!("{}/nr_hugepages", common::witness::pool_dir());
+    let setup = format!(
+        "{} --setup --pages 8 --cache-dir {} --persist --root {}",
+        tiexec.display(),
+        mount.display(),
+        root.display()
+    );
+    let state = |n: u32| {
+        format!(
+            "echo mounted{n} $(grep -c ' {m} hugetlbfs ' /proc/self/mounts); echo pool{n} $(cat {pool}); \
+             echo files{n} $(cd {r} && find . -type f -o -type l | sort | xargs -r sha256sum | sha256sum | cut -c1-16) \
+             $(cd {r} && find . -type f -o -type l | wc -l)",
+            m = mount.display(),
+            r = root.display()
+        )
+    };
+    let unit = root.join("etc/systemd/system/tiexec-setup.service");
+    let script = [
+        state(0),
+        setup.clone(),
+        state(1),
+        setup.clone(),
+        state(2),
+        // A reboot: the mount and the pool's growth are gone...
+        format!("umount {}", mount.display()),
+        format!("echo $(( $(cat {pool}) - 8 )) > {pool}",),
+        // ... and systemd runs the unit.
+        format!("sed -n 's/^ExecStart=//p' {} | sh", unit.display()),
+        state(3),
+        format!(
+            "{} --setup --remove --cache-dir {} --root {}",
+            tiexec.display(),
+            mount.display(),
+            root.display()
+        ),
+        state(4),
+    ]
+    .join(" && ");
+    let o = common::run(
+        Command::new("unshare").args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]),
+        T,
+    );
+    o.check(o.status.success(), "the sequence ran");
+    let value = |key: &str| -> Vec<String> {
+        o.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+            .map(|v| v.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let num = |key: &str| {
+        value(key)
+            .first()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    let pool0 = num("pool0");
+    o.check(
+        num("mounted0") == 0 && value("files0").last().map(String::as_str) == Some("0"),
+        "nothing before",
+    );
+    o.check(
+        num("mounted1") == 1 && num("pool1") == pool0 + 8,
+        "setup mounts and grows the pool by 8",
+    );
+    o.check(
+        value("files1").last().map(String::as_str) == Some("4"),
+        "record, library, unit and its link written",
+    );
+    o.check(
+        num("mounted2") == 1 && num("pool2") == num("pool1") && value("files2") == value("files1"),
+        "a second setup changes nothing",
+    );
+    o.check(
+        num("mounted3") == 1 && num("pool3") == pool0 + 8,
+        "after a reboot-like sequence the unit mounts it again",
+    );
+    o.check(
+        num("mounted4") == 0
+            && num("pool4") == pool0
+            && value("files4").last().map(String::as_str) == Some("0"),
+        "remove leaves the machine as before",
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

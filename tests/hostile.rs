@@ -45,6 +45,7 @@ fn run_fixture(launcher: &[&str], env: &[(&str, &str)]) -> Seen {
     let w = Waiting::start(cmd.args([CALLS, "wait"]), T);
     let pid = w.pid();
     let segments = common::text_segments(pid, &exe);
+    let interior = common::movable_interior(pid, &exe, &segments);
     let cov = common::coverage(pid, &segments);
     let bytes = common::read_only_segments_match_file(pid, &exe);
     let wx = common::writable_executable_mappings(pid);
@@ -61,11 +62,7 @@ fn run_fixture(launcher: &[&str], env: &[(&str, &str)]) -> Seen {
         wx.is_empty() && leaked.is_empty(),
         &format!("{what}: {wx:?} {leaked:?}"),
     );
-    Seen {
-        cov,
-        interior: common::planned_interior(&segments),
-        o,
-    }
+    Seen { cov, interior, o }
 }
 
 /// Said `says`, and left the bulk of the text as it was (the 2 MiB page

@@ -25,7 +25,7 @@ fn check_linked(exe: &Path, plain_spec: Spec, env: &[(&str, &str)], expect_huge:
     let w = Waiting::start(cmd.args([CALLS, "wait"]), T);
     let pid = w.pid();
     let segments = common::text_segments(pid, exe);
-    let interior = common::planned_interior(&segments);
+    let interior = common::movable_interior(pid, exe, &segments);
     let cov = common::coverage(pid, &segments);
     let bytes = common::read_only_segments_match_file(pid, exe);
     let wx = common::writable_executable_mappings(pid);

@@ -48,32 +48,8 @@ fn run_prepared_and_check(
     let pid = w.pid();
     let segments = common::text_segments(pid, &exe);
     let interior = common::planned_interior(&segments);
-    // The huge page holding the program's ELF header stays as it is (its
-    // mapping names the program for symbolizers). Where the text starts in
-    // it (a merged r-x segment, arm64's layout) and it is whole, it is part
-    // of the interior.
-    let header_page = {
-        let bytes = std::fs::read(&exe).expect("read fixture");
-        let elf = goblin::elf::Elf::parse(&bytes).expect("parse fixture");
-        let huge = common::witness::huge_page();
-        let first_load = elf
-            .program_headers
-            .iter()
-            .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
-            .map(|p| p.p_vaddr)
-            .min()
-            .unwrap_or(0);
-        let page =
-            common::witness::align_down(common::load_bias(pid, &exe, &elf) + first_load, huge);
-        let in_interior = segments
-            .iter()
-            .any(|s| common::witness::interior(*s).contains(common::Range::new(page, page + huge)));
-        if in_interior {
-            huge
-        } else {
-            0
-        }
-    };
+    // The huge page holding the program's ELF header stays as it is.
+    let header_page = common::header_page(pid, &exe, &segments).map_or(0, |p| p.len());
     let cov = common::coverage(pid, &segments);
     let text_check = common::read_only_segments_match_file(pid, &exe);
     let wx = common::writable_executable_mappings(pid);

@@ -321,8 +321,10 @@ pub fn build_linking(spec: Spec, dir: &Path, archive: Option<&Path>) -> PathBuf 
     let mut source = format!("{DRIVER_C}{spec:?}{:?}{:?}", archive, target());
     source.push_str(&assembly(2, spec.two_text_segments, 0));
     if let Some(a) = archive {
-        let m = std::fs::metadata(a).expect("archive");
-        source.push_str(&format!("{}{:?}", m.len(), m.modified().ok()));
+        // Its content, not its timestamps: the arm64 machine sees the same
+        // archive with other ones, and must not rebuild (it has no gcc).
+        let bytes = std::fs::read(a).expect("archive");
+        source.push_str(&format!("{:016x}", digest(&bytes)));
     }
     let digest = format!("{:016x}", digest(source.as_bytes()));
     if exe.exists() && std::fs::read_to_string(&stamp).is_ok_and(|d| d == digest) {

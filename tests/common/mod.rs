@@ -518,8 +518,13 @@ pub fn load_bias(pid: u32, exe: &Path, elf: &goblin::elf::Elf) -> u64 {
         .filter(|v| Path::new(&v.path) == canon)
         .map(|v| (v.start, v.offset))
         .collect();
-    witness::load_bias(elf, &mappings)
-        .unwrap_or_else(|| panic!("{} not mapped in {pid}", exe.display()))
+    witness::load_bias(elf, &mappings).unwrap_or_else(|| {
+        panic!(
+            "{} not mapped in {pid}: {mappings:x?}\n{}",
+            exe.display(),
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
+        )
+    })
 }
 
 /// The executable segments of `exe` as mapped in process `pid` (page-rounded),
@@ -592,6 +597,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
     let w = Waiting::start(cmd, t);
     let pid = w.pid();
     let segments = text_segments(pid, object);
+    let interior = movable_interior(pid, object, &segments);
     let cov = coverage(pid, &segments);
     let reachable = reachable_text(pid, &segments, object);
     let near = maps_near(pid, &segments);
@@ -608,7 +614,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
     outcome.check(wx.is_empty(), &format!("W+X mappings {wx:?}"));
     Seen {
         pid,
-        interior: planned_interior(&segments),
+        interior,
         text: segments.iter().map(|s| s.len()).sum(),
         reachable,
         near,
@@ -625,6 +631,7 @@ pub fn observe_killed(cmd: &mut Command, object: &Path) -> Seen {
     let w = Waiting::start(cmd, t);
     let pid = w.pid();
     let segments = text_segments(pid, object);
+    let interior = movable_interior(pid, object, &segments);
     let cov = coverage(pid, &segments);
     let reachable = reachable_text(pid, &segments, object);
     let near = maps_near(pid, &segments);
@@ -638,7 +645,7 @@ pub fn observe_killed(cmd: &mut Command, object: &Path) -> Seen {
     );
     Seen {
         pid,
-        interior: planned_interior(&segments),
+        interior,
         text: segments.iter().map(|s| s.len()).sum(),
         reachable,
         near,
@@ -653,6 +660,36 @@ pub fn observe_killed(cmd: &mut Command, object: &Path) -> Seen {
 /// counted by the cache's mount).
 pub fn private_huge_bytes(pid: u32) -> u64 {
     proc_maps::read(pid).iter().map(|m| m.anon_huge).sum()
+}
+
+/// The huge page holding `exe`'s ELF header in process `pid`, when it lies
+/// in the interior of one of its text `segments` (a merged r-x segment,
+/// arm64's layout): tiexec leaves that page as it is (its mapping names the
+/// program for symbolizers; only the page cache, in place, may map it
+/// huge), so it is no part of what tiexec moves.
+pub fn header_page(pid: u32, exe: &Path, segments: &[Range]) -> Option<Range> {
+    let bytes = std::fs::read(exe).expect("read the program");
+    let elf = goblin::elf::Elf::parse(&bytes).expect("parse the program");
+    let huge = huge_page();
+    let first_load = elf
+        .program_headers
+        .iter()
+        .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
+        .map(|p| p.p_vaddr)
+        .min()
+        .unwrap_or(0);
+    let start = align_down(load_bias(pid, exe, &elf) + first_load, huge);
+    let page = Range::new(start, start + huge);
+    segments
+        .iter()
+        .any(|s| witness::interior(*s).contains(page))
+        .then_some(page)
+}
+
+/// What tiexec moves of `exe`'s text in `pid`: the interior of its text
+/// segments, less the huge page holding its ELF header.
+pub fn movable_interior(pid: u32, exe: &Path, segments: &[Range]) -> u64 {
+    planned_interior(segments) - header_page(pid, exe, segments).map_or(0, |p| p.len())
 }
 
 /// The 2 MiB-aligned interior of the segments: what must end up huge.

@@ -97,11 +97,14 @@ pub fn usage() -> String {
     format!(
         "\
 Usage: tiexec [OPTIONS] [--] PROGRAM [ARGS...]
-       tiexec --setup [--pages N]        (root) reserve pages, mount the image cache
-       tiexec --cache [--clear [PATTERN]] list or evict the image cache
-       tiexec --stat PID...               what a running process's text is mapped with
-       tiexec --check [PROGRAM]           is the machine ready, and what a run would do
-       tiexec --prime FILE...             cache files' text as 2 MiB folios
+       tiexec --setup [--pages N] [--persist]  (root) reserve pages, mount the image cache
+       tiexec --setup --remove                 (root) undo it
+       tiexec --cache [--clear [PATTERN]]      list or evict the image cache
+       tiexec --stat [--tree] [--json] PID...  what a running process's text is mapped with
+       tiexec --stat --all [--json]            every process tiexec serves now
+       tiexec --check [PROGRAM]                is the machine ready, and what a run would do
+       tiexec --prime FILE...                  cache files' text as 2 MiB folios
+       tiexec --print-library                  the libtiexec.so to name in LD_PRELOAD
 
 Runs PROGRAM with its executable text on 2 MiB huge pages. PROGRAM keeps
 tiexec's PID, and tiexec exits with PROGRAM's status. A word is always a

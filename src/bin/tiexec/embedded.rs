@@ -34,6 +34,29 @@ const STUB: Embedded = Embedded {
     digest: env!("TIEXEC_EMBEDDED_STUB_DIGEST"),
 };
 
+/// Where `tiexec --setup` installs the full library, for a hand-written
+/// `LD_PRELOAD` and for services (root's, readable by every user).
+pub const SYSTEM_LIBRARY: &str = "/usr/local/lib/tiexec/libtiexec.so";
+
+/// The full library's bytes (empty when this binary was built without).
+pub fn full_library() -> &'static [u8] {
+    FULL.bytes
+}
+
+/// The library to name in `LD_PRELOAD`: the system's when `tiexec --setup`
+/// installed this very build there, else this user's copy (written now if
+/// needed). `true` with the system's.
+pub fn library_for_preload() -> Result<(PathBuf, bool), Unplaced> {
+    let system = Path::new(SYSTEM_LIBRARY);
+    let installed = std::fs::symlink_metadata(system).is_ok_and(|m| {
+        m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0 && m.len() == FULL.bytes.len() as u64
+    }) && std::fs::read(system).is_ok_and(|b| b == FULL.bytes);
+    if installed {
+        return Ok((system.to_path_buf(), true));
+    }
+    libraries().map(|p| (p.full, false))
+}
+
 /// Where the libraries were placed.
 pub struct Placed {
     /// The full library.

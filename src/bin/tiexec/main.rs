@@ -6,7 +6,8 @@
 //! - `tiexec --cache`: list or evict the image cache;
 //! - `tiexec --stat PID...`: what a running process's text is mapped with;
 //! - `tiexec --check [PROGRAM]`: is the machine ready, what would happen;
-//! - `tiexec --prime FILE...`: cache files' text as 2 MiB folios.
+//! - `tiexec --prime FILE...`: cache files' text as 2 MiB folios;
+//! - `tiexec --print-library`: the library to name in `LD_PRELOAD`.
 //!
 //! A wrapper must never run something other than what the user named: the
 //! management commands are options, recognised only as the first argument,
@@ -62,7 +63,40 @@ fn run() -> ExitCode {
         Some("--stat") => stat::main(argv),
         Some("--check") => check::main(argv),
         Some("--prime") => prime::main(argv),
+        Some("--print-library") => print_library(argv),
         _ => run::main(first.into_iter().chain(argv)),
+    }
+}
+
+/// `tiexec --print-library`: the path of the library for a hand-written
+/// `LD_PRELOAD` (the system's, installed by `tiexec --setup`, else this
+/// user's own copy).
+fn print_library(mut argv: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
+    if let Some(extra) = argv.next() {
+        let help = extra == "--help" || extra == "-h";
+        let out = "Usage: tiexec --print-library\n\nPrints the path of libtiexec.so for LD_PRELOAD: the one tiexec --setup\ninstalled for every user (/usr/local/lib/tiexec), else this user's copy.\n";
+        if help {
+            print!("{out}");
+            return ExitCode::SUCCESS;
+        }
+        eprint!("tiexec --print-library: unexpected argument {extra:?}\n{out}");
+        return ExitCode::from(2);
+    }
+    match embedded::library_for_preload() {
+        Ok((path, system)) => {
+            println!("{}", path.display());
+            if !system {
+                eprintln!(
+                    "tiexec: this user's copy; for services and other users: sudo tiexec --setup installs {}",
+                    embedded::SYSTEM_LIBRARY
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tiexec --print-library: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
