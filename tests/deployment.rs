@@ -337,3 +337,49 @@ fn setup_persists_idempotently_and_remove_undoes_it() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `tiexec --stat` without a PID: every process tiexec serves, with what
+/// it holds, in text and JSON; a PID that does not exist is named so.
+#[test]
+fn the_machine_wide_view_lists_served_processes() {
+    let exe = common::fixture(PIE_64);
+    let w = common::Waiting::start(
+        common::tiexec_cmd()
+            .args(["--no-prime", "-b", "thp"])
+            .arg(&exe)
+            .args([CALLS, "wait"]),
+        T,
+    );
+    let pid = w.pid();
+    let text = common::run(common::tiexec_cmd().arg("--stat"), T);
+    let json = common::run(common::tiexec_cmd().args(["--stat", "--json"]), T);
+    let o = w.finish(T);
+    o.check(o.status.success(), "the served program");
+    let line = text
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&pid.to_string()))
+        .map(str::to_owned);
+    text.check(
+        text.status.success()
+            && line.as_deref().is_some_and(|l| !l.contains(" 0.0%"))
+            && text.stdout.contains("process(es): text"),
+        &format!("{pid} listed with its huge text: {line:?}"),
+    );
+    let doc: serde_json::Value = serde_json::from_str(&json.stdout).expect("JSON");
+    let me = doc["processes"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["pid"] == pid))
+        .cloned();
+    json.check(
+        me.as_ref().is_some_and(|p| {
+            p["huge_bytes"].as_u64() > Some(0) && p["private_huge_bytes"].as_u64() > Some(0)
+        }) && doc["totals"]["processes"].as_u64() >= Some(1),
+        &format!("JSON: {me:?}"),
+    );
+    let gone = common::run(common::tiexec_cmd().args(["--stat", "999999999"]), T);
+    gone.check(
+        gone.status.code() == Some(1) && gone.stderr.contains("999999999: no such process"),
+        "a PID that does not exist",
+    );
+}

@@ -101,7 +101,7 @@ Usage: tiexec [OPTIONS] [--] PROGRAM [ARGS...]
        tiexec --setup --remove                 (root) undo it
        tiexec --cache [--clear [PATTERN]]      list or evict the image cache
        tiexec --stat [--tree] [--json] PID...  what a running process's text is mapped with
-       tiexec --stat --all [--json]            every process tiexec serves now
+       tiexec --stat [--json]                  every process tiexec serves now
        tiexec --check [PROGRAM]                is the machine ready, and what a run would do
        tiexec --prime FILE...                  cache files' text as 2 MiB folios
        tiexec --print-library                  the libtiexec.so to name in LD_PRELOAD

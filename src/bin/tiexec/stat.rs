@@ -12,6 +12,12 @@ use tiexec::internal::log::Bytes;
 
 const USAGE: &str = "\
 Usage: tiexec --stat [--json] [--tree] [--all] PID...
+       tiexec --stat [--json]
+
+Without a PID: every process tiexec serves now (those with its library
+loaded, text it moved or images of its cache mapped), one line each, and
+the machine's totals: text, share on 2 MiB pages, private huge pages
+held, cache images mapped. As another user, only your own processes.
 
 For each object of each process with at least 2 MiB of text: text size,
 bytes on 2 MiB pages by kind (hugetlb, anonymous THP, file THP from the page
@@ -53,8 +59,11 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         }
     }
     if pids.is_empty() {
-        eprintln!("tiexec --stat: missing PID\nTry 'tiexec --stat --help'.");
-        return ExitCode::from(2);
+        if tree {
+            eprintln!("tiexec --stat: --tree needs a PID\nTry 'tiexec --stat --help'.");
+            return ExitCode::from(2);
+        }
+        return machine(json);
     }
     if tree {
         pids = with_descendants(&pids);
@@ -63,6 +72,11 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
     let mut failed = false;
     let mut results = Vec::new();
     for pid in pids {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("tiexec --stat: {pid}: no such process");
+            failed = true;
+            continue;
+        }
         match inspect::process_objects(pid, min_text) {
             Ok(objects) => results.push((pid, command_name(pid), objects)),
             Err(e) => {
@@ -210,4 +224,163 @@ fn to_json(results: &[(u32, String, Vec<ObjectStat>)]) -> String {
     }
     j.end_array();
     j.finish()
+}
+
+/// What one served process holds.
+struct Served {
+    pid: u32,
+    command: String,
+    /// Text of its objects with 2 MiB or more.
+    text: u64,
+    huge: u64,
+    /// Of `huge`: from cache images (shared with other processes).
+    from_images: u64,
+    /// Huge pages it holds alone: anonymous THP and private hugetlb copies.
+    private: u64,
+}
+
+/// Whether a line of /proc/PID/maps shows tiexec at work: its library or
+/// stub, text it moved to anonymous memory (named `[anon:tiexec:...]`), or
+/// an image of its cache.
+fn tiexec_mapping(line: &str) -> bool {
+    let path = line.split_whitespace().nth(5).unwrap_or("");
+    let file = path.rsplit('/').next().unwrap_or("");
+    file.starts_with("libtiexec")
+        || line.contains("[anon:tiexec:")
+        || tiexec::internal::cache::is_image_path(path)
+}
+
+/// Every process tiexec serves now (that this user may look at), and how
+/// many could not be read.
+fn served_processes() -> (Vec<Served>, usize) {
+    let mut out = Vec::new();
+    let mut unreadable = 0;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (out, 0);
+    };
+    let own = std::process::id();
+    let mut pids: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&p| p != own)
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            unreadable += 1;
+            continue;
+        };
+        if !maps.lines().any(tiexec_mapping) {
+            continue;
+        }
+        let Ok(objects) = inspect::process_objects(pid, 2 << 20) else {
+            unreadable += 1;
+            continue;
+        };
+        let text = objects.iter().map(|o| o.text_bytes()).sum();
+        let huge = objects.iter().map(|o| o.coverage.huge()).sum();
+        let from_images: u64 = objects.iter().map(|o| o.cache_bytes()).sum();
+        let hugetlb: u64 = objects.iter().map(|o| o.coverage.hugetlb).sum();
+        let anon: u64 = objects.iter().map(|o| o.coverage.anon_thp).sum();
+        out.push(Served {
+            pid,
+            command: command_name(pid),
+            text,
+            huge,
+            from_images,
+            private: anon + hugetlb.saturating_sub(from_images),
+        });
+    }
+    (out, unreadable)
+}
+
+/// `tiexec --stat` without a PID: the machine-wide view.
+fn machine(json: bool) -> ExitCode {
+    let (served, unreadable) = served_processes();
+    let text: u64 = served.iter().map(|s| s.text).sum();
+    let huge: u64 = served.iter().map(|s| s.huge).sum();
+    let private: u64 = served.iter().map(|s| s.private).sum();
+    let from_images: u64 = served.iter().map(|s| s.from_images).sum();
+    let cache = tiexec::internal::cache::hugetlbfs_pages(std::path::Path::new(
+        tiexec::internal::cache::DEFAULT_ROOT,
+    ));
+    let percent = |part: u64, whole: u64| {
+        if whole == 0 {
+            0.0
+        } else {
+            part as f64 * 100.0 / whole as f64
+        }
+    };
+    if json {
+        let mut j = Json::new();
+        j.begin_object(None).begin_array(Some("processes"));
+        for s in &served {
+            j.begin_object(None)
+                .uint("pid", u64::from(s.pid))
+                .str("command", &s.command)
+                .uint("text_bytes", s.text)
+                .uint("huge_bytes", s.huge)
+                .uint("from_images_bytes", s.from_images)
+                .uint("private_huge_bytes", s.private)
+                .end_object();
+        }
+        j.end_array()
+            .begin_object(Some("totals"))
+            .uint("processes", served.len() as u64)
+            .uint("text_bytes", text)
+            .uint("huge_bytes", huge)
+            .uint("private_huge_bytes", private)
+            .uint("from_images_bytes", from_images)
+            .uint("unreadable_processes", unreadable as u64);
+        if let Some((total, free)) = cache {
+            let page = tiexec::internal::plan::huge_page();
+            j.uint("cache_bytes", total * page)
+                .uint("cache_free_bytes", free * page);
+        }
+        j.end_object().end_object();
+        println!("{}", j.finish());
+        return ExitCode::SUCCESS;
+    }
+    if served.is_empty() {
+        println!("no process is served by tiexec now");
+    } else {
+        println!(
+            "{:>8}  {:<16} {:>10} {:>7} {:>12} {:>12}",
+            "PID", "COMMAND", "TEXT", "HUGE", "FROM IMAGES", "PRIVATE HUGE"
+        );
+        for s in &served {
+            println!(
+                "{:>8}  {:<16} {:>10} {:>6.1}% {:>12} {:>12}",
+                s.pid,
+                s.command,
+                Bytes(s.text).to_string(),
+                percent(s.huge, s.text),
+                Bytes(s.from_images).to_string(),
+                Bytes(s.private).to_string()
+            );
+        }
+        println!(
+            "{} process(es): text {}, {:.1} % on 2 MiB pages; private huge pages held {}; from cache images {} (shared)",
+            served.len(),
+            Bytes(text),
+            percent(huge, text),
+            Bytes(private),
+            Bytes(from_images)
+        );
+    }
+    if let Some((total, free)) = cache {
+        let page = tiexec::internal::plan::huge_page();
+        println!(
+            "image cache {}: {} of {} in use",
+            tiexec::internal::cache::DEFAULT_ROOT,
+            Bytes((total - free) * page),
+            Bytes(total * page)
+        );
+    }
+    if unreadable > 0 && tiexec::internal::sys::effective_uid() != 0 {
+        println!(
+            "({unreadable} other processes could not be read: run as root to see every user's)"
+        );
+    }
+    ExitCode::SUCCESS
 }
