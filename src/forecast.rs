@@ -63,6 +63,9 @@ pub struct Forecast {
     /// What a run would do with the cache set up (`None` when it is, or
     /// when the settings turn it off).
     pub with_setup: Option<Vec<ObjectReport>>,
+    /// Whose run history the decisions come from: the user and the state
+    /// directory (`None`: no state directory could be used).
+    pub history: Option<(u32, String)>,
 }
 
 /// Bytes the plans would move, and bytes they would leave on 4 KiB pages.
@@ -85,6 +88,17 @@ impl Forecast {
     /// The forecast as one JSON object.
     pub fn to_json(&self, j: &mut crate::json::Json) {
         j.begin_object(None).bool("cache_set_up", self.cache_set_up);
+        match &self.history {
+            Some((uid, dir)) => {
+                j.begin_object(Some("history"))
+                    .uint("uid", u64::from(*uid))
+                    .str("dir", dir)
+                    .end_object();
+            }
+            None => {
+                j.null("history");
+            }
+        }
         match &self.refused {
             Some(why) => j.str("refused", why),
             None => j.null("refused"),
@@ -130,6 +144,14 @@ impl Forecast {
         }
         if let Some(d) = self.now.iter().find_map(|r| r.decision) {
             let _ = writeln!(out, "  private copies: {d}");
+            let _ = match &self.history {
+                Some((uid, dir)) => writeln!(
+                    out,
+                    "    (from the run history of uid {uid} in {dir}: a service's own user and \
+                     environment may have another; --state-dir names one)"
+                ),
+                None => writeln!(out, "    (no run history can be kept for this user)"),
+            };
         }
         for r in &self.now {
             let _ = writeln!(out, "  {}: text {}", r.path, Bytes(r.text_bytes));
@@ -152,8 +174,16 @@ impl Forecast {
                     let _ = writeln!(out, "    {} moved, from {}", Bytes(n), source.name());
                 }
             }
-            let left = left_bytes(r);
+            // What stays small, by reason: the plan counts whole 2 MiB
+            // ranges (headers and rodata beside the text included), so each
+            // figure is bounded by the text still small, and they add up to
+            // at most that.
+            let mut small = r
+                .text_bytes
+                .saturating_sub(r.after.huge().min(r.text_bytes));
+            let left = left_bytes(r).min(small);
             if left > 0 {
+                small -= left;
                 let why = match (r.not_attempted, r.failed.first()) {
                     (Some(why), _) => why.describe(),
                     (None, Some((_, e))) => e.to_string(),
@@ -162,11 +192,13 @@ impl Forecast {
                 let _ = writeln!(out, "    {} would stay on 4 KiB pages: {why}", Bytes(left));
             }
             for (reason, bytes) in &r.kept {
-                if *reason != crate::plan::Skip::AlreadyHuge {
+                let shown = (*bytes).min(small);
+                if *reason != crate::plan::Skip::AlreadyHuge && shown > 0 {
+                    small -= shown;
                     let _ = writeln!(
                         out,
                         "    {} kept on 4 KiB pages: {}",
-                        Bytes(*bytes),
+                        Bytes(shown),
                         reason.describe()
                     );
                 }
@@ -254,11 +286,15 @@ fn forecast_here() -> Result<i32, String> {
         hypothetical.offer.cache = true;
         pipeline::forecast_objects(&targets, &hypothetical, in_place)
     });
+    let history = ctx
+        .state()
+        .map(|s| (crate::sys::effective_uid(), s.path().display().to_string()));
     let forecast = Forecast {
         cache_set_up: ctx.cache.is_some(),
         refused,
         now,
         with_setup,
+        history,
     };
     let bytes = if text {
         forecast.render()

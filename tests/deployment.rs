@@ -383,3 +383,98 @@ fn the_machine_wide_view_lists_served_processes() {
         "a PID that does not exist",
     );
 }
+
+/// The command-line answers an operator meets: each says what is wrong
+/// and what to do, with a run's exit statuses.
+#[test]
+fn the_cli_says_what_is_wrong_and_what_to_do() {
+    let tiexec = |args: &[&str]| common::run(common::tiexec_cmd().args(args), T);
+    // A missing program: 127, as a run.
+    let o = tiexec(&["--check", "tiexec-no-such-program"]);
+    o.check(
+        o.status.code() == Some(127) && o.stderr.contains("command not found"),
+        "--check of a missing program",
+    );
+    // A near miss of a command.
+    let o = tiexec(&["--stats", "1"]);
+    o.check(
+        o.status.code() == Some(2) && o.stderr.contains("did you mean --stat?"),
+        "--stats",
+    );
+    // --help names every command and their main options.
+    let o = tiexec(&["--help"]);
+    for needle in [
+        "--stat [--tree] [--json] PID",
+        "--setup --remove",
+        "--persist",
+        "--print-library",
+        "--state-dir",
+    ] {
+        o.check(o.stdout.contains(needle), &format!("--help names {needle}"));
+    }
+    // Settings apply to --check in any order around PROGRAM; the forecast
+    // says whose history it used; with a cache, text that is not congruent
+    // is not sent to the linker.
+    let Some(cache) = common::CacheMount::new("cli", 8, 16) else {
+        return;
+    };
+    let exe = common::fixture(PIE_64);
+    let dir = cache.path.display().to_string();
+    let exe_s = exe.display().to_string();
+    for args in [
+        ["--check", "--cache-dir", &dir, &exe_s],
+        ["--check", &exe_s, "--cache-dir", &dir],
+    ] {
+        let o = tiexec(&args);
+        o.check(
+            o.status.success() && o.stdout.contains(&format!("image cache {dir}: ")),
+            &format!("{args:?}: the cache named is the one checked"),
+        );
+        o.check(
+            o.stdout.contains("from the run history of uid"),
+            "whose history the decision comes from",
+        );
+        o.check(
+            o.stdout.contains("the image cache serves it") && !o.stdout.contains("relink"),
+            "no relinking advice for text the cache serves",
+        );
+        o.check(
+            o.stdout.contains("the image cache has pages of its own"),
+            "a mount with min_size has pages of its own",
+        );
+    }
+    // A mount without min_size takes its pages from the pool as it fills.
+    let open = common::witness::huge_page() >> 20;
+    let bare = open_dir("bare-mount");
+    let m = common::run(
+        Command::new("mount")
+            .args([
+                "-t",
+                "hugetlbfs",
+                "-o",
+                &format!("pagesize={open}M,size=16M,mode=1777"),
+                "none",
+            ])
+            .arg(&bare),
+        T,
+    );
+    m.check(m.status.success(), "mount a hugetlbfs without min_size");
+    let o = tiexec(&["--check", "--cache-dir", &bare.display().to_string()]);
+    let _ = Command::new("umount").arg(&bare).status();
+    o.check(
+        o.stdout.contains("reserves none") && !o.stdout.contains("pages of its own"),
+        "a mount without min_size is said to take from the pool",
+    );
+    // Not ready: the last line says what to do. A static program cannot be
+    // reached by LD_PRELOAD.
+    let static_exe = common::fixture(common::Spec {
+        static_link: true,
+        ..common::Spec::new("fixture-static-cli-8m", 8, false)
+    });
+    let o = tiexec(&["--check", &static_exe.display().to_string()]);
+    let last = o.stdout.lines().last().unwrap_or("").to_string();
+    o.check(
+        last.starts_with("not ready: ") && last.contains("tiexec --prime"),
+        &format!("a next step after 'not ready': {last}"),
+    );
+}

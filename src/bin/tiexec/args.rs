@@ -170,10 +170,60 @@ fn parse_inner(argv: impl IntoIterator<Item = OsString>) -> Result<Parsed, lexop
                 args.program_args = parser.raw_args()?.collect();
                 return Ok(Parsed::Run(Box::new(args)));
             }
+            Long(name) => {
+                let name = name.to_string();
+                return Ok(Parsed::Usage(match did_you_mean(&name) {
+                    Some(known) => format!("unknown option --{name}; did you mean --{known}?"),
+                    None => format!("unknown option --{name}"),
+                }));
+            }
             other => return Err(other.unexpected()),
         }
     }
     Ok(Parsed::Usage("missing PROGRAM".into()))
+}
+
+/// The known long option nearest `name`, when it is a likely typo (at most
+/// two edits away): the commands and every option.
+fn did_you_mean(name: &str) -> Option<&'static str> {
+    const OWN: [&str; 11] = [
+        "setup",
+        "cache",
+        "stat",
+        "check",
+        "prime",
+        "print-library",
+        "verbose",
+        "dlopen",
+        "no-prime",
+        "library",
+        "help",
+    ];
+    let settings = config::SETTINGS
+        .iter()
+        .filter_map(|s| s.flag.map(|f| f.long));
+    OWN.into_iter()
+        .chain(settings)
+        .map(|known| (edit_distance(name, known), known))
+        .filter(|&(d, _)| d <= 2)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance between two short strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -184,6 +234,17 @@ mod tests {
         match parse(v.iter().map(OsString::from)) {
             Parsed::Run(a) => Some(*a),
             _ => None,
+        }
+    }
+
+    #[test]
+    fn a_near_miss_is_named() {
+        assert_eq!(did_you_mean("stats"), Some("stat"));
+        assert_eq!(did_you_mean("bakend"), Some("backend"));
+        assert_eq!(did_you_mean("cache-directory"), None);
+        match parse(["--stats".into(), "1".into()]) {
+            Parsed::Usage(msg) => assert!(msg.contains("did you mean --stat?"), "{msg}"),
+            _ => panic!("--stats is not an option"),
         }
     }
 

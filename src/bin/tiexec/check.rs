@@ -35,7 +35,7 @@ use tiexec::internal::plan::{self, huge_page, Range};
 use tiexec::internal::prime::{self, State};
 
 const USAGE: &str = "\
-Usage: tiexec --check [--json] [PROGRAM]
+Usage: tiexec --check [--json] [OPTIONS] [PROGRAM]
 
 Says whether this machine is ready for tiexec: kernel, transparent huge
 pages, the hugetlb pool (per NUMA node), the image cache, and what the
@@ -50,9 +50,13 @@ loaded before tiexec run their initializers, as in any run). TIEXEC_*
 variables apply as they would to a run.
 
   --json   one JSON document on stdout
+  OPTIONS  those of a run (--cache-dir DIR, --backend NAME, --state-dir
+           DIR, ...), anywhere on the line: the check sees what a run with
+           them would
 
 Exit status: 0 when tiexec can put PROGRAM's text (or, without PROGRAM,
-anything) on 2 MiB pages; 1 when it cannot; 2 for a usage error.
+anything) on 2 MiB pages; 1 when it cannot; 2 for a usage error; 127
+when PROGRAM is not found, 126 when it cannot be executed, as for a run.
 ";
 
 /// How long a forecast may take (the loader maps and relocates PROGRAM's
@@ -68,12 +72,14 @@ struct NodePool {
 
 /// The image cache, as this user would find it.
 enum CacheState {
-    /// Set up and usable: its mount, pages in all, free, this user's images.
+    /// Set up and usable: its mount, pages in all, free, this user's
+    /// images, and whether its mount reserves its pages (`min_size`).
     Ready {
         root: PathBuf,
         pages: u64,
         free: u64,
         images: usize,
+        reserved: bool,
     },
     /// Not usable (not set up, or not safe): why.
     Unusable { root: PathBuf, why: String },
@@ -200,6 +206,7 @@ fn cache_state() -> CacheState {
         Ok(c) => {
             let (pages, free) = c.pages();
             CacheState::Ready {
+                reserved: mount_reserves_pages(&root),
                 root,
                 pages,
                 free,
@@ -211,6 +218,19 @@ fn cache_state() -> CacheState {
             why: e.to_string(),
         },
     }
+}
+
+/// Whether the hugetlbfs mounted at `root` reserves its pages (`min_size`
+/// in its options, as `tiexec --setup` mounts it).
+fn mount_reserves_pages(root: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind, options) = (f.next(), f.next(), f.next(), f.next().unwrap_or(""));
+        at.is_some_and(|a| Path::new(a) == root)
+            && kind == Some("hugetlbfs")
+            && options.split(',').any(|o| o.starts_with("min_size="))
+    })
 }
 
 fn machine() -> Machine {
@@ -453,23 +473,70 @@ fn program_check(program: &OsString, json: bool, m: &Machine) -> Result<ProgramC
 
 /// Runs `tiexec --check`.
 pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
+    use lexopt::Arg::{Long, Short, Value};
+    use std::os::unix::ffi::OsStrExt;
     let mut json = false;
     let mut program: Option<OsString> = None;
-    for arg in argv {
-        match arg.to_str() {
-            Some("-h" | "--help") => {
+    let usage = |msg: &str| {
+        eprintln!("tiexec --check: {msg}\nTry 'tiexec --check --help'.");
+        ExitCode::from(2)
+    };
+    let mut parser = lexopt::Parser::from_args(argv);
+    loop {
+        let arg = match parser.next() {
+            Ok(Some(a)) => a,
+            Ok(None) => break,
+            Err(e) => return usage(&e.to_string()),
+        };
+        // The settings a run takes (`--cache-dir DIR`, `-b NAME`, ...), in
+        // any order around PROGRAM: they apply to the check as to a run.
+        let setting = match &arg {
+            Long(name) => config::setting_for_flag(Some(name), None),
+            Short(c) => config::setting_for_flag(None, Some(*c)),
+            Value(_) => None,
+        };
+        if let Some((s, flag)) = setting.and_then(|s| Some((s, s.flag?))) {
+            let value = match flag.switch {
+                Some(v) => OsString::from(v),
+                None => match parser.value() {
+                    Ok(v) => v,
+                    Err(e) => return usage(&e.to_string()),
+                },
+            };
+            if let Err(expected) = config::check_value(s, value.as_bytes()) {
+                return usage(&format!(
+                    "--{} {}: expected {expected}",
+                    flag.long,
+                    value.to_string_lossy()
+                ));
+            }
+            // One thread: nothing else reads the environment meanwhile.
+            std::env::set_var(s.var, &value);
+            continue;
+        }
+        match arg {
+            Short('h') | Long("help") => {
                 print!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            Some("--json") => json = true,
-            Some(s) if s.starts_with('-') && program.is_none() => {
-                eprintln!("tiexec --check: unknown option {s}\nTry 'tiexec --check --help'.");
-                return ExitCode::from(2);
+            Long("json") => json = true,
+            Value(p) if program.is_none() => program = Some(p),
+            Value(_) => return usage("one PROGRAM at most"),
+            other => return usage(&other.unexpected().to_string()),
+        }
+    }
+    if let Some(p) = &program {
+        // As a run would: 127 when PROGRAM is not found, 126 when it cannot
+        // be executed.
+        match crate::path::find(p) {
+            crate::path::Lookup::Found(_) => {}
+            crate::path::Lookup::NotFound => {
+                eprintln!("tiexec --check: {}: command not found", p.to_string_lossy());
+                return ExitCode::from(127);
             }
-            _ if program.is_none() => program = Some(arg),
-            _ => {
-                eprintln!("tiexec --check: one PROGRAM at most\nTry 'tiexec --check --help'.");
-                return ExitCode::from(2);
+            crate::path::Lookup::NotExecutable(at) => {
+                eprintln!("tiexec --check: {}: Permission denied", at.display());
+                return ExitCode::from(126);
             }
         }
     }
@@ -537,12 +604,14 @@ fn to_json(c: &Check) -> String {
             pages,
             free,
             images,
+            reserved,
         } => {
             j.bool("usable", true)
                 .str("root", &root.to_string_lossy())
                 .uint("pages", *pages)
                 .uint("free_pages", *free)
-                .uint("images", *images as u64);
+                .uint("images", *images as u64)
+                .bool("pages_reserved", *reserved);
         }
         CacheState::Unusable { root, why } => {
             j.bool("usable", false)
@@ -629,10 +698,18 @@ fn render(c: &Check) -> String {
             ""
         }
     );
+    let cache_pages = match &m.cache {
+        CacheState::Ready { reserved: true, .. } => "; the image cache has pages of its own",
+        CacheState::Ready {
+            reserved: false, ..
+        } => "; the image cache takes its pages from it as it fills (its mount reserves none: no min_size)",
+        _ => "",
+    };
     let _ = writeln!(
         out,
-        "  hugetlb pool (2 MiB): {} pages, {} free, {} reserved: {} available \
-         (tiexec takes from it only with --backend hugetlb; the image cache has pages of its own)",
+        "  hugetlb pool ({}): {} pages, {} free, {} reserved: {} available \
+         (tiexec takes from it only with --backend hugetlb{cache_pages})",
+        tiexec::internal::pagesize::huge_page_name(),
         m.pool.total,
         m.pool.free,
         m.pool.reserved,
@@ -651,6 +728,7 @@ fn render(c: &Check) -> String {
             pages,
             free,
             images,
+            ..
         } => writeln!(
             out,
             "  image cache {}: {pages} pages, {free} free, {images} image(s) of this user",
@@ -682,7 +760,7 @@ fn render(c: &Check) -> String {
         }
     );
     if let Some(p) = &c.program {
-        render_program(&mut out, p);
+        render_program(&mut out, p, matches!(m.cache, CacheState::Ready { .. }));
     } else if m.thp == ThpMode::Never && m.pool.available() == 0 {
         let _ = writeln!(
             out,
@@ -691,11 +769,47 @@ fn render(c: &Check) -> String {
             discover::hugetlb_pool_dir()
         );
     }
-    let _ = writeln!(out, "\n{}", if c.ready() { "ready" } else { "not ready" });
+    if c.ready() {
+        let _ = writeln!(out, "\nready");
+    } else {
+        let _ = writeln!(out, "\nnot ready: {}", next_step(c));
+    }
     out
 }
 
-fn render_program(out: &mut String, p: &ProgramCheck) {
+/// What to do next when not ready: the first thing that would help.
+fn next_step(c: &Check) -> String {
+    let m = &c.machine;
+    let cache_ready = matches!(m.cache, CacheState::Ready { .. });
+    let Some(p) = &c.program else {
+        return "no source of huge pages: sudo tiexec --setup (an image cache), or THP in 'madvise' mode".into();
+    };
+    match (&p.forecast, p.linkage) {
+        (Forecast::NotMade(_), crate::path::Linkage::Static) => format!(
+            "LD_PRELOAD cannot reach a static program: tiexec --prime {} (the page cache serves its congruent text), or link libtiexec.a",
+            p.path.display()
+        ),
+        (Forecast::NotMade(_), _) if p.setuid => {
+            "the loader ignores LD_PRELOAD for setuid programs: tiexec --prime, or link libtiexec.a"
+                .into()
+        }
+        (Forecast::NotMade(_), _) => format!(
+            "see 'no forecast' above; tiexec --prime {} serves congruent text from the page cache",
+            p.path.display()
+        ),
+        (Forecast::Made { .. }, _) if !cache_ready => {
+            "text would stay on 4 KiB pages (why: above); sudo tiexec --setup sets up the image \
+             cache, which serves every run with no copy"
+                .into()
+        }
+        (Forecast::Made { .. }, _) => {
+            "text would stay on 4 KiB pages (why: above); --backend thp copies it on every run"
+                .into()
+        }
+    }
+}
+
+fn render_program(out: &mut String, p: &ProgramCheck, cache_ready: bool) {
     use std::fmt::Write;
     let _ = writeln!(out, "\nprogram {}", p.path.display());
     let _ = writeln!(
@@ -733,6 +847,9 @@ fn render_program(out: &mut String, p: &ProgramCheck) {
                         "congruent (the page cache can serve {} pages)",
                         tiexec::internal::pagesize::huge_page_name()
                     )
+                } else if cache_ready {
+                    "not congruent: the page cache cannot map it huge, the image cache serves it"
+                        .to_string()
                 } else {
                     format!("not congruent (relink with {} for that)", prime::LINK_ADVICE)
                 },
