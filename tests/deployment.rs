@@ -478,3 +478,43 @@ fn the_cli_says_what_is_wrong_and_what_to_do() {
         &format!("a next step after 'not ready': {last}"),
     );
 }
+
+/// Libraries an older build of tiexec extracted, unused for a week, are
+/// deleted when this one places its own; recent ones stay.
+#[test]
+fn libraries_of_old_builds_do_not_pile_up() {
+    let mut cmd = common::tiexec_cmd();
+    let dir = common::state_dir_of(&cmd);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let old = dir.join("libtiexec-0.0.1-00000000deadbeef.so");
+    let recent = dir.join("libtiexec-0.0.2-00000000feedface.so");
+    for f in [&old, &recent] {
+        std::fs::write(f, b"not a library").unwrap();
+    }
+    let c = std::ffi::CString::new(old.as_os_str().as_encoded_bytes()).unwrap();
+    let eight_days = libc::timespec {
+        tv_sec: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - 8 * 86_400) as libc::time_t,
+        tv_nsec: 0,
+    };
+    // SAFETY: a NUL-terminated path and two valid timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            [eight_days, eight_days].as_ptr(),
+            0,
+        )
+    };
+    assert_eq!(r, 0);
+    let o = common::run(cmd.arg("true"), T);
+    o.check(o.status.success(), "tiexec true");
+    o.check(
+        !old.exists() && recent.exists(),
+        &format!("old gone, recent kept in {}", dir.display()),
+    );
+}

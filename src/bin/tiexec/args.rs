@@ -49,63 +49,107 @@ pub enum Parsed {
     Usage(String),
 }
 
+/// The management commands: synopsis (after `tiexec `) and what each does.
+/// One list for `--help`, the man page and the shell completions.
+pub const COMMANDS: [(&str, &str); 9] = [
+    (
+        "--setup [--pages N] [--persist]",
+        "(root) reserve pages, mount the image cache",
+    ),
+    ("--setup --remove", "(root) undo it"),
+    (
+        "--cache [--clear [PATTERN]]",
+        "list or evict the image cache",
+    ),
+    (
+        "--stat [--tree] [--json] PID...",
+        "what a running process's text is mapped with",
+    ),
+    ("--stat [--json]", "every process tiexec serves now"),
+    (
+        "--check [PROGRAM]",
+        "is the machine ready, and what a run would do",
+    ),
+    ("--prime FILE...", "cache files' text as 2 MiB folios"),
+    ("--print-library", "the libtiexec.so to name in LD_PRELOAD"),
+    (
+        "--man | --completions SHELL",
+        "this manual as a man page; bash, zsh or fish completions",
+    ),
+];
+
+/// The wrapper's options that are not settings: (short, long, value, help).
+pub const OWN_OPTIONS: [(Option<char>, &str, &str, &str); 6] = [
+    (Some('v'), "verbose", "", "same as --log info: one line per object"),
+    (
+        None,
+        "dlopen",
+        "",
+        "also cover libraries PROGRAM loads later with dlopen (an audit module; PROGRAM itself only, not its children)",
+    ),
+    (
+        None,
+        "no-prime",
+        "",
+        "do not cache PROGRAM's text (and its libraries') as 2 MiB folios first",
+    ),
+    (
+        None,
+        "library",
+        "PATH",
+        "preload this libtiexec.so instead of the built-in one",
+    ),
+    (Some('h'), "help", "", "show this help"),
+    (Some('V'), "version", "", "show the version"),
+];
+
+/// Every option of a run: (short, long, value name, help, variable).
+pub fn run_options() -> Vec<(
+    Option<char>,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+)> {
+    let mut out = Vec::new();
+    for s in SETTINGS.iter() {
+        let Some(f) = s.flag else {
+            continue;
+        };
+        let value = if f.switch.is_some() { "" } else { f.value_name };
+        out.push((f.short, f.long, value, s.help, s.var));
+    }
+    for (short, long, value, help) in OWN_OPTIONS {
+        out.push((short, long, value, help, ""));
+    }
+    out
+}
+
 /// The usage text, its options listed from the settings table.
 pub fn usage() -> String {
     let mut options = String::new();
-    let mut line = |flags: String, help: &str, var: &str| {
-        let mut l = format!("  {flags:<22} {help}");
+    for (short, long, value, help, var) in run_options() {
+        let short = short.map_or("    ".to_string(), |c| format!("-{c}, "));
+        let value = if value.is_empty() {
+            String::new()
+        } else {
+            format!(" {value}")
+        };
+        let mut l = format!("  {:<22} {help}", format!("{short}--{long}{value}"));
         if !var.is_empty() {
             l.push_str(&format!(" [{var}]"));
         }
         options.push_str(&l);
         options.push('\n');
-    };
-    for s in SETTINGS.iter() {
-        let Some(f) = s.flag else {
-            continue;
-        };
-        let short = f.short.map_or("    ".to_string(), |c| format!("-{c}, "));
-        let value = if f.switch.is_some() {
-            String::new()
-        } else {
-            format!(" {}", f.value_name)
-        };
-        line(format!("{short}--{}{value}", f.long), s.help, s.var);
     }
-    line(
-        "-v, --verbose".into(),
-        "same as --log info: one line per object",
-        "",
-    );
-    line(
-        "    --dlopen".into(),
-        "also cover libraries PROGRAM loads later with dlopen (an audit module; PROGRAM itself only, not its children)",
-        "",
-    );
-    line(
-        "    --no-prime".into(),
-        "do not cache PROGRAM's text (and its libraries') as 2 MiB folios first",
-        "",
-    );
-    line(
-        "    --library PATH".into(),
-        "preload this libtiexec.so instead of the built-in one",
-        "TIEXEC_LIBRARY",
-    );
-    line("-h, --help".into(), "show this help", "");
-    line("-V, --version".into(), "show the version", "");
+    let mut commands = String::new();
+    for (synopsis, help) in COMMANDS {
+        commands.push_str(&format!("       tiexec {synopsis:<32} {help}\n"));
+    }
     format!(
         "\
 Usage: tiexec [OPTIONS] [--] PROGRAM [ARGS...]
-       tiexec --setup [--pages N] [--persist]  (root) reserve pages, mount the image cache
-       tiexec --setup --remove                 (root) undo it
-       tiexec --cache [--clear [PATTERN]]      list or evict the image cache
-       tiexec --stat [--tree] [--json] PID...  what a running process's text is mapped with
-       tiexec --stat [--json]                  every process tiexec serves now
-       tiexec --check [PROGRAM]                is the machine ready, and what a run would do
-       tiexec --prime FILE...                  cache files' text as 2 MiB folios
-       tiexec --print-library                  the libtiexec.so to name in LD_PRELOAD
-
+{commands}
 Runs PROGRAM with its executable text on 2 MiB huge pages. PROGRAM keeps
 tiexec's PID, and tiexec exits with PROGRAM's status. A word is always a
 program: the management commands are options, and count only as the first

@@ -201,7 +201,39 @@ fn place_in(dir: &Path) -> Result<Placed, String> {
     };
     let file = std::fs::File::open(&placed.stub).map_err(|e| e.to_string())?;
     mappable_executable(&file)?;
+    remove_old_versions(dir, &placed);
     Ok(placed)
+}
+
+/// Deletes the libraries other builds of tiexec wrote into `dir` and have
+/// not used for a week (each build names its own by content: upgrades would
+/// pile them up). A process mapping one keeps it; a build still in use
+/// rewrites its own when it next runs.
+fn remove_old_versions(dir: &Path, current: &Placed) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let uid = tiexec::internal::sys::real_uid();
+    // A week: with relatime, a file read daily may show an access a day old.
+    let week_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 86_400);
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let ours = (name.starts_with("libtiexec-") && name.ends_with(".so"))
+            && path != current.full
+            && path != current.stub;
+        let stale = e.metadata().is_ok_and(|m| {
+            m.is_file()
+                && m.uid() == uid
+                && m.accessed()
+                    .or_else(|_| m.modified())
+                    .is_ok_and(|t| t < week_ago)
+        });
+        if ours && stale {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// The paths of the libraries, written where they can serve if needed.

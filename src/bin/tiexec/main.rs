@@ -7,7 +7,9 @@
 //! - `tiexec --stat PID...`: what a running process's text is mapped with;
 //! - `tiexec --check [PROGRAM]`: is the machine ready, what would happen;
 //! - `tiexec --prime FILE...`: cache files' text as 2 MiB folios;
-//! - `tiexec --print-library`: the library to name in `LD_PRELOAD`.
+//! - `tiexec --print-library`: the library to name in `LD_PRELOAD`;
+//! - `tiexec --man`, `tiexec --completions SHELL`: the manual page and the
+//!   shell completions, from the same tables as `--help`.
 //!
 //! A wrapper must never run something other than what the user named: the
 //! management commands are options, recognised only as the first argument,
@@ -29,6 +31,7 @@
 mod args;
 mod cachecmd;
 mod check;
+mod docs;
 mod embedded;
 mod ldenv;
 mod libs;
@@ -64,6 +67,8 @@ fn run() -> ExitCode {
         Some("--check") => check::main(argv),
         Some("--prime") => prime::main(argv),
         Some("--print-library") => print_library(argv),
+        Some("--man") => docs::man_main(argv),
+        Some("--completions") => docs::completions_main(argv),
         _ => run::main(first.into_iter().chain(argv)),
     }
 }
