@@ -154,6 +154,7 @@ fn run() {
             return;
         }
     }
+    // Step 8: the pipeline, and what follows it.
     // SAFETY: one thread (checked above, and nothing here starts one); the
     // objects stay loaded: nothing can dlclose them while we run.
     let reports = unsafe { crate::pipeline::remap_objects(&targets, &ctx) };

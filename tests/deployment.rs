@@ -518,3 +518,113 @@ fn libraries_of_old_builds_do_not_pile_up() {
         &format!("old gone, recent kept in {}", dir.display()),
     );
 }
+
+/// After `tiexec --setup`, a service user finds the library with
+/// `tiexec --print-library` at the stable system path, can read it, and a
+/// hand-written `LD_PRELOAD` of it works; `--setup --remove` takes it away.
+/// (A real setup, in a private mount namespace; skipped on a machine whose
+/// own setup it would disturb.)
+#[test]
+fn the_system_library_serves_a_service_user() {
+    let Some(_uid) = common::other_user() else {
+        return;
+    };
+    let system = Path::new("/usr/local/lib/tiexec/libtiexec.so");
+    if system.exists()
+        || common::run(Command::new("mountpoint").args(["-q", "/run/tiexec"]), T)
+            .status
+            .success()
+    {
+        common::skip("this machine has its own tiexec setup: not this test's to change");
+        return;
+    }
+    let Some(_pool) = common::PoolGuard::set(0) else {
+        return;
+    };
+    let dir = open_dir("system-library");
+    let exe = public_copy(&common::fixture(PIE_64), &dir);
+    let tiexec = public_copy(&common::tiexec_bin(), &dir);
+    let script = format!(
+        "{t} --setup --pages 4 >/dev/null && \
+         lib=$(runuser -u tiexec-other -- {t} --print-library 2>/dev/null) && echo \"library $lib\" && \
+         runuser -u tiexec-other -- env -i LD_PRELOAD=\"$lib\" TIEXEC_LOG=info TIEXEC_BACKEND=thp TIEXEC_STATE=/tmp {exe} {CALLS} run; \
+         status=$?; {t} --setup --remove >/dev/null; exit $status",
+        t = tiexec.display(),
+        exe = exe.display()
+    );
+    let o = common::run(
+        Command::new("unshare").args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]),
+        T,
+    );
+    o.check(
+        o.status.success(),
+        "the program runs under the system library",
+    );
+    o.check(
+        o.stdout.contains(&format!("library {}", system.display())),
+        "--print-library names the system's copy",
+    );
+    o.check(
+        o.stderr
+            .contains("fixture-pie-64m: text 64.0 MiB, on 2 MiB pages"),
+        "the library worked in the service user's process",
+    );
+    o.check(!system.exists(), "--setup --remove took it away");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What `--check` says stays on 4 KiB pages never adds up to more than an
+/// object's text (the plan counts whole 2 MiB ranges, rodata included).
+#[test]
+fn the_forecast_never_counts_more_small_bytes_than_text() {
+    fn bytes(text: &str) -> Option<f64> {
+        let mut w = text.split_whitespace();
+        let n: f64 = w.next()?.parse().ok()?;
+        let unit = match w.next()? {
+            "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => 1048576.0,
+            "GiB" => 1073741824.0,
+            _ => return None,
+        };
+        Some(n * unit)
+    }
+    for spec in [
+        common::TWO_SEGMENTS,
+        common::HUGE_ALIGNED,
+        common::MERGED_RX,
+    ] {
+        let exe = common::fixture(spec);
+        for backend in ["cache", "thp", "auto"] {
+            let o = common::run(
+                common::tiexec_cmd()
+                    .args(["--check", "--backend", backend, "--cache-dir", "off"])
+                    .arg(&exe),
+                T,
+            );
+            let mut text = 0.0;
+            let mut small = 0.0;
+            for line in o.stdout.lines() {
+                if let Some((_, t)) = line.split_once(": text ") {
+                    text = bytes(t).unwrap_or(0.0);
+                    small = 0.0;
+                } else if line.contains(" on 4 KiB pages") {
+                    small += bytes(line.trim()).unwrap_or(0.0);
+                    // Figures are shown to 0.1 MiB.
+                    o.check(
+                        small <= text + 0.1 * 1048576.0,
+                        &format!("{} -b {backend}: {small} bytes small of {text}", spec.name),
+                    );
+                }
+            }
+        }
+    }
+}
