@@ -204,9 +204,14 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
                 }
             }
             Err(e) => {
-                // Never stop the user's program for our sake; and never let
-                // another user's files make it noisy: said with -v.
-                if verbose {
+                // Never stop the user's program for our sake. A library the
+                // user named is their request: always said (unless logging
+                // is off); where to put the built-in one is ours, and
+                // another user's files must not make the program noisy:
+                // said with -v.
+                let named = args.library.is_some()
+                    || std::env::var_os("TIEXEC_LIBRARY").is_some_and(|v| !v.is_empty());
+                if verbose || (named && !quiet) {
                     eprintln!("tiexec: {e}; running {shown} without tiexec");
                 }
             }
