@@ -282,6 +282,12 @@ fn setup_persists_idempotently_and_remove_undoes_it() {
         state(4),
     ]
     .join(" && ");
+    let system_files = [
+        Path::new("/var/lib/tiexec/setup"),
+        Path::new("/usr/local/lib/tiexec/libtiexec.so"),
+        Path::new("/etc/systemd/system/tiexec-setup.service"),
+    ];
+    let before: Vec<bool> = system_files.iter().map(|f| f.exists()).collect();
     let o = common::run(
         Command::new("unshare").args([
             "--mount",
@@ -295,6 +301,13 @@ fn setup_persists_idempotently_and_remove_undoes_it() {
         T,
     );
     o.check(o.status.success(), "the sequence ran");
+    let after: Vec<bool> = system_files.iter().map(|f| f.exists()).collect();
+    o.check(
+        before == after,
+        &format!(
+            "nothing written outside --root, the unit's run included: {system_files:?} {before:?} -> {after:?}"
+        ),
+    );
     let value = |key: &str| -> Vec<String> {
         o.stdout
             .lines()

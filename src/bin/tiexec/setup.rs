@@ -331,7 +331,7 @@ fn setup(args: &Args, files: &Files) -> Result<(), String> {
         let exe = std::env::current_exe()
             .and_then(std::fs::canonicalize)
             .map_err(|e| format!("cannot name this binary for the unit: {e}"))?;
-        let unit = unit_text(&exe, &dir, pages);
+        let unit = unit_text(&exe, &dir, pages, &args.root);
         write_file(&files.unit, unit.as_bytes(), 0o644)?;
         enable(files)?;
         println!(
@@ -395,7 +395,13 @@ fn mount_options(pages: u64) -> String {
 /// The boot-time unit: the same setup, after the local filesystems and the
 /// sysctl settings (a pool some other program's sysctl sizes is grown, not
 /// replaced), before the services that may use the cache.
-fn unit_text(exe: &Path, dir: &Path, pages: u64) -> String {
+fn unit_text(exe: &Path, dir: &Path, pages: u64, root: &Path) -> String {
+    // Files written under another root stay under it at boot too.
+    let root = if root == Path::new("/") {
+        String::new()
+    } else {
+        format!(" --root {}", root.display())
+    };
     format!(
         "{MARK}\n\
          [Unit]\n\
@@ -406,7 +412,7 @@ fn unit_text(exe: &Path, dir: &Path, pages: u64) -> String {
          [Service]\n\
          Type=oneshot\n\
          RemainAfterExit=yes\n\
-         ExecStart={exe} --setup --pages {pages} --cache-dir {dir}\n\
+         ExecStart={exe} --setup --pages {pages} --cache-dir {dir}{root}\n\
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n",
