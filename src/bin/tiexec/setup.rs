@@ -400,7 +400,7 @@ fn unit_text(exe: &Path, dir: &Path, pages: u64, root: &Path) -> String {
     let root = if root == Path::new("/") {
         String::new()
     } else {
-        format!(" --root {}", root.display())
+        format!(" --root {}", unit_word(root))
     };
     format!(
         "{MARK}\n\
@@ -416,9 +416,33 @@ fn unit_text(exe: &Path, dir: &Path, pages: u64, root: &Path) -> String {
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n",
-        exe = exe.display(),
-        dir = dir.display()
+        exe = unit_word(exe),
+        dir = unit_word(dir)
     )
+}
+
+/// One word of an `ExecStart=` line: systemd splits the line at white
+/// space, so a path holding any is quoted (and its quotes and backslashes
+/// escaped) to reach the program whole; `%` (a specifier) and `$` (a
+/// variable) are doubled wherever they appear.
+fn unit_word(path: &Path) -> String {
+    let text = path
+        .display()
+        .to_string()
+        .replace('%', "%%")
+        .replace('$', "$$");
+    if !text.contains(|c: char| c.is_whitespace() || c == '"' || c == '\\' || c == '\'') {
+        return text;
+    }
+    let mut quoted = String::from("\"");
+    for c in text.chars() {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// Enables the unit (the link `systemctl enable` makes), and tells a
@@ -567,12 +591,34 @@ mod tests {
             Path::new("/usr/local/bin/tiexec"),
             Path::new("/run/tiexec"),
             64,
+            Path::new("/"),
         );
         assert!(u.starts_with(MARK));
         assert!(u.contains("After=local-fs.target systemd-sysctl.service"));
         assert!(u.contains(
-            "ExecStart=/usr/local/bin/tiexec --setup --pages 64 --cache-dir /run/tiexec"
+            "ExecStart=/usr/local/bin/tiexec --setup --pages 64 --cache-dir /run/tiexec\n"
         ));
         assert!(u.contains("WantedBy=multi-user.target"));
+    }
+
+    #[test]
+    fn the_unit_keeps_another_root_and_odd_paths_whole() {
+        let u = unit_text(
+            Path::new("/opt/my tools/tiexec"),
+            Path::new("/run/tiexec"),
+            8,
+            Path::new("/srv/image root"),
+        );
+        assert!(u.contains(
+            "ExecStart=\"/opt/my tools/tiexec\" --setup --pages 8 --cache-dir /run/tiexec \
+             --root \"/srv/image root\"\n"
+        ));
+        let u = unit_text(
+            Path::new("/opt/100%/tiexec"),
+            Path::new("/run/$x"),
+            8,
+            Path::new("/"),
+        );
+        assert!(u.contains("ExecStart=/opt/100%%/tiexec --setup --pages 8 --cache-dir /run/$$x\n"));
     }
 }
