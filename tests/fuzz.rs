@@ -131,6 +131,7 @@ proptest! {
                 "TIEXEC_MIN_TEXT" => config::parse_size(&value).is_some(),
                 "TIEXEC_FAULT" => tiexec::internal::fault::Step::parse(&value).is_some(),
                 "TIEXEC_CACHE" => config::CachePath::parse(&value).is_some(),
+                "TIEXEC_STATE" => value.first() == Some(&b'/'), // "an absolute path"
                 _ => true, // free-form: patterns, report target
             };
             prop_assert_eq!(complained, !value.is_empty() && !accepted, "{} = {:?}", var, value);
