@@ -15,13 +15,41 @@ const T: Duration = Duration::from_secs(120);
 const CALLS: &str = "20000";
 
 /// A directory under /tmp that every user can enter (the test's fixtures
-/// live under the build directory, which a service user may not reach).
-fn open_dir(name: &str) -> PathBuf {
+/// live under the build directory, which a service user may not reach),
+/// removed when the test is done with it.
+struct OpenDir(PathBuf);
+
+fn open_dir(name: &str) -> OpenDir {
     let dir = Path::new("/tmp").join(format!("tiexec-deploy-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
+    OpenDir(dir)
+}
+
+impl std::ops::Deref for OpenDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for OpenDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for OpenDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for OpenDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A copy of `exe` in `dir`, readable and executable by everyone.

@@ -542,6 +542,31 @@ fn cache_listings_escape_other_users_names() {
     all.check(!dir.join(evil).exists(), "--all-users clears every user's");
 }
 
+/// A directory moved aside for a test's lifetime and put back on drop
+/// (after the test removed whatever it made in its place).
+struct MovedAside {
+    path: PathBuf,
+    aside: PathBuf,
+}
+
+impl MovedAside {
+    fn new(path: &Path) -> Option<MovedAside> {
+        let aside = path.with_extension(format!("aside-{}", std::process::id()));
+        std::fs::rename(path, &aside).ok()?;
+        Some(MovedAside {
+            path: path.to_path_buf(),
+            aside,
+        })
+    }
+}
+
+impl Drop for MovedAside {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+        let _ = std::fs::rename(&self.aside, &self.path);
+    }
+}
+
 #[test]
 fn another_users_temporary_directories_make_no_noise() {
     if !root() {
@@ -553,17 +578,16 @@ fn another_users_temporary_directories_make_no_noise() {
     };
     let _shared = SHARED_PLACES.lock().unwrap_or_else(|e| e.into_inner());
     // Without HOME, the wrapper would use root's private directories in the
-    // temporary places: another user made them all first.
+    // temporary places: another user made them all first. Root's own, left
+    // by earlier runs, are moved aside meanwhile and put back after.
     let planted: Vec<PathBuf> = ["/tmp", "/var/tmp", "/dev/shm"]
         .iter()
         .map(|d| Path::new(d).join("tiexec-0"))
         .collect();
-    let kept: Vec<bool> = planted.iter().map(|p| p.exists()).collect();
-    for (dir, existed) in planted.iter().zip(&kept) {
-        if !existed {
-            std::fs::create_dir(dir).unwrap();
-            std::os::unix::fs::chown(dir, Some(other), Some(other)).unwrap();
-        }
+    let _aside: Vec<MovedAside> = planted.iter().filter_map(|p| MovedAside::new(p)).collect();
+    for dir in &planted {
+        std::fs::create_dir(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(other), Some(other)).unwrap();
     }
     let mut cmd = Command::new("env");
     cmd.args([
@@ -577,14 +601,8 @@ fn another_users_temporary_directories_make_no_noise() {
     .arg(common::tiexec_bin())
     .args(["/bin/echo", "hi"]);
     let o = common::run(&mut cmd, T);
-    for (dir, existed) in planted.iter().zip(&kept) {
-        if !existed {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-    if kept.iter().any(|&k| k) {
-        common::skip("a tiexec-0 directory already existed: not this test's to plant");
-        return;
+    for dir in &planted {
+        let _ = std::fs::remove_dir_all(dir);
     }
     o.check(
         o.status.success() && o.stdout == "hi\n" && o.stderr.is_empty(),
