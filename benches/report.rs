@@ -238,6 +238,8 @@ fn build_synthetic(dir: &Path, mib: u64) -> (PathBuf, PathBuf) {
         fixture::rewrite_in_small_pages(&pie);
         fixture::rewrite_in_small_pages(&aligned);
     }
+    settle(&pie);
+    settle(&aligned);
     (pie, aligned)
 }
 
@@ -512,6 +514,7 @@ fn startup(dir: &Path, lib: &Path, cache: &Path, tiexec: &Path, sizes: &[u64]) -
             std::fs::copy(&aligned, &for_image).unwrap();
             fixture::rewrite_in_small_pages(&for_image);
         }
+        settle(&for_image);
         let mut vs = variants(lib, cache, Some(&aligned));
         if let Some(v) = vs.get_mut(1) {
             v.program = Some(for_image.clone());
@@ -1024,7 +1027,28 @@ fn fresh_copy(exe: &Path, dir: &Path, name: &str) -> PathBuf {
     let _ = std::fs::remove_file(&copy);
     std::fs::copy(exe, &copy).unwrap();
     fixture::rewrite_in_small_pages(&copy);
+    settle(&copy);
     copy
+}
+
+/// Waits until `path` last changed longer ago than the image cache's
+/// settling time (`SETTLE_NS`): until then it shares no image of the file
+/// (its timestamps could not tell a second change in the same tick), and a
+/// benchmark of a file written a moment ago would measure private copies
+/// where an installed program gets the shared image.
+fn settle(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    let changed_ns = |s: i64, ns: i64| (s.max(0) as u64) * 1_000_000_000 + ns.max(0) as u64;
+    let changed = changed_ns(meta.mtime(), meta.mtime_nsec())
+        .max(changed_ns(meta.ctime(), meta.ctime_nsec()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let ready = changed + tiexec::internal::cache::SETTLE_NS + 100_000_000;
+    if ready > now {
+        std::thread::sleep(std::time::Duration::from_nanos(ready - now));
+    }
 }
 
 /// A state directory (run history) of its own, empty.
@@ -1289,6 +1313,7 @@ fn default_policy(dir: &Path, tiexec: &Path, cache: &Cache) -> String {
 fn sharing(dir: &Path, lib: &Path, cache: &Cache) -> String {
     let spec = fixture::Spec::new("share-nopie-64m", 64, false);
     let exe = fixture::build(spec, &dir.join("fixtures"));
+    settle(&exe);
     let held = |env: &[(&str, String)]| -> (u64, u64) {
         let before_cache = cache.used_pages();
         let mut children = Vec::new();
@@ -1365,10 +1390,12 @@ fn mdwe(dir: &Path, lib: &Path, cache: &Cache) -> String {
     let _ = writeln!(md, "|---|---|---|");
     for (spec, backend) in [
         (fixture::Spec::new("mdwe-nopie-64m", 64, false), "auto"),
+        (fixture::Spec::new("mdwe-pie-64m", 64, true), "auto"),
         (fixture::Spec::new("mdwe-pie-64m", 64, true), "cache"),
         (fixture::Spec::new("mdwe-pie-64m", 64, true), "thp"),
     ] {
         let exe = fixture::build(spec, &dir.join("fixtures"));
+        settle(&exe);
         let mut c = Command::new(&hostile);
         c.arg("mdwe")
             .arg(&exe)

@@ -111,7 +111,7 @@ pub mod internal {
     pub mod cache {
         pub use crate::cache::{
             entries_in, hugetlbfs_pages, is_hugetlbfs, is_image_path, mapped_under, parse_name,
-            remove_in, user_dirs, Cache, Entry, DEFAULT_ROOT,
+            remove_in, user_dirs, Cache, Entry, DEFAULT_ROOT, SETTLE_NS,
         };
     }
     #[allow(missing_docs)]

@@ -207,7 +207,8 @@ fn exploration_stays_within_its_bounds() {
         "{h:?}"
     );
     // The program named to the wrapper, copy ~5 % of its runs: copied while
-    // learning, one run in four on 4 KiB pages until two were measured.
+    // learning, one run in eight on 4 KiB pages (the second, the tenth)
+    // until two were measured.
     let exe = fresh(PIE, "explore-named");
     let xdg = new_state("explore-named");
     let cmd = wrapped(&exe, &xdg, None, &[]);
