@@ -57,6 +57,15 @@ pub struct HotMap {
     pub objects: Vec<ObjectMap>,
 }
 
+/// What a decision reads of a unit's count: touched, untouched, unknown.
+fn class(count: u8) -> u8 {
+    match count {
+        0 => 0,
+        UNKNOWN => 2,
+        _ => 1,
+    }
+}
+
 fn count_char(c: u8) -> u8 {
     match c {
         UNKNOWN => b'?',
@@ -168,6 +177,27 @@ fn overlap(a: Range, b: Range) -> u64 {
 }
 
 impl HotMap {
+    /// Whether `other` tells the same units apart as touched, untouched
+    /// and unknown, for the same objects in any order (merging reorders
+    /// them): all a decision reads. Counts of touched pages vary from run
+    /// to run by a page or two (fault-around), and a map that differs only
+    /// in them need not be written again.
+    pub fn same_as(&self, other: &HotMap) -> bool {
+        self.objects.len() == other.objects.len()
+            && self.objects.iter().all(|o| {
+                other.objects.iter().any(|p| {
+                    p.path == o.path
+                        && p.identity == o.identity
+                        && p.first_unit == o.first_unit
+                        && p.counts.len() == o.counts.len()
+                        && p.counts
+                            .iter()
+                            .zip(&o.counts)
+                            .all(|(a, b)| class(*a) == class(*b))
+                })
+            })
+    }
+
     /// The map of the object at `path` with `identity`, if kept.
     pub fn object(&self, path: &str, identity: u64) -> Option<&ObjectMap> {
         self.objects
@@ -299,6 +329,32 @@ mod tests {
         let bytes = o.hot_bytes(&runtime, M, bias);
         assert!(bytes == 2 * M || bytes == 3 * M, "{bytes}");
         assert!(map.object("/bin/p", 8).is_none(), "another build");
+        // The same run again, and another object after it: the same map in
+        // another order is the same; a page touched elsewhere is not.
+        let other = [Range::new(0, M)];
+        let measure = |map: &mut HotMap, path: &'static str, present: &[Range], text: &[Range]| {
+            map.merge(&Measurement {
+                path,
+                identity: 7,
+                text,
+                measured: text,
+                present,
+            })
+        };
+        measure(&mut map, "/lib/q.so", &other, &other);
+        let before = map.clone();
+        measure(&mut map, "/bin/p", &present, &text);
+        assert_ne!(map, before, "merging reorders the objects");
+        assert!(map.same_as(&before));
+        // Fewer pages touched in the same huge pages: the same to a decision.
+        let fewer = [
+            Range::new(2 * M + 0x1000, 2 * M + 0x2000),
+            Range::new(5 * M + 0x40000, 5 * M + 0x41000),
+        ];
+        measure(&mut map, "/bin/p", &fewer, &text);
+        assert!(map.same_as(&before));
+        measure(&mut map, "/bin/p", &present[..1], &text);
+        assert!(!map.same_as(&before), "the sixth huge page went cold");
     }
 
     #[test]

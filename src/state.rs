@@ -159,7 +159,12 @@ impl StateDir {
             0,
         )
         .ok()?;
-        let mut buf = vec![0u8; max];
+        // The buffer as large as the record, not as `max` (a hot map may be
+        // 4 MiB at most, and is a few hundred bytes): what is appended
+        // after the size was taken is read next time.
+        let size = sys::fstat(fd.as_fd()).ok()?.st_size;
+        let len = usize::try_from(size).map_or(max, |n| n.min(max));
+        let mut buf = vec![0u8; len];
         let n = sys::pread_full(fd.as_fd(), &mut buf, 0).ok()?;
         buf.truncate(n);
         Some(buf)
@@ -234,8 +239,13 @@ impl StateDir {
         if rate != 0 {
             h.rate_us_per_mib = rate;
         }
-        // Lines beyond the starts still under way are folded in now.
-        if appended_lines(&text) > h.starts().len() {
+        // Lines beyond the starts still under way are folded in once there
+        // are FOLD_LINES of them: every read folds them in memory anyway,
+        // and replacing the record costs more than reading it (ext4 writes
+        // a file renamed over another out at once: ~0.5 ms per process).
+        // A run found killed is folded in at once: the stub, which cannot
+        // fold, loads the library while a record names a process gone.
+        if !gone.is_empty() || appended_lines(&text) >= h.starts().len() + FOLD_LINES {
             let _ = self.write_record(c"runs", &name, format_history(program, &h).as_bytes());
         }
         h
@@ -426,6 +436,11 @@ pub fn run_file_name(program: &str) -> String {
 }
 
 /// Lines after a run record's first three (start and end lines).
+/// Appended lines (beyond the starts of runs under way) a run record
+/// gathers before a reader rewrites it folded: eight runs' start and end
+/// lines, a few hundred bytes (the stub reads the first 4 KiB).
+const FOLD_LINES: usize = 16;
+
 fn appended_lines(text: &[u8]) -> usize {
     text.split(|&b| b == b'\n')
         .skip(3)
@@ -598,8 +613,18 @@ mod tests {
         }
         let n = crate::history::end_line(a, 600, Arm::Copy, &mut buf);
         dir.append_run_line(p, &buf[..n], 412).expect("end");
-        // b is gone (killed), c still runs.
+        // Few lines appended, none of a process gone: read as folded, the
+        // record left as it is.
+        let alive = dir.history(p, |_| true, 0);
+        assert_eq!(alive.starts(), [b, c]);
+        let appended = std::fs::read_to_string(dir.runs_path(p)).expect("record");
+        assert_eq!(appended.lines().count(), 3 + 4, "{appended}");
+        // b is gone (killed), c still runs: folded in at once.
         let h = dir.history(p, |s| s.pid == 12, 0);
+        assert_eq!(
+            std::fs::read_to_string(dir.runs_path(p)).expect("record"),
+            "/usr/bin/prog\nv2 2 412\n600c kp\ns 12 3 c\n"
+        );
         assert_eq!(h.started, 3);
         assert_eq!(h.rate_us_per_mib, 412);
         assert_eq!(
@@ -616,11 +641,33 @@ mod tests {
             ]
         );
         assert_eq!(h.starts(), [c]);
-        // Folded: read again, the same, and c's start line is still there.
-        let again = dir.history(p, |s| s.pid == 12, 0);
-        assert_eq!(again, h);
+        assert_eq!(dir.history(p, |s| s.pid == 12, 0), h, "read again");
+        // Eight more runs of 100 ms: sixteen lines beyond c's start, and
+        // the record is rewritten folded, c's start line still there.
+        for pid in 20..28 {
+            let s = Start {
+                pid,
+                ticks: 4,
+                arm: Arm::Plain,
+            };
+            let n = crate::history::start_line(s, &mut buf);
+            dir.append_run_line(p, &buf[..n], 412).expect("start");
+            let n = crate::history::end_line(s, 100, Arm::Plain, &mut buf);
+            dir.append_run_line(p, &buf[..n], 412).expect("end");
+        }
+        let folded = dir.history(p, |s| s.pid == 12, 0);
+        assert_eq!(folded.runs().len(), 10);
+        assert_eq!(folded.starts(), [c]);
         let text = std::fs::read_to_string(dir.runs_path(p)).expect("record");
-        assert_eq!(text, "/usr/bin/prog\nv2 2 412\n600c kp\ns 12 3 c\n");
+        assert_eq!(
+            text,
+            "/usr/bin/prog\nv2 10 412\n600c kp 100p 100p 100p 100p 100p 100p 100p 100p\ns 12 3 c\n"
+        );
+        assert_eq!(
+            dir.history(p, |s| s.pid == 12, 0),
+            folded,
+            "the same, folded"
+        );
         // Another program's record is not read as this one's.
         assert_eq!(dir.history("/other", |_| true, 0), History::default());
         let _ = std::fs::remove_dir_all(&root);
