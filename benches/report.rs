@@ -1069,24 +1069,20 @@ fn time_wrapped(
     state: &Path,
     cache: &str,
 ) -> f64 {
-    let mut cmd = Command::new(tiexec);
-    cmd.args(flags)
-        .arg(program)
-        .args(args)
-        .env("XDG_CACHE_HOME", state)
-        .env("TIEXEC_CACHE", cache)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let t = Instant::now();
-    let out = cmd.output().expect("run");
-    let s = t.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "{program:?} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    s
+    let argv: Vec<String> = flags
+        .iter()
+        .map(|f| f.to_string())
+        .chain([program.display().to_string()])
+        .chain(args.iter().cloned())
+        .collect();
+    time_run(
+        tiexec,
+        &argv,
+        &[
+            ("XDG_CACHE_HOME", state.display().to_string()),
+            ("TIEXEC_CACHE", cache.to_string()),
+        ],
+    )
 }
 
 /// The arms the program's recorded runs took, oldest first (`c` copied,

@@ -213,9 +213,10 @@ impl StateDir {
 
     /// `program`'s run history, with what processes appended since folded
     /// in: end lines become runs, and start lines of processes `alive` says
-    /// are gone become runs that ended unrecorded (killed). When anything
-    /// was folded, the record is rewritten (atomically), with `rate` (the
-    /// calibrated copy rate, 0: none) in its header for the preload stub.
+    /// are gone become runs that ended unrecorded (killed). The record is
+    /// rewritten folded (atomically, with `rate`, the calibrated copy rate,
+    /// 0: none, in its header for the preload stub) when a run was found
+    /// killed or [`FOLD_LINES`] lines were appended; otherwise only read.
     pub fn history(&self, program: &str, alive: impl Fn(&Start) -> bool, rate: u32) -> History {
         let name = run_file_name(program);
         let Some(text) = self.read_record(c"runs", &name) else {

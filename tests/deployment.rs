@@ -52,6 +52,23 @@ impl Drop for OpenDir {
     }
 }
 
+/// Runs the shell `script` in a mount namespace of its own (private
+/// propagation: nothing it mounts is seen outside).
+fn in_private_mounts(script: &str) -> common::Outcome {
+    common::run(
+        Command::new("unshare").args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]),
+        T,
+    )
+}
+
 /// A copy of `exe` in `dir`, readable and executable by everyone.
 fn public_copy(exe: &Path, dir: &Path) -> PathBuf {
     let copy = dir.join(exe.file_name().unwrap());
@@ -187,18 +204,7 @@ fn a_container_uses_a_bind_mounted_hugetlbfs_through_cache_dir() {
         src = cache.path.display(),
         inside = inside.display(),
     );
-    let o = common::run(
-        Command::new("unshare").args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]),
-        T,
-    );
+    let o = in_private_mounts(&script);
     o.check(o.status.success(), "both runs in the namespace");
     let (first, second) = o.stderr.split_once("---").unwrap_or((&o.stderr, ""));
     o.check(
@@ -316,18 +322,7 @@ fn setup_persists_idempotently_and_remove_undoes_it() {
         Path::new("/etc/systemd/system/tiexec-setup.service"),
     ];
     let before: Vec<bool> = system_files.iter().map(|f| f.exists()).collect();
-    let o = common::run(
-        Command::new("unshare").args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]),
-        T,
-    );
+    let o = in_private_mounts(&script);
     o.check(o.status.success(), "the sequence ran");
     let after: Vec<bool> = system_files.iter().map(|f| f.exists()).collect();
     o.check(
@@ -593,18 +588,7 @@ fn the_system_library_serves_a_service_user() {
         t = tiexec.display(),
         exe = exe.display()
     );
-    let o = common::run(
-        Command::new("unshare").args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]),
-        T,
-    );
+    let o = in_private_mounts(&script);
     o.check(
         o.status.success(),
         "the program runs under the system library",
