@@ -469,26 +469,43 @@ fn a_pool_too_small_for_the_cache_leaves_the_text_and_says_why() {
 
 #[test]
 fn a_pie_program_gets_a_private_image_with_the_cache_backend() {
-    // A PIE loads at a random 4 KiB-aligned base: an image would serve no
-    // other process, so it stays unnamed, private to this one.
+    // A PIE loads at a random base aligned to 4 or 64 KiB: an image would
+    // serve no other process, so it stays unnamed, private to this one.
+    // Now and then (1 in 32 with 64 KiB alignment, as on arm64) the base
+    // falls congruent with the file: then the image is named and shared,
+    // as for any congruent text; the test checks that, and tries again.
     let Some(cache) = CacheMount::new("pie", 64, 72) else {
         return;
     };
-    let exe = fresh(PIE, "pie");
-    let expected = plain(&exe);
-    let seen = common::observe(
-        &mut cached(&exe, &cache, &[("TIEXEC_BACKEND", "cache")]),
-        &exe,
-    );
-    same_output(&seen, &expected);
-    seen.outcome.check(
-        seen.cov.hugetlb + (2 << 20) >= seen.interior,
-        &format!("{:?}", seen.cov),
-    );
-    seen.outcome
-        .check(seen.outcome.stderr.contains("via hugetlb"), "private");
-    assert!(cache.images().is_empty(), "nothing published");
-    assert_eq!(cache.used_pages(), 0, "its pages went with the process");
+    for attempt in 0..6 {
+        let exe = fresh(PIE, &format!("pie-{attempt}"));
+        let expected = plain(&exe);
+        let seen = common::observe(
+            &mut cached(&exe, &cache, &[("TIEXEC_BACKEND", "cache")]),
+            &exe,
+        );
+        same_output(&seen, &expected);
+        seen.outcome.check(
+            seen.cov.hugetlb + (2 << 20) >= seen.interior,
+            &format!("{:?}", seen.cov),
+        );
+        if seen.congruent {
+            seen.outcome.check(
+                seen.outcome.stderr.contains("via cache") && !cache.images().is_empty(),
+                "a PIE loaded congruent by chance gets a shared image",
+            );
+            for image in cache.images() {
+                std::fs::remove_file(&image).expect("remove the shared image");
+            }
+            continue;
+        }
+        seen.outcome
+            .check(seen.outcome.stderr.contains("via hugetlb"), "private");
+        assert!(cache.images().is_empty(), "nothing published");
+        assert_eq!(cache.used_pages(), 0, "its pages went with the process");
+        return;
+    }
+    common::skip("the PIE loaded congruent six times: its private image was not tried");
 }
 
 #[test]

@@ -543,6 +543,25 @@ pub fn text_segments(pid: u32, exe: &Path) -> Vec<Range> {
         .collect()
 }
 
+/// Whether every executable segment of `exe` lies in process `pid` at an
+/// address congruent with its file offset modulo the huge page size. A PIE
+/// loads at a random base aligned to its segments' `p_align` (4 or 64 KiB),
+/// so now and then (1 in 32 with 64 KiB) it lands congruent by chance, and
+/// tiexec rightly treats it as such.
+pub fn text_congruent(pid: u32, exe: &Path) -> bool {
+    let bytes = std::fs::read(exe).expect("read exe");
+    let elf = goblin::elf::Elf::parse(&bytes).expect("parse exe");
+    let bias = load_bias(pid, exe, &elf);
+    let huge = huge_page();
+    elf.program_headers
+        .iter()
+        .filter(|p| {
+            p.p_type == goblin::elf::program_header::PT_LOAD
+                && p.p_flags & goblin::elf::program_header::PF_X != 0
+        })
+        .all(|p| (bias + p.p_vaddr) % huge == p.p_offset % huge)
+}
+
 /// Checks that every read-only segment of `exe` (text, headers, rodata)
 /// holds in process `pid` the same bytes as in the file.
 pub fn read_only_segments_match_file(pid: u32, exe: &Path) -> Result<(), String> {
@@ -584,6 +603,9 @@ pub struct Seen {
     /// The maps lines around the text, while it ran (for failure messages).
     pub near: String,
     pub cov: Coverage,
+    /// Whether every text segment was loaded congruent with its file
+    /// offset modulo the huge page size (see [`text_congruent`]).
+    pub congruent: bool,
     pub stdout_first: String,
     pub outcome: Outcome,
 }
@@ -601,6 +623,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
     let cov = coverage(pid, &segments);
     let reachable = reachable_text(pid, &segments, object);
     let near = maps_near(pid, &segments);
+    let congruent = text_congruent(pid, object);
     let bytes = read_only_segments_match_file(pid, object);
     let wx = writable_executable_mappings(pid);
     let stdout_first = w.first_line.clone();
@@ -619,6 +642,7 @@ pub fn observe(cmd: &mut Command, object: &Path) -> Seen {
         reachable,
         near,
         cov,
+        congruent,
         stdout_first,
         outcome,
     }
@@ -635,6 +659,7 @@ pub fn observe_killed(cmd: &mut Command, object: &Path) -> Seen {
     let cov = coverage(pid, &segments);
     let reachable = reachable_text(pid, &segments, object);
     let near = maps_near(pid, &segments);
+    let congruent = text_congruent(pid, object);
     let stdout_first = w.first_line.clone();
     // SAFETY: kill has no memory preconditions; `pid` is our child.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -650,6 +675,7 @@ pub fn observe_killed(cmd: &mut Command, object: &Path) -> Seen {
         reachable,
         near,
         cov,
+        congruent,
         stdout_first,
         outcome,
     }
