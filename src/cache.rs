@@ -43,6 +43,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use crate::hugetlb_cgroup;
 use crate::plan::huge_page;
 use crate::state::{fnv1a, RateKind, StateDir};
 use crate::sys::{self, Errno, Mapping, Prot};
@@ -253,8 +254,9 @@ pub enum Unusable {
     Off,
     /// No hugetlbfs at the cache's path: `tiexec --setup` makes one.
     NotSetUp,
-    /// The mount has no size limit: it would take pages from the pool that
-    /// belong to the machine's applications.
+    /// The mount has no size limit and no hugetlb cgroup limit bounds this
+    /// process: it would take pages from the pool that belong to the
+    /// machine's applications.
     Unlimited,
     /// The user's directory could not be made or opened.
     UserDir(Errno),
@@ -277,7 +279,7 @@ impl core::fmt::Display for Unusable {
             Unusable::Unlimited => {
                 write!(
                     f,
-                    "the cache's hugetlbfs has no size limit (mount it with size= and min_size=, as tiexec --setup does)"
+                    "the cache's hugetlbfs has no size limit, and no hugetlb cgroup limit bounds this process (mount it with size= and min_size=, as tiexec --setup does, or run in a cgroup with hugetlb.2MB.max set, as Kubernetes does for hugepages-2Mi)"
                 )
             }
             Unusable::UserDir(Errno(libc::EACCES | libc::EPERM | libc::EROFS)) => write!(
@@ -463,20 +465,27 @@ fn on_hugetlbfs(fd: BorrowedFd<'_>) -> bool {
     sys::fstatfs(fd).is_ok_and(|s| s.f_type as u32 == libc::HUGETLBFS_MAGIC as u32)
 }
 
-/// 2 MiB pages the mount at `fd` allows in all, and has free (`None` when it
-/// has no size limit).
+/// 2 MiB pages the cache at `fd` may hold in all, and has free: the mount's
+/// own size (`size=`); for a mount without one (a Kubernetes `HugePages`
+/// volume), the hugetlb limit of this process's cgroup, which charges the
+/// images' pages as the pod's (see `hugetlb_cgroup`). `None`: a mount of
+/// another page size, or one nothing bounds.
 fn mount_pages(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
     let s = sys::fstatfs(fd).ok()?;
-    let total = s.f_blocks;
-    // No limit shows as 0 (no subpool) or as -1 pages.
-    if total == 0 || total >= u64::MAX / 2 || s.f_bsize as u64 != huge_page() {
+    if s.f_bsize as u64 != huge_page() {
         return None;
     }
-    Some((total, s.f_bfree))
+    let total = s.f_blocks;
+    // No size of its own shows as 0 (no subpool) or as -1 pages.
+    if total != 0 && total < u64::MAX / 2 {
+        return Some((total, s.f_bfree));
+    }
+    hugetlb_cgroup::for_this_process(huge_page()).map(|l| (l.pages, l.free))
 }
 
-/// 2 MiB pages in all and free of the hugetlbfs mounted at `path` (`None`:
-/// not a hugetlbfs with a size limit, or not reachable).
+/// 2 MiB pages in all and free of the cache at `path` (`None`: not a
+/// hugetlbfs, not reachable, or bounded neither by its size nor by a
+/// cgroup: see `mount_pages`).
 pub fn hugetlbfs_pages(path: &Path) -> Option<(u64, u64)> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     let fd = sys::open_dir_at(None, &c).ok()?;

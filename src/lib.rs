@@ -65,6 +65,7 @@ pub(crate) mod fault;
 pub(crate) mod forecast;
 pub(crate) mod history;
 pub(crate) mod hotmap;
+pub(crate) mod hugetlb_cgroup;
 pub(crate) mod inspect;
 #[allow(unsafe_code)]
 pub(crate) mod interpose;

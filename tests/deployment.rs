@@ -227,6 +227,234 @@ fn a_container_uses_a_bind_mounted_hugetlbfs_through_cache_dir() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A cgroup v2 of the test's own with the hugetlb controller, removed
+/// (and the controller turned off again if the test turned it on) on drop.
+struct HugetlbCgroup {
+    dir: PathBuf,
+    enabled_here: Option<PathBuf>,
+    mounted_here: Option<PathBuf>,
+}
+
+impl HugetlbCgroup {
+    /// A new cgroup whose `hugetlb.<size>.max` is `limit` bytes; `None` (and
+    /// a visible skip) where the machine has no cgroup v2 with hugetlb.
+    fn new(name: &str, limit: u64) -> Option<HugetlbCgroup> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mut mounted_here = None;
+        let top = match mountinfo
+            .lines()
+            .find(|l| l.contains(" - cgroup2 "))
+            .and_then(|l| l.split(' ').nth(4))
+        {
+            Some(point) => PathBuf::from(point),
+            None => {
+                let point = common::scratch_dir().join(format!("cgroup2-{}", std::process::id()));
+                std::fs::create_dir_all(&point).unwrap();
+                let o = common::run(
+                    Command::new("mount")
+                        .args(["-t", "cgroup2", "none"])
+                        .arg(&point),
+                    T,
+                );
+                if !o.status.success() {
+                    common::skip(format_args!(
+                        "no cgroup v2 here and none can be mounted\n{o}"
+                    ));
+                    return None;
+                }
+                mounted_here = Some(point.clone());
+                point
+            }
+        };
+        let subtree = top.join("cgroup.subtree_control");
+        let on = |p: &Path| {
+            std::fs::read_to_string(p).is_ok_and(|s| s.split_whitespace().any(|c| c == "hugetlb"))
+        };
+        let mut enabled_here = None;
+        if !on(&subtree) {
+            if std::fs::write(&subtree, "+hugetlb").is_err() || !on(&subtree) {
+                common::skip("the hugetlb controller cannot be enabled in cgroup v2 here");
+                return None;
+            }
+            enabled_here = Some(subtree);
+        }
+        let dir = top.join(format!("tiexec-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let size = format!("{}MB", common::witness::huge_page() >> 20);
+        std::fs::write(dir.join(format!("hugetlb.{size}.max")), limit.to_string()).unwrap();
+        Some(HugetlbCgroup {
+            dir,
+            enabled_here,
+            mounted_here,
+        })
+    }
+
+    /// Bytes of huge pages charged to the cgroup now.
+    fn charged(&self) -> u64 {
+        let size = format!("{}MB", common::witness::huge_page() >> 20);
+        std::fs::read_to_string(self.dir.join(format!("hugetlb.{size}.current")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// `cmd`'s words, run by a shell that first moves itself into the cgroup.
+    fn run_inside(&self, cmd: &Command) -> Command {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!(
+                "echo $$ > '{}/cgroup.procs' && exec \"$0\" \"$@\"",
+                self.dir.display()
+            ))
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => sh.env(k, v),
+                None => sh.env_remove(k),
+            };
+        }
+        sh
+    }
+}
+
+impl Drop for HugetlbCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(p) = &self.enabled_here {
+            let _ = std::fs::write(p, "-hugetlb");
+        }
+        if let Some(p) = &self.mounted_here {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
+        }
+    }
+}
+
+/// Kubernetes gives a pod its `hugepages-2Mi` as an `emptyDir` of medium
+/// `HugePages`: a hugetlbfs without `size=`, bounded by the pod's hugetlb
+/// cgroup. The cache grows within that limit and is refused where nothing
+/// bounds the mount; a limit too small for the text leaves part of it on
+/// 4 KiB pages and never harms the program.
+#[test]
+fn a_kubernetes_hugepages_volume_is_bounded_by_the_pods_cgroup() {
+    let huge = common::witness::huge_page();
+    let Some(_pool) = common::PoolGuard::set(48) else {
+        return;
+    };
+    let Some(pod) = HugetlbCgroup::new("pod", 32 * huge) else {
+        return;
+    };
+    let Some(tight) = HugetlbCgroup::new("tight", 4 * huge) else {
+        return;
+    };
+    // Each pod's volume: a hugetlbfs with no size, every user's to write in.
+    struct Volume(PathBuf);
+    impl Drop for Volume {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let volume_for = |pod: &str| {
+        let path = common::scratch_dir().join(format!("k8s-{pod}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        let o = common::run(
+            Command::new("mount")
+                .args(["-t", "hugetlbfs", "-o"])
+                .arg(format!("pagesize={}M,mode=1777", huge >> 20))
+                .arg("none")
+                .arg(&path),
+            T,
+        );
+        if !o.status.success() {
+            common::skip(format_args!("cannot mount hugetlbfs\n{o}"));
+            return None;
+        }
+        Some(Volume(path))
+    };
+    let Some(volume) = volume_for("pod") else {
+        return;
+    };
+    let Some(tight_volume) = volume_for("tight") else {
+        return;
+    };
+    let dir = open_dir("k8s");
+    let exe = common::fresh_copy(&common::fixture(common::NON_PIE), &dir);
+    common::settle(&exe);
+    let plain = common::plain_run(&exe, &[CALLS, "run"]).stdout;
+    let run = |cgroup: Option<&HugetlbCgroup>, volume: &Volume| {
+        let mut cmd = common::tiexec_cmd();
+        cmd.args(["-v", "--no-prime", "-b", "cache", "--cache-dir"])
+            .arg(&volume.0)
+            .arg(&exe)
+            .args([CALLS, "run"]);
+        let o = match cgroup {
+            Some(cg) => common::run(&mut cg.run_inside(&cmd), T),
+            None => common::run(&mut cmd, T),
+        };
+        o.check(
+            o.status.success() && o.stdout == plain,
+            "runs, and prints what it prints without tiexec",
+        );
+        o
+    };
+    let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+    let text_line = |o: &common::Outcome| {
+        o.stderr
+            .lines()
+            .find(|l| l.contains(&name) && l.contains(": text "))
+            .unwrap_or("")
+            .to_string()
+    };
+
+    // Outside any limit: refused, and said why.
+    let o = run(None, &volume);
+    o.check(
+        o.stderr
+            .contains("no hugetlb cgroup limit bounds this process"),
+        "an unbounded mount is refused, with the reason",
+    );
+    // In the pod: the first run builds, the second maps what it built.
+    let first = run(Some(&pod), &volume);
+    first.check(
+        text_line(&first).contains("cache (built)"),
+        "the first run in the pod builds its images",
+    );
+    let charged = pod.charged();
+    first.check(
+        charged >= 8 * huge && charged <= 32 * huge,
+        &format!("the images are charged to the pod: {charged} bytes"),
+    );
+    // Listing: from the pod, its images; from outside, why there is none.
+    let mut list = common::tiexec_cmd();
+    list.args(["--cache", "--cache-dir"]).arg(&volume.0);
+    let inside = common::run(&mut pod.run_inside(&list), T);
+    inside.check(
+        inside.status.success() && inside.stdout.contains(&name),
+        "the pod lists its images",
+    );
+    let outside = common::run(&mut list, T);
+    outside.check(
+        !outside.status.success() && outside.stderr.contains("no size limit"),
+        "outside the pod: why it is no cache",
+    );
+    let second = run(Some(&pod), &volume);
+    second.check(
+        text_line(&second).contains("cache (hit)") && !text_line(&second).contains("cache (built)"),
+        "the second run maps the images",
+    );
+    // A pod whose limit holds 4 pages, with its own volume: at most 4 of
+    // them, the program runs.
+    let o = run(Some(&tight), &tight_volume);
+    let charged = tight.charged();
+    o.check(
+        charged <= 4 * huge && o.stderr.contains("cache full"),
+        &format!("within the tight limit, and said: {charged} bytes"),
+    );
+    println!("pod: {}\ntight pod: {}", text_line(&second), text_line(&o));
+}
+
 /// A hugetlbfs mounted by hand, root's and not writable by others: a
 /// non-root user's run says which cache, what is wrong and what would fix
 /// it, and the program runs.

@@ -118,10 +118,17 @@ pub fn main(argv: impl Iterator<Item = OsString>) -> ExitCode {
         .collect();
     let pages = cache::hugetlbfs_pages(&root);
     if pages.is_none() {
-        eprintln!(
-            "tiexec --cache: no image cache at {} (tiexec --setup makes one)",
-            root.display()
-        );
+        if cache::is_hugetlbfs(&root) {
+            eprintln!(
+                "tiexec --cache: the hugetlbfs at {} has no size limit, and no hugetlb cgroup limit bounds this process: not an image cache here",
+                root.display()
+            );
+        } else {
+            eprintln!(
+                "tiexec --cache: no image cache at {} (tiexec --setup makes one)",
+                root.display()
+            );
+        }
         return ExitCode::from(1);
     }
     let state = StateDir::open_default();
