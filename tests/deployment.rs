@@ -434,6 +434,15 @@ fn a_kubernetes_hugepages_volume_is_bounded_by_the_pods_cgroup() {
         inside.status.success() && inside.stdout.contains(&name),
         "the pod lists its images",
     );
+    let mut check = common::tiexec_cmd();
+    check.args(["--check", "--cache-dir"]).arg(&volume.0);
+    let checked = common::run(&mut pod.run_inside(&check), T);
+    checked.check(
+        checked
+            .stdout
+            .contains("(its size: this process's hugetlb cgroup limit, the mount has none)"),
+        "--check in the pod says what bounds the cache",
+    );
     let outside = common::run(&mut list, T);
     outside.check(
         !outside.status.success() && outside.stderr.contains("no size limit"),

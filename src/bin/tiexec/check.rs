@@ -73,13 +73,16 @@ struct NodePool {
 /// The image cache, as this user would find it.
 enum CacheState {
     /// Set up and usable: its mount, pages in all, free, this user's
-    /// images, and whether its mount reserves its pages (`min_size`).
+    /// images, whether its mount reserves its pages (`min_size`), and
+    /// whether its size is this process's hugetlb cgroup limit (a mount
+    /// without `size=`, as Kubernetes gives a pod).
     Ready {
         root: PathBuf,
         pages: u64,
         free: u64,
         images: usize,
         reserved: bool,
+        by_cgroup: bool,
     },
     /// Not usable (not set up, or not safe): why.
     Unusable { root: PathBuf, why: String },
@@ -206,7 +209,8 @@ fn cache_state() -> CacheState {
         Ok(c) => {
             let (pages, free) = c.pages();
             CacheState::Ready {
-                reserved: mount_reserves_pages(&root),
+                reserved: mount_has_option(&root, "min_size="),
+                by_cgroup: !mount_has_option(&root, "size="),
                 root,
                 pages,
                 free,
@@ -220,16 +224,17 @@ fn cache_state() -> CacheState {
     }
 }
 
-/// Whether the hugetlbfs mounted at `root` reserves its pages (`min_size`
-/// in its options, as `tiexec --setup` mounts it).
-fn mount_reserves_pages(root: &Path) -> bool {
+/// Whether the hugetlbfs mounted at `root` has an option starting with
+/// `option` (`min_size=`: it reserves its pages, as `tiexec --setup` mounts
+/// it; `size=`: it has a size of its own).
+fn mount_has_option(root: &Path, option: &str) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         let (_, at, kind, options) = (f.next(), f.next(), f.next(), f.next().unwrap_or(""));
         at.is_some_and(|a| Path::new(a) == root)
             && kind == Some("hugetlbfs")
-            && options.split(',').any(|o| o.starts_with("min_size="))
+            && options.split(',').any(|o| o.starts_with(option))
     })
 }
 
@@ -605,13 +610,15 @@ fn to_json(c: &Check) -> String {
             free,
             images,
             reserved,
+            by_cgroup,
         } => {
             j.bool("usable", true)
                 .str("root", &root.to_string_lossy())
                 .uint("pages", *pages)
                 .uint("free_pages", *free)
                 .uint("images", *images as u64)
-                .bool("pages_reserved", *reserved);
+                .bool("pages_reserved", *reserved)
+                .bool("bounded_by_cgroup", *by_cgroup);
         }
         CacheState::Unusable { root, why } => {
             j.bool("usable", false)
@@ -728,11 +735,17 @@ fn render(c: &Check) -> String {
             pages,
             free,
             images,
+            by_cgroup,
             ..
         } => writeln!(
             out,
-            "  image cache {}: {pages} pages, {free} free, {images} image(s) of this user",
-            root.display()
+            "  image cache {}: {pages} pages, {free} free, {images} image(s) of this user{}",
+            root.display(),
+            if *by_cgroup {
+                " (its size: this process's hugetlb cgroup limit, the mount has none)"
+            } else {
+                ""
+            }
         ),
         CacheState::Unusable { root, why } => writeln!(
             out,
