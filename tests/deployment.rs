@@ -227,18 +227,33 @@ fn a_container_uses_a_bind_mounted_hugetlbfs_through_cache_dir() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A cgroup v2 of the test's own with the hugetlb controller, removed
-/// (and the controller turned off again if the test turned it on) on drop.
+/// A cgroup of the test's own with the hugetlb controller: in cgroup v2
+/// where the controller can be enabled there, else in a v1 hierarchy the
+/// test mounts. Removed on drop, with whatever the test turned on or
+/// mounted for it.
 struct HugetlbCgroup {
     dir: PathBuf,
+    /// The limit and usage files' last words: `max`/`current` (v2),
+    /// `limit_in_bytes`/`usage_in_bytes` (v1).
+    files: (&'static str, &'static str),
     enabled_here: Option<PathBuf>,
     mounted_here: Option<PathBuf>,
 }
 
 impl HugetlbCgroup {
-    /// A new cgroup whose `hugetlb.<size>.max` is `limit` bytes; `None` (and
-    /// a visible skip) where the machine has no cgroup v2 with hugetlb.
+    /// A new cgroup whose hugetlb limit is `limit` bytes; `None` (and a
+    /// visible skip) where the machine offers the controller in neither.
     fn new(name: &str, limit: u64) -> Option<HugetlbCgroup> {
+        let cg = Self::in_v2(name).or_else(|| Self::in_v1(name));
+        let Some(cg) = cg else {
+            common::skip("the hugetlb cgroup controller is available neither in cgroup v2 nor v1");
+            return None;
+        };
+        std::fs::write(cg.file(cg.files.0), limit.to_string()).unwrap();
+        Some(cg)
+    }
+
+    fn in_v2(name: &str) -> Option<HugetlbCgroup> {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let mut mounted_here = None;
         let top = match mountinfo
@@ -250,16 +265,12 @@ impl HugetlbCgroup {
             None => {
                 let point = common::scratch_dir().join(format!("cgroup2-{}", std::process::id()));
                 std::fs::create_dir_all(&point).unwrap();
-                let o = common::run(
-                    Command::new("mount")
-                        .args(["-t", "cgroup2", "none"])
-                        .arg(&point),
-                    T,
-                );
-                if !o.status.success() {
-                    common::skip(format_args!(
-                        "no cgroup v2 here and none can be mounted\n{o}"
-                    ));
+                let mounted = Command::new("mount")
+                    .args(["-t", "cgroup2", "none"])
+                    .arg(&point)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !mounted {
                     return None;
                 }
                 mounted_here = Some(point.clone());
@@ -273,7 +284,9 @@ impl HugetlbCgroup {
         let mut enabled_here = None;
         if !on(&subtree) {
             if std::fs::write(&subtree, "+hugetlb").is_err() || !on(&subtree) {
-                common::skip("the hugetlb controller cannot be enabled in cgroup v2 here");
+                if let Some(p) = mounted_here {
+                    let _ = Command::new("umount").arg("-l").arg(p).status();
+                }
                 return None;
             }
             enabled_here = Some(subtree);
@@ -281,19 +294,46 @@ impl HugetlbCgroup {
         let dir = top.join(format!("tiexec-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).unwrap();
-        let size = format!("{}MB", common::witness::huge_page() >> 20);
-        std::fs::write(dir.join(format!("hugetlb.{size}.max")), limit.to_string()).unwrap();
         Some(HugetlbCgroup {
             dir,
+            files: ("max", "current"),
             enabled_here,
             mounted_here,
         })
     }
 
+    fn in_v1(name: &str) -> Option<HugetlbCgroup> {
+        let point =
+            common::scratch_dir().join(format!("cgroup-hugetlb-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&point).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "cgroup", "-o", "hugetlb", "none"])
+            .arg(&point)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            return None;
+        }
+        let dir = point.join(format!("tiexec-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        Some(HugetlbCgroup {
+            dir,
+            files: ("limit_in_bytes", "usage_in_bytes"),
+            enabled_here: None,
+            mounted_here: Some(point),
+        })
+    }
+
+    /// The controller's file `hugetlb.<size>.<last>`.
+    fn file(&self, last: &str) -> PathBuf {
+        let size = format!("{}MB", common::witness::huge_page() >> 20);
+        self.dir.join(format!("hugetlb.{size}.{last}"))
+    }
+
     /// Bytes of huge pages charged to the cgroup now.
     fn charged(&self) -> u64 {
-        let size = format!("{}MB", common::witness::huge_page() >> 20);
-        std::fs::read_to_string(self.dir.join(format!("hugetlb.{size}.current")))
+        std::fs::read_to_string(self.file(self.files.1))
             .unwrap()
             .trim()
             .parse()
@@ -322,7 +362,12 @@ impl HugetlbCgroup {
 
 impl Drop for HugetlbCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if let Some(p) = &self.enabled_here {
             let _ = std::fs::write(p, "-hugetlb");
         }
