@@ -666,3 +666,48 @@ fn under_a_tight_address_space_limit_the_program_still_runs() {
         );
     }
 }
+
+#[test]
+fn no_address_space_limit_makes_the_wrapper_abort() {
+    // Below the wrapper's floor the kernel cannot map it (SIGSEGV, as for
+    // any program too big for the limit) or the loader cannot map the C
+    // library (127, the loader's message): no tiexec code runs. From the
+    // floor up the program runs. Between the two there was a band (~150 KiB)
+    // where the wrapper started and then aborted on its first allocation:
+    // malloc grew the heap by 128 KiB more than asked, then fell back to a
+    // 1 MiB mapping. Every limit from 2 to 10 MiB, 32 KiB apart (this is
+    // the debug build, larger than the release one).
+    let wrapper = common::tiexec_bin();
+    let mut floor = None;
+    let mut wrong = Vec::new();
+    for kib in (2048..10240).step_by(32) {
+        let mut c = Command::new("bash");
+        common::isolate(&mut c)
+            .args([
+                "-c",
+                &format!("ulimit -v {kib}; exec \"$@\" /bin/echo hi"),
+                "limit",
+            ])
+            .arg(&wrapper);
+        let o = common::run(&mut c, T);
+        let ran = o.status.success() && o.stdout == "hi\n";
+        let kernel_refused = std::os::unix::process::ExitStatusExt::signal(&o.status)
+            == Some(libc::SIGSEGV)
+            && o.stderr.is_empty();
+        let loader_refused = o.status.code() == Some(127)
+            && (o.stderr.contains("error while loading shared libraries")
+                || o.stderr.contains("cannot allocate TLS"));
+        match (ran, floor) {
+            (true, None) => floor = Some(kib),
+            (true, Some(_)) => {}
+            (false, None) if kernel_refused || loader_refused => {}
+            _ => wrong.push(format!("ulimit -v {kib}: {:?}\n{}", o.status, o.stderr)),
+        }
+    }
+    println!("the wrapper (debug build) starts from ulimit -v {floor:?} KiB");
+    assert!(
+        floor.is_some() && wrong.is_empty(),
+        "below its floor the wrapper never starts, from it the program runs; wrong:\n{}",
+        wrong.join("\n")
+    );
+}

@@ -27,7 +27,7 @@ use crate::path::{self, Linkage, Lookup};
 /// Under an `RLIMIT_AS` below this, the program runs without the preload:
 /// the library needs its margin (`staging::ADDRESS_SPACE_MARGIN`) beyond the
 /// program and a copy of a huge page, or it refuses anyway.
-const TIGHTEST_LIMIT: u64 = tiexec::internal::staging::ADDRESS_SPACE_MARGIN + (32 << 20);
+pub const TIGHTEST_LIMIT: u64 = tiexec::internal::staging::ADDRESS_SPACE_MARGIN + (32 << 20);
 
 /// Words that named tiexec's commands before they became options.
 const FORMER_COMMANDS: [&str; 6] = ["run", "stat", "check", "prime", "setup", "cache"];
