@@ -2,7 +2,8 @@
 //!
 //! Builds `libtiexec.so` once more, in release mode, into `OUT_DIR`, so that
 //! the `tiexec` binary can carry the preload library inside itself
-//! (`include_bytes!`). `cargo install --path .` installs only binaries; with
+//! (in sections of its file that are not loaded, see
+//! src/bin/tiexec/embedded.rs). `cargo install --path .` installs only binaries; with
 //! the library embedded, an installed `tiexec` needs no other file. The
 //! inner build sets `TIEXEC_INNER_BUILD`, which skips this step there.
 //!
@@ -35,11 +36,20 @@ fn main() {
     // Their digests name the extracted copies: the binary finds its own
     // libraries without reading them back.
     for (var, file) in [("LIB", &embedded), ("STUB", &stub)] {
-        println!("cargo:rustc-env=TIEXEC_EMBEDDED_{var}={}", file.display());
+        // The binary takes them in with the assembler's .incbin (into a
+        // section that is not loaded), which quotes the path.
+        let shown = file.display().to_string();
+        assert!(
+            !shown.contains(['"', '\\', '\n']),
+            "the build directory's path must not contain a quote, backslash or newline: {shown}"
+        );
+        let bytes = std::fs::read(file).unwrap_or_default();
+        println!("cargo:rustc-env=TIEXEC_EMBEDDED_{var}={shown}");
         println!(
             "cargo:rustc-env=TIEXEC_EMBEDDED_{var}_DIGEST={:016x}",
-            fnv1a(&std::fs::read(file).unwrap_or_default())
+            fnv1a(&bytes)
         );
+        println!("cargo:rustc-env=TIEXEC_EMBEDDED_{var}_LEN={}", bytes.len());
     }
     println!(
         "cargo:rustc-env=TIEXEC_EMBEDDED_STATICLIB={}",

@@ -180,6 +180,97 @@ fn an_installed_binary_alone_finds_its_library() {
 }
 
 #[test]
+fn the_carried_libraries_are_outside_the_loaded_segments_and_checked_when_read() {
+    // The libraries sit in sections no segment loads: the wrapper's address
+    // space does not hold them (see hostile_use's address-space limits).
+    let wrapper = common::tiexec_bin();
+    let bytes = std::fs::read(&wrapper).unwrap();
+    let elf = goblin::elf::Elf::parse(&bytes).unwrap();
+    let loaded: u64 = elf
+        .program_headers
+        .iter()
+        .filter(|p| p.p_type == goblin::elf::program_header::PT_LOAD)
+        .map(|p| p.p_memsz)
+        .sum();
+    for name in [".tiexec.lib", ".tiexec.stub"] {
+        let s = elf
+            .section_headers
+            .iter()
+            .find(|s| elf.shdr_strtab.get_at(s.sh_name) == Some(name))
+            .unwrap_or_else(|| panic!("{name} in {}", wrapper.display()));
+        assert!(s.sh_size > 0 && s.sh_addr == 0, "{name}: not loaded");
+        assert_eq!(
+            s.sh_flags & u64::from(goblin::elf::section_header::SHF_ALLOC),
+            0
+        );
+    }
+    println!(
+        "the wrapper loads {loaded} bytes of its {} byte file",
+        bytes.len()
+    );
+    // A copy whose library was taken out, or replaced by other bytes of the
+    // same size, runs the program without tiexec and says why (at -v).
+    let dir = common::scratch_dir().join(format!("carried-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib_len = elf
+        .section_headers
+        .iter()
+        .find(|s| elf.shdr_strtab.get_at(s.sh_name) == Some(".tiexec.lib"))
+        .map_or(0, |s| s.sh_size);
+    let other = dir.join("other-bytes");
+    std::fs::write(&other, vec![0x5a; lib_len as usize]).unwrap();
+    let exe = common::fixture(PIE);
+    let expected = common::plain_run(&exe, &["1000", "run"]).stdout;
+    for (case, objcopy_args, says) in [
+        (
+            "without",
+            vec!["--remove-section=.tiexec.lib".to_string()],
+            "has no .tiexec.lib section",
+        ),
+        (
+            "altered",
+            vec![format!("--update-section=.tiexec.lib={}", other.display())],
+            "does not hold the library this tiexec was built with",
+        ),
+    ] {
+        let copy = dir.join(format!("tiexec-{case}"));
+        let o = common::run(
+            Command::new("objcopy")
+                .args(&objcopy_args)
+                .arg(&wrapper)
+                .arg(&copy),
+            T,
+        );
+        o.check(o.status.success(), "objcopy");
+        // In a mount namespace with empty temporary directories: a copy
+        // another run extracted to /tmp/tiexec-UID (named by the same
+        // digest) would be used without reading the section at all.
+        let mut c = Command::new("unshare");
+        common::isolate(&mut c)
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(
+                "for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs none $d || exit 99; done; \
+                 exec \"$0\" \"$@\"",
+            )
+            .arg(&copy)
+            .args(["-v", "-b", "thp"])
+            .arg(&exe)
+            .args(["1000", "run"]);
+        let o = common::run(&mut c, T);
+        o.check(
+            o.status.success() && o.stdout == expected,
+            &format!("{case}: the program runs as without tiexec"),
+        );
+        o.check(
+            o.stderr.contains(says) && o.stderr.contains("without tiexec"),
+            &format!("{case}: says why"),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn an_explicit_library_is_used() {
     let exe = common::fixture(PIE);
     let lib = common::preload_lib();

@@ -672,7 +672,8 @@ fn no_address_space_limit_makes_the_wrapper_abort() {
     // Below the wrapper's floor the kernel cannot map it (SIGSEGV, as for
     // any program too big for the limit) or the loader cannot map the C
     // library (127, the loader's message): no tiexec code runs. From the
-    // floor up the program runs. Between the two there was a band (~150 KiB)
+    // floor up the program runs, the libraries the wrapper carries read
+    // from its file where they must be written (they are not loaded). Between the two there was a band (~150 KiB)
     // where the wrapper started and then aborted on its first allocation:
     // malloc grew the heap by 128 KiB more than asked, then fell back to a
     // 1 MiB mapping. Every limit from 2 to 10 MiB, 32 KiB apart (this is

@@ -8,39 +8,132 @@
 //! a cache directory on a `noexec` mount (or one a security module forbids)
 //! would make the loader refuse the preload in every process.
 
+//!
+//! The libraries' bytes are in the binary's file but not in its memory: they
+//! sit in sections no segment loads (`.tiexec.lib`, `.tiexec.stub`), read
+//! from the file only when a copy is written. Loaded, they would be 0.9 MB
+//! of every wrapper's address space, which under a tight `RLIMIT_AS` is the
+//! difference between running the program and the loader failing.
+
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// One library carried inside the binary.
+/// One library carried inside the binary's file.
 struct Embedded {
     /// Its file name's stem.
     stem: &'static str,
-    /// Its bytes, built by build.rs from these same sources.
-    bytes: &'static [u8],
-    /// Their digest, computed by build.rs.
+    /// The name of the section of this binary's file that holds its bytes
+    /// (a function: see [`sections`]).
+    section: fn() -> &'static str,
+    /// Their length, computed by build.rs.
+    len: u64,
+    /// Their digest (FNV-1a), computed by build.rs.
     digest: &'static str,
+}
+
+/// A decimal number given by build.rs, at compile time.
+const fn parse_len(s: &str) -> u64 {
+    let b = s.as_bytes();
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < b.len() {
+        assert!(b[i].is_ascii_digit(), "build.rs gives lengths in decimal");
+        n = n * 10 + (b[i] - b'0') as u64;
+        i += 1;
+    }
+    n
+}
+
+/// The sections: not allocated (no "a" flag), so no segment maps them;
+/// kept by the linker's garbage collection through the retain flag ("R",
+/// SHF_GNU_RETAIN) and, for linkers older than that flag, because this
+/// module's object holds the functions that name them, which the reader
+/// calls: an object none of whose code is used is dropped whole, non-alloc
+/// sections included. Only data, no code: nothing here runs, which is the
+/// lint's concern.
+#[allow(unsafe_code)]
+mod sections {
+    std::arch::global_asm!(concat!(
+        ".pushsection .tiexec.lib,\"R\",%progbits\n",
+        ".incbin \"",
+        env!("TIEXEC_EMBEDDED_LIB"),
+        "\"\n",
+        ".popsection\n",
+        ".pushsection .tiexec.stub,\"R\",%progbits\n",
+        ".incbin \"",
+        env!("TIEXEC_EMBEDDED_STUB"),
+        "\"\n",
+        ".popsection\n",
+    ));
+
+    /// The full library's section name (see the note above on why this is
+    /// a function here).
+    #[inline(never)]
+    pub fn name_of_full() -> &'static str {
+        ".tiexec.lib"
+    }
+
+    /// The stub's section name.
+    #[inline(never)]
+    pub fn name_of_stub() -> &'static str {
+        ".tiexec.stub"
+    }
 }
 
 const FULL: Embedded = Embedded {
     stem: "libtiexec",
-    bytes: include_bytes!(env!("TIEXEC_EMBEDDED_LIB")),
+    section: sections::name_of_full,
+    len: parse_len(env!("TIEXEC_EMBEDDED_LIB_LEN")),
     digest: env!("TIEXEC_EMBEDDED_LIB_DIGEST"),
 };
 
 const STUB: Embedded = Embedded {
     stem: "libtiexec-stub",
-    bytes: include_bytes!(env!("TIEXEC_EMBEDDED_STUB")),
+    section: sections::name_of_stub,
+    len: parse_len(env!("TIEXEC_EMBEDDED_STUB_LEN")),
     digest: env!("TIEXEC_EMBEDDED_STUB_DIGEST"),
 };
+
+impl Embedded {
+    /// Its bytes, read from this binary's file, checked against the length
+    /// and digest build.rs computed.
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        let name = (self.section)();
+        let exe = std::fs::read("/proc/self/exe")
+            .map_err(|e| format!("reading this tiexec's own file: {e}"))?;
+        let elf =
+            goblin::elf::Elf::parse(&exe).map_err(|e| format!("this tiexec's own file: {e}"))?;
+        let section = elf
+            .section_headers
+            .iter()
+            .find(|s| elf.shdr_strtab.get_at(s.sh_name) == Some(name))
+            .ok_or_else(|| format!("this tiexec's file has no {name} section"))?;
+        let start = usize::try_from(section.sh_offset).map_err(|e| e.to_string())?;
+        let len = usize::try_from(self.len).map_err(|e| e.to_string())?;
+        let bytes = exe
+            .get(start..start.saturating_add(len))
+            .filter(|_| section.sh_size == self.len)
+            .ok_or_else(|| format!("{name} holds {} bytes, not {}", section.sh_size, self.len))?;
+        if format!("{:016x}", tiexec::internal::state::fnv1a(bytes)) != self.digest {
+            return Err(format!(
+                "{name} does not hold the library this tiexec was built with"
+            ));
+        }
+        Ok(bytes.to_vec())
+    }
+}
 
 /// Where `tiexec --setup` installs the full library, for a hand-written
 /// `LD_PRELOAD` and for services (root's, readable by every user).
 pub const SYSTEM_LIBRARY: &str = "/usr/local/lib/tiexec/libtiexec.so";
 
 /// The full library's bytes (empty when this binary was built without).
-pub fn full_library() -> &'static [u8] {
-    FULL.bytes
+pub fn full_library() -> Result<Vec<u8>, String> {
+    if FULL.len == 0 {
+        return Ok(Vec::new());
+    }
+    FULL.bytes()
 }
 
 /// The library to name in `LD_PRELOAD`: the system's when `tiexec --setup`
@@ -48,9 +141,10 @@ pub fn full_library() -> &'static [u8] {
 /// needed). `true` with the system's.
 pub fn library_for_preload() -> Result<(PathBuf, bool), Unplaced> {
     let system = Path::new(SYSTEM_LIBRARY);
-    let installed = std::fs::symlink_metadata(system).is_ok_and(|m| {
-        m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0 && m.len() == FULL.bytes.len() as u64
-    }) && std::fs::read(system).is_ok_and(|b| b == FULL.bytes);
+    let installed = std::fs::symlink_metadata(system)
+        .is_ok_and(|m| m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0 && m.len() == FULL.len)
+        && std::fs::read(system)
+            .is_ok_and(|b| format!("{:016x}", tiexec::internal::state::fnv1a(&b)) == FULL.digest);
     if installed {
         return Ok((system.to_path_buf(), true));
     }
@@ -167,8 +261,9 @@ fn place_one(dir: &Path, lib: &Embedded) -> Result<PathBuf, String> {
     ));
     let uid = tiexec::internal::sys::real_uid();
     let ours = std::fs::symlink_metadata(&path)
-        .is_ok_and(|m| m.is_file() && m.uid() == uid && m.len() == lib.bytes.len() as u64);
+        .is_ok_and(|m| m.is_file() && m.uid() == uid && m.len() == lib.len);
     if !ours {
+        let bytes = lib.bytes()?;
         let tmp = dir.join(format!(".{}-{}.tmp", lib.stem, std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
@@ -179,7 +274,7 @@ fn place_one(dir: &Path, lib: &Embedded) -> Result<PathBuf, String> {
             .open(&tmp)
             .map_err(|e| e.to_string())?;
         let written = f
-            .write_all(lib.bytes)
+            .write_all(&bytes)
             .and_then(|()| f.sync_all())
             .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
             .and_then(|()| std::fs::rename(&tmp, &path));
@@ -238,7 +333,7 @@ fn remove_old_versions(dir: &Path, current: &Placed) {
 
 /// The paths of the libraries, written where they can serve if needed.
 pub fn libraries() -> Result<Placed, Unplaced> {
-    if FULL.bytes.is_empty() || STUB.bytes.is_empty() {
+    if FULL.len == 0 || STUB.len == 0 {
         return Err(Unplaced::NotEmbedded);
     }
     if tiexec::internal::sys::identity_unmapped() {

@@ -20,8 +20,8 @@
 // that only execs another; std works the same (arguments come from the
 // C runtime on this target). The unit tests keep the test harness's main.
 #![cfg_attr(not(test), no_main)]
-// System calls go through the library's `sys`; the only exception is the C
-// entry point below.
+// System calls go through the library's `sys`; the only exceptions are the
+// C entry point below and the sections `embedded` assembles (data only).
 #![deny(unsafe_code)]
 #![cfg_attr(
     not(test),

@@ -317,10 +317,11 @@ fn setup(args: &Args, files: &Files) -> Result<(), String> {
     }
 
     // 2. The library, for LD_PRELOAD by hand and for services.
-    if crate::embedded::full_library().is_empty() {
+    let library = crate::embedded::full_library()?;
+    if library.is_empty() {
         return Err("this tiexec was built without its library".into());
     }
-    write_file(&files.library, crate::embedded::full_library(), 0o755)?;
+    write_file(&files.library, &library, 0o755)?;
     println!(
         "  library for LD_PRELOAD: {} (tiexec --print-library)",
         files.library.display()
