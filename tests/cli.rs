@@ -243,14 +243,21 @@ fn the_carried_libraries_are_outside_the_loaded_segments_and_checked_when_read()
             T,
         );
         o.check(o.status.success(), "objcopy");
-        // In a mount namespace with empty temporary directories: a copy
-        // another run extracted to /tmp/tiexec-UID (named by the same
-        // digest) would be used without reading the section at all.
+        // In a mount namespace where the wrapper's fallback directories
+        // (/tmp, /var/tmp, /dev/shm tiexec-UID) are empty: a copy another
+        // run extracted there (named by the same digest) would be used
+        // without reading the section at all. (Only those directories: the
+        // build itself may live under /tmp.)
+        let private = dir.join(format!("tmpdir-{case}"));
+        std::fs::create_dir_all(&private).unwrap();
         let mut c = Command::new("unshare");
         common::isolate(&mut c)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("TMPDIR", &private)
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(
-                "for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs none $d || exit 99; done; \
+                "for d in /tmp /var/tmp /dev/shm; do p=$d/tiexec-$(id -u); \
+                 mkdir -p $p && mount -t tmpfs -o mode=700 none $p || exit 99; done; \
                  exec \"$0\" \"$@\"",
             )
             .arg(&copy)
