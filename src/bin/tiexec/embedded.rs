@@ -7,7 +7,6 @@
 //! cannot write to, and only if a library there can be mapped executable:
 //! a cache directory on a `noexec` mount (or one a security module forbids)
 //! would make the loader refuse the preload in every process.
-
 //!
 //! The libraries' bytes are in the binary's file but not in its memory: they
 //! sit in sections no segment loads (`.tiexec.lib`, `.tiexec.stub`), read
@@ -95,6 +94,11 @@ const STUB: Embedded = Embedded {
     digest: env!("TIEXEC_EMBEDDED_STUB_DIGEST"),
 };
 
+/// `bytes`' digest as build.rs writes it (FNV-1a, 16 hex digits).
+fn digest_of(bytes: &[u8]) -> String {
+    format!("{:016x}", tiexec::internal::state::fnv1a(bytes))
+}
+
 impl Embedded {
     /// Its bytes, read from this binary's file, checked against the length
     /// and digest build.rs computed.
@@ -115,7 +119,7 @@ impl Embedded {
             .get(start..start.saturating_add(len))
             .filter(|_| section.sh_size == self.len)
             .ok_or_else(|| format!("{name} holds {} bytes, not {}", section.sh_size, self.len))?;
-        if format!("{:016x}", tiexec::internal::state::fnv1a(bytes)) != self.digest {
+        if digest_of(bytes) != self.digest {
             return Err(format!(
                 "{name} does not hold the library this tiexec was built with"
             ));
@@ -143,8 +147,7 @@ pub fn library_for_preload() -> Result<(PathBuf, bool), Unplaced> {
     let system = Path::new(SYSTEM_LIBRARY);
     let installed = std::fs::symlink_metadata(system)
         .is_ok_and(|m| m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0 && m.len() == FULL.len)
-        && std::fs::read(system)
-            .is_ok_and(|b| format!("{:016x}", tiexec::internal::state::fnv1a(&b)) == FULL.digest);
+        && std::fs::read(system).is_ok_and(|b| digest_of(&b) == FULL.digest);
     if installed {
         return Ok((system.to_path_buf(), true));
     }
