@@ -106,20 +106,28 @@ fn a_primed_program_is_left_to_the_kernel_in_process() {
     let o = w.finish(T);
     let what = format!("interior {interior}, coverage {cov:?}");
     o.check(o.status.success(), "runs");
+    // The page cache serves the interior. Its 2 MiB folios are the
+    // kernel's to keep: one may be split or reclaimed between the priming
+    // and the run (seen once in CI, late in a full run); tiexec then copies
+    // that one and no other. Never more than one.
+    let huge = common::witness::huge_page();
     o.check(
-        cov.file_thp >= interior,
-        &format!("page cache serves the interior; {what}"),
+        cov.file_thp + huge >= interior && cov.file_thp + cov.anon_thp >= interior,
+        &format!("page cache serves the interior, tiexec copies only a gap; {what}"),
     );
     let line = o
         .stderr
         .lines()
         .find(|l| l.contains("zc-pie-aligned-24m: text"))
         .unwrap_or("");
-    let already = interior / (2 << 20);
+    let already = cov.file_thp / huge;
     o.check(
         line.contains(&format!(", {already} already)")),
-        &format!("reports {already} pages already huge, not copied; {what}"),
+        &format!("reports the {already} pages already huge, not copied; {what}"),
     );
+    if cov.file_thp < interior {
+        println!("one folio lost between priming and the run, copied: {line}");
+    }
     let _ = std::fs::remove_dir_all(exe.parent().unwrap());
 }
 
