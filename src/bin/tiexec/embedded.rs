@@ -53,7 +53,21 @@ const fn parse_len(s: &str) -> u64 {
 /// lint's concern.
 #[allow(unsafe_code)]
 mod sections {
+    // The digests, as local symbols: `.incbin` names a file whose path
+    // never changes, so without them an incremental build would see the
+    // same assembly and keep an object holding the old bytes (seen: the
+    // check in `bytes` caught it). With them, new bytes are new text.
     std::arch::global_asm!(concat!(
+        ".set .Ltiexec_lib_",
+        env!("TIEXEC_EMBEDDED_LIB_DIGEST"),
+        ", ",
+        env!("TIEXEC_EMBEDDED_LIB_LEN"),
+        "\n",
+        ".set .Ltiexec_stub_",
+        env!("TIEXEC_EMBEDDED_STUB_DIGEST"),
+        ", ",
+        env!("TIEXEC_EMBEDDED_STUB_LEN"),
+        "\n",
         ".pushsection .tiexec.lib,\"R\",%progbits\n",
         ".incbin \"",
         env!("TIEXEC_EMBEDDED_LIB"),
