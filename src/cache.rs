@@ -43,7 +43,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::hugetlb_cgroup;
+use crate::cgroup;
 use crate::plan::huge_page;
 use crate::state::{fnv1a, RateKind, StateDir};
 use crate::sys::{self, Errno, Mapping, Prot};
@@ -468,7 +468,7 @@ fn on_hugetlbfs(fd: BorrowedFd<'_>) -> bool {
 /// 2 MiB pages the cache at `fd` may hold in all, and has free: the mount's
 /// own size (`size=`); for a mount without one (a Kubernetes `HugePages`
 /// volume), the hugetlb limit of this process's cgroup, which charges the
-/// images' pages as the pod's (see `hugetlb_cgroup`). `None`: a mount of
+/// images' pages as the pod's (see `cgroup`). `None`: a mount of
 /// another page size, or one nothing bounds.
 fn mount_pages(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
     let s = sys::fstatfs(fd).ok()?;
@@ -480,7 +480,7 @@ fn mount_pages(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
     if total != 0 && total < u64::MAX / 2 {
         return Some((total, s.f_bfree));
     }
-    hugetlb_cgroup::for_this_process(huge_page()).map(|l| (l.pages, l.free))
+    cgroup::hugetlb_pages(huge_page())
 }
 
 /// 2 MiB pages in all and free of the cache at `path` (`None`: not a

@@ -1,64 +1,96 @@
-//! The hugetlb limit this process's cgroup sets: what bounds an image cache
-//! on a hugetlbfs mounted without `size=`.
+//! The limits this process's cgroups set, read the same way for every
+//! controller: the tightest over the process's cgroup and its ancestors
+//! visible under the hierarchy's mount, in cgroup v2 or a v1 hierarchy.
 //!
-//! Kubernetes gives a pod its `hugepages-2Mi` as an `emptyDir` of medium
-//! `HugePages`: a hugetlbfs with no size of its own, bounded by the pod's
-//! hugetlb cgroup (`hugetlb.2MB.max` in cgroup v2, `limit_in_bytes` in v1),
-//! which charges every page a process of the pod faults in, image files
-//! included, until they are freed. That limit is the pod's own allowance, so
-//! within it the cache may grow; with no limit anywhere up the cgroup tree
-//! an unlimited mount would take the machine's pool, and the cache refuses
-//! it (see `cache::Unusable::Unlimited`).
+//! Two users: the memory controller bounds private THP copies (over its
+//! limit the kernel reclaims and may OOM-kill: `staging` checks the room
+//! first), and the hugetlb controller bounds an image cache on a hugetlbfs
+//! mounted without `size=`. Kubernetes gives a pod its `hugepages-2Mi` as an
+//! `emptyDir` of medium `HugePages`: a hugetlbfs with no size of its own,
+//! bounded by the pod's hugetlb cgroup (`hugetlb.2MB.max` in v2,
+//! `limit_in_bytes` in v1), which charges every page a process of the pod
+//! faults in, image files included, until they are freed. That limit is the
+//! pod's own allowance, so within it the cache may grow; with no limit
+//! anywhere up the tree an unlimited mount would take the machine's pool,
+//! and the cache refuses it (see `cache::Unusable::Unlimited`).
 //!
 //! Inputs: `/proc/self/cgroup` (which cgroup, per hierarchy),
 //! `/proc/self/mountinfo` (where that hierarchy is mounted and which of its
-//! cgroups is the mount's root), and the controller's files of the cgroup
-//! and each ancestor visible under the mount. Output: the tightest limit in
-//! huge pages and what is left of it. No effect. A limit the files cannot
-//! be found or read for counts as none.
+//! cgroups is the mount's root: the mount point is not assumed, hybrid
+//! systems mount v2 at `/sys/fs/cgroup/unified`), and the controller's files
+//! of the cgroup and each ancestor. Output: the tightest limit and what is
+//! left of it. No effect. A limit whose files cannot be found or read counts
+//! as none.
 
 use std::path::{Path, PathBuf};
 
-/// A finite hugetlb limit on this process, the tightest over its cgroup and
-/// the ancestors visible to it, in huge pages.
+/// A finite limit on this process, the tightest over its cgroup and the
+/// ancestors visible to it, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limit {
-    /// Pages the limit allows in all.
-    pub pages: u64,
-    /// Pages still free under it (the limit less what is charged).
+    /// Bytes the limit allows in all.
+    pub bytes: u64,
+    /// Bytes still free under it (the limit less what is charged).
     pub free: u64,
 }
 
-/// The hugetlb limit on this process for pages of `huge` bytes, if any
-/// cgroup up its tree sets a finite one.
-pub fn for_this_process(huge: u64) -> Option<Limit> {
-    let size = size_name(huge)?;
+/// The tightest finite limit on this process that `controller`'s files
+/// set, if any cgroup up its tree sets one. `v2` and `v1` are the
+/// `(limit, usage)` file names in each generation, several where the
+/// controller has several limits (hugetlb: faults and reservations).
+pub fn limit(controller: &str, v2: &[(&str, &str)], v1: &[(&str, &str)]) -> Option<Limit> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let (v2, v1) = hugetlb_cgroups(&cgroups);
+    let (v2_cgroup, v1_cgroup) = cgroups_of(&cgroups, controller);
     let mut tightest: Option<Limit> = None;
-    for (version, cgroup) in [(Version::V2, v2), (Version::V1, v1)] {
+    for (version, cgroup, pairs) in [(Version::V2, v2_cgroup, v2), (Version::V1, v1_cgroup, v1)] {
         let Some(cgroup) = cgroup else { continue };
-        let Some(mount) = mount_of(&mounts, version) else {
+        let Some(mount) = mount_of(&mounts, version, controller) else {
             continue;
         };
         let Some(dir) = cgroup_dir(&mount, cgroup) else {
             continue;
         };
-        if let Some(l) = limit_up_from(&dir, &mount.point, version, &size, huge) {
+        if let Some(l) = limit_up_from(&dir, &mount.point, pairs) {
             tightest = Some(tighter(tightest, l));
         }
     }
     tightest
 }
 
-/// The cgroup hierarchies' generations, whose files are named differently.
+/// The memory limit on this process (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`).
+pub fn memory() -> Option<Limit> {
+    limit(
+        "memory",
+        &[("memory.max", "memory.current")],
+        &[("memory.limit_in_bytes", "memory.usage_in_bytes")],
+    )
+}
+
+/// The hugetlb limit on this process for pages of `huge` bytes, in pages:
+/// `(in all, free)`. Faults and reservations (`rsvd`) both bound it.
+pub fn hugetlb_pages(huge: u64) -> Option<(u64, u64)> {
+    let size = size_name(huge)?;
+    let f = |name: &str| format!("hugetlb.{size}.{name}");
+    let (max, current) = (f("max"), f("current"));
+    let (rsvd_max, rsvd_current) = (f("rsvd.max"), f("rsvd.current"));
+    let (limit_in, usage_in) = (f("limit_in_bytes"), f("usage_in_bytes"));
+    let (rsvd_limit_in, rsvd_usage_in) = (f("rsvd.limit_in_bytes"), f("rsvd.usage_in_bytes"));
+    limit(
+        "hugetlb",
+        &[(&max, &current), (&rsvd_max, &rsvd_current)],
+        &[(&limit_in, &usage_in), (&rsvd_limit_in, &rsvd_usage_in)],
+    )
+    .map(|l| (l.bytes / huge, l.free / huge))
+}
+
+/// The cgroup hierarchies' generations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Version {
-    /// The unified hierarchy: `hugetlb.2MB.max`, `hugetlb.2MB.current`.
+    /// The unified hierarchy.
     V2,
-    /// A v1 hierarchy with the hugetlb controller:
-    /// `hugetlb.2MB.limit_in_bytes`, `hugetlb.2MB.usage_in_bytes`.
+    /// A v1 hierarchy holding the controller.
     V1,
 }
 
@@ -79,9 +111,9 @@ fn size_name(huge: u64) -> Option<String> {
     })
 }
 
-/// This process's cgroup in the unified hierarchy (`0::PATH`) and in a v1
-/// hierarchy holding the hugetlb controller (`N:...,hugetlb,...:PATH`).
-fn hugetlb_cgroups(proc_cgroup: &str) -> (Option<&str>, Option<&str>) {
+/// This process's cgroup in the unified hierarchy (`0::PATH`) and in the v1
+/// hierarchy holding `controller` (`N:...,controller,...:PATH`).
+fn cgroups_of<'a>(proc_cgroup: &'a str, controller: &str) -> (Option<&'a str>, Option<&'a str>) {
     let mut v2 = None;
     let mut v1 = None;
     for line in proc_cgroup.lines() {
@@ -93,7 +125,7 @@ fn hugetlb_cgroups(proc_cgroup: &str) -> (Option<&str>, Option<&str>) {
         };
         if id == "0" && controllers.is_empty() {
             v2 = Some(path);
-        } else if controllers.split(',').any(|c| c == "hugetlb") {
+        } else if controllers.split(',').any(|c| c == controller) {
             v1 = Some(path);
         }
     }
@@ -109,9 +141,9 @@ struct Mount {
     root: String,
 }
 
-/// The mount of the unified hierarchy, or of the v1 hierarchy holding the
-/// hugetlb controller, from `/proc/self/mountinfo`.
-fn mount_of(mountinfo: &str, version: Version) -> Option<Mount> {
+/// The mount of the unified hierarchy, or of the v1 hierarchy holding
+/// `controller`, from `/proc/self/mountinfo`.
+fn mount_of(mountinfo: &str, version: Version, controller: &str) -> Option<Mount> {
     for line in mountinfo.lines() {
         // ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
         let Some((before, after)) = line.split_once(" - ") else {
@@ -129,7 +161,7 @@ fn mount_of(mountinfo: &str, version: Version) -> Option<Mount> {
             Version::V2 => fstype == "cgroup2",
             Version::V1 => {
                 fstype == "cgroup"
-                    && super_options.is_some_and(|o| o.split(',').any(|c| c == "hugetlb"))
+                    && super_options.is_some_and(|o| o.split(',').any(|c| c == controller))
             }
         };
         if wanted {
@@ -187,11 +219,11 @@ fn cgroup_dir(mount: &Mount, cgroup: &str) -> Option<PathBuf> {
 
 /// The tightest finite limit from `dir` up to `top` (the mount point)
 /// inclusive.
-fn limit_up_from(dir: &Path, top: &Path, version: Version, size: &str, huge: u64) -> Option<Limit> {
+fn limit_up_from(dir: &Path, top: &Path, pairs: &[(&str, &str)]) -> Option<Limit> {
     let mut tightest = None;
     let mut at = Some(dir);
     while let Some(d) = at {
-        if let Some(l) = limit_in(d, version, size, huge) {
+        if let Some(l) = limit_in(d, pairs) {
             tightest = Some(tighter(tightest, l));
         }
         if d == top {
@@ -202,28 +234,21 @@ fn limit_up_from(dir: &Path, top: &Path, version: Version, size: &str, huge: u64
     tightest
 }
 
-/// The finite limit one cgroup sets (faults, and in v2 reservations too).
-fn limit_in(dir: &Path, version: Version, size: &str, huge: u64) -> Option<Limit> {
-    let read = |name: String| std::fs::read_to_string(dir.join(name)).ok();
-    let pairs: &[(&str, &str)] = match version {
-        Version::V2 => &[("max", "current"), ("rsvd.max", "rsvd.current")],
-        Version::V1 => &[
-            ("limit_in_bytes", "usage_in_bytes"),
-            ("rsvd.limit_in_bytes", "rsvd.usage_in_bytes"),
-        ],
-    };
+/// The finite limit one cgroup sets, the tightest of its `(limit, usage)`
+/// file pairs.
+fn limit_in(dir: &Path, pairs: &[(&str, &str)]) -> Option<Limit> {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
     let mut tightest = None;
     for (limit, usage) in pairs {
-        let Some(max) = read(format!("hugetlb.{size}.{limit}")).and_then(|t| bytes_limit(&t))
-        else {
+        let Some(max) = read(limit).and_then(|t| bytes_limit(&t)) else {
             continue;
         };
-        let used = read(format!("hugetlb.{size}.{usage}"))
+        let used = read(usage)
             .and_then(|t| t.trim().parse::<u64>().ok())
             .unwrap_or(max);
         let l = Limit {
-            pages: max / huge,
-            free: max.saturating_sub(used) / huge,
+            bytes: max,
+            free: max.saturating_sub(used),
         };
         tightest = Some(tighter(tightest, l));
     }
@@ -240,13 +265,13 @@ fn bytes_limit(text: &str) -> Option<u64> {
     t.parse::<u64>().ok().filter(|&b| b < 1 << 60)
 }
 
-/// The tighter of two limits, each bound kept (a level with more pages may
-/// have fewer left).
+/// The tighter of two limits, each bound kept (a level with more room may
+/// have less left).
 fn tighter(a: Option<Limit>, b: Limit) -> Limit {
     match a {
         None => b,
         Some(a) => Limit {
-            pages: a.pages.min(b.pages),
+            bytes: a.bytes.min(b.bytes),
             free: a.free.min(b.free),
         },
     }
@@ -266,16 +291,21 @@ mod tests {
     }
 
     #[test]
-    fn the_cgroups_holding_hugetlb_are_found() {
+    fn the_cgroups_holding_a_controller_are_found() {
         let mixed = "12:hugetlb:/kubepods/pod1/c1\n4:memory:/x\n0::/kubepods/pod1/c1\n";
         assert_eq!(
-            hugetlb_cgroups(mixed),
+            cgroups_of(mixed, "hugetlb"),
             (Some("/kubepods/pod1/c1"), Some("/kubepods/pod1/c1"))
         );
+        assert_eq!(
+            cgroups_of(mixed, "memory"),
+            (Some("/kubepods/pod1/c1"), Some("/x"))
+        );
         let v1_shared = "3:cpu,hugetlb:/a\n1:name=systemd:/\n";
-        assert_eq!(hugetlb_cgroups(v1_shared), (None, Some("/a")));
-        assert_eq!(hugetlb_cgroups("0::/\n"), (Some("/"), None));
-        assert_eq!(hugetlb_cgroups("garbage\n"), (None, None));
+        assert_eq!(cgroups_of(v1_shared, "hugetlb"), (None, Some("/a")));
+        assert_eq!(cgroups_of(v1_shared, "memory"), (None, None));
+        assert_eq!(cgroups_of("0::/\n", "hugetlb"), (Some("/"), None));
+        assert_eq!(cgroups_of("garbage\n", "memory"), (None, None));
     }
 
     #[test]
@@ -287,20 +317,28 @@ mod tests {
 41 30 0:36 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
 ";
         assert_eq!(
-            mount_of(info, Version::V2),
+            mount_of(info, Version::V2, "hugetlb"),
             Some(Mount {
                 point: "/sys/fs/cgroup/unified".into(),
                 root: "/".into()
             })
         );
         assert_eq!(
-            mount_of(info, Version::V1),
+            mount_of(info, Version::V1, "hugetlb"),
             Some(Mount {
                 point: "/sys/fs/cgroup/hugetlb x".into(),
                 root: "/kubepods".into()
             })
         );
-        assert_eq!(mount_of("", Version::V2), None);
+        assert_eq!(
+            mount_of(info, Version::V1, "memory"),
+            Some(Mount {
+                point: "/sys/fs/cgroup/memory".into(),
+                root: "/".into()
+            })
+        );
+        assert_eq!(mount_of(info, Version::V1, "pids"), None);
+        assert_eq!(mount_of("", Version::V2, "memory"), None);
     }
 
     #[test]
@@ -340,7 +378,7 @@ mod tests {
         assert_eq!(bytes_limit("9223372036854771712\n"), None);
         assert_eq!(bytes_limit("67108864\n"), Some(64 << 20));
         assert_eq!(bytes_limit("nonsense"), None);
-        let dir = std::env::temp_dir().join(format!("tiexec-hugetlb-cg-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("tiexec-cgroup-{}", std::process::id()));
         let child = dir.join("pod").join("c");
         std::fs::create_dir_all(&child).unwrap();
         // The pod: 64 MiB, 16 MiB used; the container: no limit of its own;
@@ -349,25 +387,47 @@ mod tests {
         std::fs::write(dir.join("pod/hugetlb.2MB.current"), "16777216\n").unwrap();
         std::fs::write(child.join("hugetlb.2MB.max"), "max\n").unwrap();
         std::fs::write(child.join("hugetlb.2MB.current"), "0\n").unwrap();
-        let huge = 2 << 20;
+        let faults = [("hugetlb.2MB.max", "hugetlb.2MB.current")];
+        let both = [
+            ("hugetlb.2MB.max", "hugetlb.2MB.current"),
+            ("hugetlb.2MB.rsvd.max", "hugetlb.2MB.rsvd.current"),
+        ];
+        let mib = 1u64 << 20;
         assert_eq!(
-            limit_up_from(&child, &dir, Version::V2, "2MB", huge),
+            limit_up_from(&child, &dir, &faults),
             Some(Limit {
-                pages: 32,
-                free: 24
+                bytes: 64 * mib,
+                free: 48 * mib
             })
         );
         // A reservation limit tighter than the fault limit bounds too.
         std::fs::write(child.join("hugetlb.2MB.rsvd.max"), "8388608\n").unwrap();
         std::fs::write(child.join("hugetlb.2MB.rsvd.current"), "2097152\n").unwrap();
         assert_eq!(
-            limit_up_from(&child, &dir, Version::V2, "2MB", huge),
-            Some(Limit { pages: 4, free: 3 })
+            limit_up_from(&child, &dir, &both),
+            Some(Limit {
+                bytes: 8 * mib,
+                free: 6 * mib
+            })
         );
         // Above the mount point nothing is read.
         assert_eq!(
-            limit_up_from(&dir.join("pod"), &dir.join("pod"), Version::V2, "1GB", huge),
+            limit_up_from(&dir.join("pod/c"), &dir.join("pod/c"), &faults),
             None
+        );
+        // Any controller's files: memory (v1 names), usage unreadable counts
+        // as all used.
+        std::fs::write(dir.join("pod/memory.limit_in_bytes"), "1048576\n").unwrap();
+        assert_eq!(
+            limit_up_from(
+                &child,
+                &dir,
+                &[("memory.limit_in_bytes", "memory.usage_in_bytes")]
+            ),
+            Some(Limit {
+                bytes: mib,
+                free: 0
+            })
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -421,41 +421,14 @@ pub fn address_space_headroom() -> Option<u64> {
     Some(limit.rlim_cur.saturating_sub(vm_kib.saturating_mul(1024)))
 }
 
-/// Bytes this process's memory cgroup can still charge before its limit
-/// (cgroup v2 `memory.max - memory.current`, or v1 `memory.limit_in_bytes -
-/// memory.usage_in_bytes`); `None` when there is no limit or it cannot be
-/// read. Anonymous THP staging is charged there, and over the limit the
-/// kernel reclaims and may OOM-kill: check first.
+/// Bytes this process's memory cgroups can still charge before the
+/// tightest limit up its tree (v2 `memory.max - memory.current`, or v1
+/// `memory.limit_in_bytes - memory.usage_in_bytes`, see `cgroup`); `None`
+/// when there is no limit or it cannot be read. Anonymous THP staging is
+/// charged there, and over the limit the kernel reclaims and may OOM-kill:
+/// check first.
 pub fn memory_cgroup_headroom() -> Option<u64> {
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    for line in cgroups.lines() {
-        let mut f = line.splitn(3, ':');
-        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-        let (limit, usage) = if controllers.is_empty() {
-            let dir = format!("/sys/fs/cgroup{path}");
-            (format!("{dir}/memory.max"), format!("{dir}/memory.current"))
-        } else if controllers.split(',').any(|c| c == "memory") {
-            let dir = format!("/sys/fs/cgroup/memory{path}");
-            (
-                format!("{dir}/memory.limit_in_bytes"),
-                format!("{dir}/memory.usage_in_bytes"),
-            )
-        } else {
-            continue;
-        };
-        let Ok(limit) = std::fs::read_to_string(&limit) else {
-            continue;
-        };
-        let Ok(limit) = limit.trim().parse::<u64>() else {
-            continue; // "max": no limit here
-        };
-        if limit >= 1 << 60 {
-            continue; // v1's "unlimited"
-        }
-        let usage: u64 = std::fs::read_to_string(&usage).ok()?.trim().parse().ok()?;
-        return Some(limit.saturating_sub(usage));
-    }
-    None
+    crate::cgroup::memory().map(|l| l.free)
 }
 
 /// What the machine offers this process now (`cache`: whether the image

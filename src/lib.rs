@@ -54,6 +54,7 @@
 #[allow(unsafe_code)]
 pub(crate) mod audit;
 pub(crate) mod cache;
+pub(crate) mod cgroup;
 pub(crate) mod config;
 pub(crate) mod context;
 #[allow(unsafe_code)]
@@ -65,7 +66,6 @@ pub(crate) mod fault;
 pub(crate) mod forecast;
 pub(crate) mod history;
 pub(crate) mod hotmap;
-pub(crate) mod hugetlb_cgroup;
 pub(crate) mod inspect;
 #[allow(unsafe_code)]
 pub(crate) mod interpose;
