@@ -291,11 +291,8 @@ impl HugetlbCgroup {
             }
             enabled_here = Some(subtree);
         }
-        let dir = top.join(format!("tiexec-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir(&dir);
-        std::fs::create_dir(&dir).unwrap();
         Some(HugetlbCgroup {
-            dir,
+            dir: Self::child(&top, name),
             files: ("max", "current"),
             enabled_here,
             mounted_here,
@@ -314,15 +311,20 @@ impl HugetlbCgroup {
         if !mounted {
             return None;
         }
-        let dir = point.join(format!("tiexec-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir(&dir);
-        std::fs::create_dir(&dir).unwrap();
         Some(HugetlbCgroup {
-            dir,
+            dir: Self::child(&point, name),
             files: ("limit_in_bytes", "usage_in_bytes"),
             enabled_here: None,
             mounted_here: Some(point),
         })
+    }
+
+    /// A new cgroup `name` (this test process's) under `top`.
+    fn child(top: &Path, name: &str) -> PathBuf {
+        let dir = top.join(format!("tiexec-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        dir
     }
 
     /// The controller's file `hugetlb.<size>.<last>`.
