@@ -736,7 +736,9 @@ pub fn coverage(pid: u32, segments: &[Range]) -> Coverage {
 /// The text bytes that can go on 2 MiB pages without changing anything
 /// else: all of `segments` but the parts in a 2 MiB page that also holds
 /// writable data (`object`'s writable segments, RELRO included, from its
-/// ELF file), another object's pages or anonymous memory, or `object`'s ELF
+/// ELF file), another object's pages or anonymous memory, a hole the loader
+/// keeps between `object`'s segments (`---p`, as the planner refuses it:
+/// only the object's readable bytes may share a page with text), or `object`'s ELF
 /// header (whose mapping names the object to symbolizers: it stays the
 /// file's, unless the page cache maps it huge). Unmapped gaps do not count:
 /// a huge page may cover them. Read from `pid`'s maps after the swap and the
@@ -763,9 +765,14 @@ pub fn reachable_text(pid: u32, segments: &[Range], object: &Path) -> u64 {
                 // vDSO is anonymous and executable too, but another object.
                 let kernel_object = m.path.starts_with('[') && !m.path.starts_with("[anon:tiexec:");
                 let replacement = m.exec() && !kernel_object && (m.inode == 0 || m.is_hugetlb());
+                // Another object's mapping, writable data, or a hole the
+                // loader keeps in the object's reservation (`---p` of its
+                // own file, between segments: on arm64 the 64 KiB alignment
+                // leaves one after the text): none may become text. Only
+                // unmapped space and the object's own readable bytes may.
                 m.range().intersect(part).is_some()
                     && !replacement
-                    && (m.perms.contains('w') || m.inode != inode)
+                    && (m.perms.contains('w') || m.inode != inode || !m.perms.starts_with('r'))
             })
     };
     let mut reachable = 0;
