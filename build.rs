@@ -55,6 +55,64 @@ fn main() {
         "cargo:rustc-env=TIEXEC_EMBEDDED_STATICLIB={}",
         out_dir.join("libtiexec-static.a").display()
     );
+    entry_without_interpreter();
+}
+
+/// The `tiexec` binary starts in src/bin/tiexec/entry.rs, with no program
+/// interpreter: the kernel maps only its file, and that code maps the
+/// dynamic loader itself once it has seen that the address space allows
+/// (see there). It needs the loader's path, which the linker would have
+/// written as the interpreter: on a native build, that of this build
+/// script (linked by the same toolchain for the same target); on a cross
+/// build, the architecture's standard one.
+fn entry_without_interpreter() {
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    let env_abi = env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
+    let standard = match arch.as_str() {
+        "x86_64" => "/lib64/ld-linux-x86-64.so.2",
+        "aarch64" => "/lib/ld-linux-aarch64.so.1",
+        _ => "",
+    };
+    let native = env::var("HOST").ok() == env::var("TARGET").ok();
+    let loader = native
+        .then(|| env::current_exe().ok().and_then(|p| interpreter_of(&p)))
+        .flatten()
+        .unwrap_or_else(|| standard.to_string());
+    println!("cargo:rustc-env=TIEXEC_LOADER={loader}");
+    if os == "linux" && env_abi == "gnu" && !standard.is_empty() && !loader.is_empty() {
+        println!("cargo:rustc-link-arg-bin=tiexec=-Wl,--no-dynamic-linker");
+        println!("cargo:rustc-link-arg-bin=tiexec=-Wl,-e,tiexec_start");
+        println!("cargo:rustc-cfg=tiexec_entry");
+    }
+    println!("cargo:rustc-check-cfg=cfg(tiexec_entry)");
+}
+
+/// The program interpreter (`PT_INTERP`) an ELF64 little-endian
+/// executable names.
+fn interpreter_of(path: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let at = |off: usize, n: usize| -> Option<u64> {
+        let b = bytes.get(off..off + n)?;
+        Some(b.iter().rev().fold(0u64, |v, &x| (v << 8) | u64::from(x)))
+    };
+    if bytes.get(..4)? != b"\x7fELF" || bytes.get(4)? != &2 || bytes.get(5)? != &1 {
+        return None;
+    }
+    let phoff = at(32, 8)? as usize;
+    let phentsize = at(54, 2)? as usize;
+    let phnum = at(56, 2)? as usize;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        if at(ph, 4)? == 3 {
+            let off = at(ph + 8, 8)? as usize;
+            let len = at(ph + 32, 8)? as usize;
+            let name = bytes.get(off..off + len)?;
+            let name = name.strip_suffix(b"\0").unwrap_or(name);
+            return String::from_utf8(name.to_vec()).ok();
+        }
+    }
+    None
 }
 
 /// FNV-1a, as tiexec::state::fnv1a.

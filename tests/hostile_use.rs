@@ -647,8 +647,9 @@ fn exit_statuses_follow_env() {
 #[test]
 fn under_a_tight_address_space_limit_the_program_still_runs() {
     // Where the limit leaves tiexec too little room to work, the program
-    // runs without it (the wrapper itself needs a few MiB to start: its
-    // own code and the C library).
+    // runs without it: at 8 MB the wrapper's first code execs it (too
+    // little for the wrapper to load its C library), at 30 and 60 MB the
+    // full wrapper runs it without the preload, at 120 MB with it.
     for kib in [8_000, 30_000, 60_000, 120_000] {
         let script = format!("ulimit -v {kib}; exec \"$@\" /bin/echo hi");
         let run = |first: &std::ffi::OsStr| {
@@ -667,48 +668,371 @@ fn under_a_tight_address_space_limit_the_program_still_runs() {
     }
 }
 
+/// `tiexec` as users install it: the release build, made once for this
+/// file's tests in a target directory of its own (the debug build's image
+/// is 2.4 times the size, and its floor with it).
+fn release_wrapper() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let target_dir = common::scratch_dir().join("release-wrapper");
+            let build = common::run(
+                Command::new(env!("CARGO"))
+                    .args(["build", "--release", "--bin", "tiexec"])
+                    .arg("--manifest-path")
+                    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+                    .arg("--target-dir")
+                    .arg(&target_dir)
+                    .env_remove("CARGO_TARGET_DIR"),
+                Duration::from_secs(1200),
+            );
+            build.check(build.status.success(), "release build of the wrapper");
+            target_dir.join("release").join("tiexec")
+        })
+        .clone()
+}
+
+/// Runs `argv` under `ulimit -v kib`.
+fn under_limit(kib: u64, argv: &[&std::ffi::OsStr]) -> common::Outcome {
+    let mut c = Command::new("bash");
+    common::isolate(&mut c)
+        .args(["-c", &format!("ulimit -v {kib}; exec \"$@\""), "limit"])
+        .args(argv);
+    common::run(&mut c, T)
+}
+
 #[test]
-fn no_address_space_limit_makes_the_wrapper_abort() {
-    // Below the wrapper's floor the kernel cannot map it (SIGSEGV, as for
-    // any program too big for the limit) or the loader cannot map the C
-    // library (127, the loader's message): no tiexec code runs. From the
-    // floor up the program runs, the libraries the wrapper carries read
-    // from its file where they must be written (they are not loaded). Between the two there was a band (~150 KiB)
-    // where the wrapper started and then aborted on its first allocation:
-    // malloc grew the heap by 128 KiB more than asked, then fell back to a
-    // 1 MiB mapping. Every limit from 2 to 10 MiB, 32 KiB apart (this is
-    // the debug build, larger than the release one).
-    let wrapper = common::tiexec_bin();
-    let mut floor = None;
-    let mut wrong = Vec::new();
-    for kib in (2048..10240).step_by(32) {
+fn where_the_program_alone_runs_it_runs_under_tiexec() {
+    // The wrapper starts with only its own image mapped (src/bin/tiexec/
+    // entry.rs): under a limit too tight for it to work, it execs the
+    // program at once. So wherever the program alone runs, it runs under
+    // tiexec, with the same output: every dynamically linked program
+    // (the dynamic loader and the C library alone need more than the
+    // wrapper's image), and a static one from the wrapper's own floor up
+    // (below it the kernel cannot map the wrapper and kills it before any
+    // code runs, as it would any program too big for the limit). Before,
+    // the dynamic loader mapped the C library for the wrapper first, and
+    // `/bin/echo`, which runs from 2.4 MiB, did not run under tiexec below
+    // 4.6 MiB (3.6 MiB after the carried libraries left the loaded image).
+    let wrapper = release_wrapper();
+    let echo = PathBuf::from("/bin/echo");
+    let small_static = common::fixture(common::STATIC_SMALL);
+    // Smaller than the wrapper: a static C program that only prints.
+    let dir = common::scratch_dir().join(format!("tiny-static-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("tiny.c");
+    std::fs::write(
+        &source,
+        "#include <unistd.h>\nint main(void) { return write(1, \"hi\\n\", 3) != 3; }\n",
+    )
+    .unwrap();
+    let tiny_static = dir.join("tiny");
+    let cc = common::run(
+        Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(&tiny_static)
+            .arg(&source),
+        T,
+    );
+    cc.check(cc.status.success(), "gcc -static");
+    let mut floors = Vec::new();
+    for (what, program, dynamic) in [
+        ("/bin/echo (dynamic)", &echo, true),
+        ("a static program with 1 MiB of text", &small_static, false),
+        ("a tiny static program", &tiny_static, false),
+    ] {
+        let mut alone_floor = None;
+        let mut kernel_refused = Vec::new();
+        let mut wrong = Vec::new();
+        for kib in (512..6144).step_by(32) {
+            let alone = under_limit(kib, &[program.as_os_str(), "hi".as_ref()]);
+            if !alone.status.success() {
+                continue;
+            }
+            alone_floor.get_or_insert(kib);
+            let ours = under_limit(
+                kib,
+                &[wrapper.as_os_str(), program.as_os_str(), "hi".as_ref()],
+            );
+            if ours.status.code() == alone.status.code() && ours.stdout == alone.stdout {
+                continue;
+            }
+            let killed = std::os::unix::process::ExitStatusExt::signal(&ours.status)
+                .is_some_and(|s| s == libc::SIGSEGV || s == libc::SIGKILL)
+                && ours.stderr.is_empty();
+            if killed && !dynamic {
+                kernel_refused.push(kib);
+            } else {
+                wrong.push(format!(
+                    "ulimit -v {kib}: {:?}\n{}",
+                    ours.status, ours.stderr
+                ));
+            }
+        }
+        // Refused by the kernel only below one floor, never above it.
+        let wrapper_floor = kernel_refused.last().map(|k| k + 32);
+        if let Some(f) = wrapper_floor {
+            assert_eq!(
+                kernel_refused.len() as u64,
+                (f - alone_floor.unwrap_or(f)) / 32,
+                "{what}: the kernel refused the wrapper only below one floor: {kernel_refused:?}"
+            );
+        }
+        println!(
+            "{what}: runs alone from ulimit -v {alone_floor:?} KiB, under tiexec from {:?} KiB",
+            wrapper_floor.or(alone_floor)
+        );
+        assert!(
+            alone_floor.is_some() && wrong.is_empty(),
+            "{what}: where it runs alone, it runs under tiexec; wrong:\n{}",
+            wrong.join("\n")
+        );
+        floors.push(wrapper_floor);
+    }
+    // The wrapper's own floor (its image and a stack), which only the tiny
+    // program shows: under 2 MiB, below any dynamically linked program's.
+    let own = floors.iter().flatten().max().copied();
+    assert!(
+        own.is_some_and(|f| f < 2048),
+        "the wrapper's own floor {own:?} KiB"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn under_a_tight_limit_the_wrapper_runs_the_program_as_it_always_does() {
+    // Below its own room, the wrapper's first code finds and execs the
+    // program: the same lookup, messages and statuses as the full wrapper
+    // gives without a limit (and env: see exit_statuses_follow_env), the
+    // options skipped as the full parser skips them, the limit said with -v.
+    let dir = common::scratch_dir().join(format!("tight-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("dircmd")).unwrap();
+    std::fs::write(dir.join("noexec"), "#!/bin/sh\n").unwrap();
+    std::fs::write(dir.join("noshebang"), "echo from sh \"$@\"\n").unwrap();
+    std::fs::set_permissions(
+        dir.join("noshebang"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}::/usr/bin:/bin", dir.display());
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let cases: [(&str, Vec<&str>); 11] = [
+        ("a program in PATH", vec!["echo", "a", "b"]),
+        ("a former command word", vec!["setup"]),
+        ("run", vec!["run", "echo"]),
+        (
+            "options with values first",
+            vec!["-b", "thp", "--log=warn", "--", "echo", "x"],
+        ),
+        ("short options clustered", vec!["-bthp", "echo", "y"]),
+        ("a directory in PATH", vec!["dircmd"]),
+        ("a file without x in PATH", vec!["noexec"]),
+        ("nothing by that name", vec!["no-such-command-anywhere"]),
+        ("a script without #!", vec!["noshebang", "1", "2"]),
+        ("a directory by path", vec![&dir_arg]),
+        ("a missing path", vec!["/no/such/file"]),
+    ];
+    // 12 MiB: the debug wrapper starts (its image is 2.9 MiB) but is under
+    // its image and room for the full wrapper.
+    let limited = |args: &[&str], limit: Option<u64>| {
         let mut c = Command::new("bash");
+        let script = match limit {
+            Some(kib) => format!("ulimit -v {kib}; exec \"$@\""),
+            None => "exec \"$@\"".to_string(),
+        };
         common::isolate(&mut c)
-            .args([
-                "-c",
-                &format!("ulimit -v {kib}; exec \"$@\" /bin/echo hi"),
-                "limit",
-            ])
-            .arg(&wrapper);
-        let o = common::run(&mut c, T);
-        let ran = o.status.success() && o.stdout == "hi\n";
-        let kernel_refused = std::os::unix::process::ExitStatusExt::signal(&o.status)
-            == Some(libc::SIGSEGV)
-            && o.stderr.is_empty();
-        let loader_refused = o.status.code() == Some(127)
-            && (o.stderr.contains("error while loading shared libraries")
-                || o.stderr.contains("cannot allocate TLS"));
-        match (ran, floor) {
-            (true, None) => floor = Some(kib),
-            (true, Some(_)) => {}
-            (false, None) if kernel_refused || loader_refused => {}
-            _ => wrong.push(format!("ulimit -v {kib}: {:?}\n{}", o.status, o.stderr)),
+            .env("PATH", &path)
+            .args(["-c", &script, "limit"])
+            .arg(common::tiexec_bin())
+            .args(args);
+        common::run(&mut c, T)
+    };
+    for (what, args) in &cases {
+        let free = limited(args, None);
+        let tight = limited(args, Some(12 << 10));
+        tight.check(
+            tight.status.code() == free.status.code()
+                && tight.stdout == free.stdout
+                && tight.stderr == free.stderr,
+            &format!("{what}: as without a limit\n{free}"),
+        );
+    }
+    // -v says why tiexec stands aside; the program still runs.
+    for verbose in [&["-v"][..], &["--log", "debug"], &["-l", "info"]] {
+        let mut args = verbose.to_vec();
+        args.extend(["echo", "z"]);
+        let tight = limited(&args, Some(12 << 10));
+        tight.check(
+            tight.status.success()
+                && tight.stdout == "z\n"
+                && tight.stderr.starts_with(
+                    "tiexec: address-space limit (ulimit -v) of 12.0 MiB: too little for tiexec to work in; running echo without it\n",
+                ),
+            &format!("{verbose:?}: the limit said, the program run"),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn when_the_loader_cannot_be_mapped_the_program_runs_and_the_cause_is_said() {
+    // The entry maps the dynamic loader itself; if that fails (here: made to
+    // look where none is), a run goes on without tiexec and says why in one
+    // line, at any log level; anything else exits 1 with that line.
+    let mut run = common::tiexec_cmd();
+    run.env("TIEXEC_FAULT", "wrapper-loader")
+        .args(["/bin/echo", "hi"]);
+    let o = common::run(&mut run, T);
+    o.check(
+        o.status.success()
+            && o.stdout == "hi\n"
+            && o.stderr
+                == "tiexec: cannot map the dynamic loader /nonexistent/ld.so: No such file or directory (os error 2); running /bin/echo without it\n",
+        "the program runs, the cause said",
+    );
+    let mut version = common::tiexec_cmd();
+    version
+        .env("TIEXEC_FAULT", "wrapper-loader")
+        .arg("--version");
+    let o = common::run(&mut version, T);
+    o.check(
+        o.status.code() == Some(1)
+            && o.stdout.is_empty()
+            && o.stderr
+                .starts_with("tiexec: cannot map the dynamic loader "),
+        "a command stops with the cause",
+    );
+}
+
+#[test]
+fn the_first_code_calls_nothing_the_loader_has_not_loaded() {
+    // The wrapper's entry runs before the dynamic loader: a call to the C
+    // library from it (a memcpy the compiler put there, a GOT slot bound to
+    // a library symbol) would jump to nothing. From the disassembly of the
+    // binary the tests run (debug, where the compiler inlines least) and of
+    // the release one: every function reachable from `first_steps` by
+    // direct calls, and on x86_64 by calls through a GOT slot that holds a
+    // relative relocation (one the entry applies itself), calls only this
+    // binary's code. Panics are dead ends (core's panic functions), reached
+    // only on conditions the code rules out.
+    for exe in [common::tiexec_bin(), release_wrapper()] {
+        let bad = calls_outside_the_image(&exe);
+        assert!(
+            bad.is_empty(),
+            "{}: the entry reaches code the loader would have to bind:\n{}",
+            exe.display(),
+            bad.join("\n")
+        );
+    }
+}
+
+fn calls_outside_the_image(exe: &Path) -> Vec<String> {
+    let tool = |name: &str, args: &[&str]| {
+        let o = common::run(Command::new(name).args(args).arg(exe), T);
+        o.check(o.status.success(), name);
+        o.stdout
+    };
+    let disassembly = tool("objdump", &["-d", "--no-show-raw-insn"]);
+    // GOT slots: offset -> Ok(target of a relative relocation) or Err(symbol).
+    let mut slots = std::collections::HashMap::new();
+    for line in tool("readelf", &["-rW"]).lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let Some(offset) = w.first().and_then(|o| u64::from_str_radix(o, 16).ok()) else {
+            continue;
+        };
+        if w.len() < 4 || w[0].len() < 8 {
+            continue;
+        }
+        if w[2].ends_with("_RELATIVE") {
+            if let Ok(addend) = u64::from_str_radix(w[3], 16) {
+                slots.insert(offset, Ok(addend));
+            }
+        } else {
+            slots.insert(offset, Err(w[4..].join(" ")));
         }
     }
-    println!("the wrapper (debug build) starts from ulimit -v {floor:?} KiB");
-    assert!(
-        floor.is_some() && wrong.is_empty(),
-        "below its floor the wrapper never starts, from it the program runs; wrong:\n{}",
-        wrong.join("\n")
-    );
+    let mut functions: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut at: std::collections::HashMap<u64, String> = Default::default();
+    let mut current = None;
+    for line in disassembly.lines() {
+        if let Some(head) = line.strip_suffix(">:") {
+            if let Some((addr, name)) = head.split_once(" <") {
+                if let Ok(a) = u64::from_str_radix(addr, 16) {
+                    at.insert(a, name.to_string());
+                    functions.insert(name.to_string(), Vec::new());
+                    current = Some(name.to_string());
+                    continue;
+                }
+            }
+        }
+        if let (Some(f), false) = (&current, line.trim().is_empty()) {
+            functions.get_mut(f).unwrap().push(line.to_string());
+        }
+    }
+    let start = functions
+        .keys()
+        .find(|f| f.contains("first_steps"))
+        .cloned()
+        .expect("first_steps in the disassembly");
+    let dead_end = |f: &str| f.contains("panicking") || f.contains("panic_");
+    let (mut seen, mut todo, mut bad) = (std::collections::HashSet::new(), vec![start], vec![]);
+    while let Some(f) = todo.pop() {
+        if dead_end(&f) || !seen.insert(f.clone()) {
+            continue;
+        }
+        let mut loaded: std::collections::HashMap<String, u64> = Default::default();
+        for line in &functions[&f] {
+            let ins: Vec<&str> = line.split('\t').collect();
+            let text = ins.get(1..).map(|i| i.join(" ")).unwrap_or_default();
+            let slot = text
+                .split("# ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| u64::from_str_radix(s, 16).ok());
+            let mnemonic = text.split_whitespace().next().unwrap_or("");
+            let mut follow_slot = |slot: u64| match slots.get(&slot) {
+                Some(Ok(target)) => match at.get(target) {
+                    Some(t) => todo.push(t.clone()),
+                    None => bad.push(format!("{f}: a slot to {target:x}, no function")),
+                },
+                Some(Err(symbol)) => bad.push(format!("{f}: through the GOT to {symbol}")),
+                None => bad.push(format!("{f}: slot {slot:x} without a relocation")),
+            };
+            if mnemonic == "mov" && text.contains("(%rip),%") {
+                if let (Some(s), Some(reg)) = (slot, text.split(",%").nth(1)) {
+                    loaded.insert(reg.split_whitespace().next().unwrap_or("").to_string(), s);
+                }
+            }
+            let is_call = matches!(mnemonic, "call" | "jmp" | "bl" | "b");
+            if !is_call {
+                continue;
+            }
+            let operand = text.split_whitespace().nth(1).unwrap_or("");
+            if !operand.starts_with('*') {
+                let target = text
+                    .split('<')
+                    .nth(1)
+                    .and_then(|t| t.split(['>', '+']).next());
+                match target {
+                    Some(t) if t.contains("@plt") => bad.push(format!("{f}: {t}")),
+                    Some(t) if t != f && functions.contains_key(t) => todo.push(t.to_string()),
+                    _ => {}
+                }
+            } else {
+                if let Some(s) = slot.filter(|_| operand.starts_with("*0x")) {
+                    follow_slot(s);
+                } else if let Some(reg) = operand.strip_prefix("*%") {
+                    match loaded.get(reg) {
+                        Some(&s) => follow_slot(s),
+                        // A jump through a register not loaded from the
+                        // GOT: a jump table, within the function.
+                        None if mnemonic == "jmp" => {}
+                        None => bad.push(format!("{f}: an indirect call: {text}")),
+                    }
+                }
+            }
+        }
+    }
+    bad
 }

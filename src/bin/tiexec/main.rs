@@ -33,6 +33,8 @@ mod cachecmd;
 mod check;
 mod docs;
 mod embedded;
+#[cfg(tiexec_entry)]
+mod entry;
 mod ldenv;
 mod libs;
 mod path;

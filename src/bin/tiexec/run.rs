@@ -30,7 +30,7 @@ use crate::path::{self, Linkage, Lookup};
 pub const TIGHTEST_LIMIT: u64 = tiexec::internal::staging::ADDRESS_SPACE_MARGIN + (32 << 20);
 
 /// Words that named tiexec's commands before they became options.
-const FORMER_COMMANDS: [&str; 6] = ["run", "stat", "check", "prime", "setup", "cache"];
+pub(crate) const FORMER_COMMANDS: [&str; 6] = ["run", "stat", "check", "prime", "setup", "cache"];
 
 /// What to preload: the built-in stub (which loads the full library only
 /// where there is work), or the library the user named (preloaded as it
