@@ -211,8 +211,8 @@ pub mod internal {
     pub mod sys {
         pub use crate::sys::{
             can_execute, can_map_executable, effective_uid, execve, huge_mapped_ranges,
-            identity_unmapped, malloc_grow_by_need, monotonic_ns, mount_hugetlbfs, overflow_uid,
-            real_uid, unmount, Errno, Mapping, Prot, MADV_POPULATE_WRITE,
+            identity_unmapped, monotonic_ns, mount_hugetlbfs, overflow_uid, real_uid, unmount,
+            Errno, Mapping, Prot, MADV_POPULATE_WRITE,
         };
     }
 }

@@ -652,21 +652,6 @@ pub fn mdwe_refuses_exec_gain() -> bool {
     flags > 0 && flags as libc::c_uint & libc::PR_MDWE_REFUSE_EXEC_GAIN != 0
 }
 
-/// Makes malloc grow the heap by what each request needs rather than by
-/// 128 KiB more (`M_TOP_PAD` 0). Under an `RLIMIT_AS` that leaves a process
-/// little room, the padded growth fails where the request alone would fit,
-/// glibc's fallback (a mapping of at least 1 MiB) fails too, and the first
-/// small allocation aborts the process. For the wrapper, before it
-/// allocates; never for a program tiexec runs in.
-pub fn malloc_grow_by_need() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes a malloc tunable; called before this
-    // process starts any thread.
-    unsafe {
-        libc::mallopt(libc::M_TOP_PAD, 0);
-    }
-}
-
 /// The effective user ID (whose files the process creates).
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions.

@@ -113,12 +113,6 @@ fn print_library(mut argv: impl Iterator<Item = std::ffi::OsString>) -> ExitCode
 #[no_mangle]
 pub extern "C" fn main(_argc: i32, _argv: *const *const u8) -> i32 {
     use std::io::Write;
-    // Under an address-space limit too tight for tiexec to act in, the
-    // wrapper only runs the program (see run.rs); the little room left must
-    // not be lost to malloc's padding before it gets there.
-    if tiexec::internal::discover::address_space_limit().is_some_and(|l| l < run::TIGHTEST_LIMIT) {
-        tiexec::internal::sys::malloc_grow_by_need();
-    }
     // A panic must not unwind out of a C function: it was reported by the
     // panic hook; exit 101 as Rust's own runtime would.
     let code = std::panic::catch_unwind(run).unwrap_or(ExitCode::from(101));
