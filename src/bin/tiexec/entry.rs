@@ -352,19 +352,11 @@ unsafe fn listed(p: *const u8, len: usize, list: &[u8]) -> bool {
     let mut i = 0;
     while i < list.len() {
         if byte(list.as_ptr(), i) == b' ' {
-            if i - start == len {
-                let mut same = true;
-                let mut j = 0;
-                while j < len {
-                    if byte(p, j) != byte(list.as_ptr(), start + j) {
-                        same = false;
-                        break;
-                    }
-                    j += 1;
-                }
-                if same {
-                    return true;
-                }
+            // SAFETY: `start..i` lies within `list` (no bounds check, which
+            // could panic).
+            let word = core::slice::from_raw_parts(list.as_ptr().add(start), i - start);
+            if equals(p, len, word) {
+                return true;
             }
             start = i + 1;
         }
