@@ -610,18 +610,26 @@ fn another_users_temporary_directories_make_no_noise() {
     );
 }
 
-#[test]
-fn exit_statuses_follow_env() {
-    let dir = common::scratch_dir().join(format!("status-{}", std::process::id()));
+/// A fresh directory of commands a lookup treats specially: `dircmd` (a
+/// directory), `noexec` (a file without x) and `noshebang` (an executable
+/// script without `#!`, which runs with /bin/sh and prints its arguments).
+fn odd_commands(name: &str) -> PathBuf {
+    let dir = common::scratch_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("dircmd")).unwrap();
     std::fs::write(dir.join("noexec"), "#!/bin/sh\n").unwrap();
-    std::fs::write(dir.join("noshebang"), "echo from sh\n").unwrap();
+    std::fs::write(dir.join("noshebang"), "echo from sh \"$@\"\n").unwrap();
     std::fs::set_permissions(
         dir.join("noshebang"),
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn exit_statuses_follow_env() {
+    let dir = odd_commands("status");
     let path = format!("{}:/usr/bin:/bin", dir.display());
     for (what, args) in [
         ("a directory in PATH", vec!["dircmd"]),
@@ -805,16 +813,7 @@ fn under_a_tight_limit_the_wrapper_runs_the_program_as_it_always_does() {
     // program: the same lookup, messages and statuses as the full wrapper
     // gives without a limit (and env: see exit_statuses_follow_env), the
     // options skipped as the full parser skips them, the limit said with -v.
-    let dir = common::scratch_dir().join(format!("tight-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("dircmd")).unwrap();
-    std::fs::write(dir.join("noexec"), "#!/bin/sh\n").unwrap();
-    std::fs::write(dir.join("noshebang"), "echo from sh \"$@\"\n").unwrap();
-    std::fs::set_permissions(
-        dir.join("noshebang"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let dir = odd_commands("tight");
     let path = format!("{}::/usr/bin:/bin", dir.display());
     let dir_arg = dir.to_str().unwrap().to_string();
     let cases: [(&str, Vec<&str>); 11] = [
